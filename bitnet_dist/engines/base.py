@@ -1,0 +1,93 @@
+"""The engine interface: what a training loop may ask of megatron, DeepSpeed or any later engine.
+
+The train loop (bitnet_dist/train.py) owns the schedule, the data order, telemetry and checkpoint
+*directories*; an engine owns the model's parallel wiring, the optimizer and what goes inside a
+checkpoint directory. Batches are dicts of CPU or device tensors:
+
+    tokens    int64 [micro_batch, seq]     input ids
+    labels    int64 [micro_batch, seq]     next-token targets
+    loss_mask float [micro_batch, seq]     1 where the token counts in the loss
+
+Losses are token-weighted means over all micro-batches of a step and over all data-parallel ranks,
+so every engine reports the same number for the same global batch.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step reports. Floats are identical on every rank."""
+
+    loss: float  # token-weighted mean over the global batch
+    grad_norm: float  # global L2 norm before clipping
+    num_tokens: int  # loss tokens in the global batch
+    skipped: bool = False  # True when the step was skipped (inf/nan gradients)
+
+
+class Engine(abc.ABC):
+    """One training engine. Life cycle: ``build()`` once, then any sequence of the other calls."""
+
+    name: str = "base"
+
+    @abc.abstractmethod
+    def build(self) -> None:
+        """Create process groups, the model (our layer spec), its parallel wrappers and the optimizer."""
+
+    @abc.abstractmethod
+    def train_step(self, micro_batches: Sequence[Batch], lr: float, weight_decay: float) -> StepStats:
+        """Forward+backward over this rank's micro-batches, reduce gradients, clip, step.
+
+        ``lr`` and ``weight_decay`` are applied to every parameter group that decays (norms and
+        embeddings of the no-decay group keep weight decay 0) before the update.
+        """
+
+    @abc.abstractmethod
+    def eval_loss(self, batches: Iterable[Batch]) -> tuple[float, int]:
+        """Token-weighted mean loss and token count over ``batches`` (this rank's share), reduced over DP."""
+
+    @abc.abstractmethod
+    def save(self, ckpt_dir: Path, trainer_state: dict[str, Any]) -> None:
+        """Write model, optimizer and ``trainer_state`` into the existing directory ``ckpt_dir``.
+
+        Called on every rank; ``ckpt_dir`` is a temporary directory that bitnet_dist.checkpoint
+        renames into place only after every rank returned, so an engine never renames anything.
+        """
+
+    @abc.abstractmethod
+    def load(self, ckpt_dir: Path) -> dict[str, Any]:
+        """Restore model and optimizer from ``ckpt_dir``; return the ``trainer_state`` saved with them."""
+
+    @abc.abstractmethod
+    def set_act_bits(self, bits: int) -> None:
+        """Switch every BitLinear / H-BitLinear of every local model chunk to ``bits`` (4 or 8)."""
+
+    @abc.abstractmethod
+    def model_chunks(self) -> list[torch.nn.Module]:
+        """The unwrapped local model chunks (GPTModel instances), for telemetry probes."""
+
+    # -- topology, valid after build() -------------------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def dp_rank(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def dp_size(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def device(self) -> torch.device: ...
+
+    @property
+    def is_logging_rank(self) -> bool:
+        """The one rank that writes metrics and prints (global rank 0; it holds the loss on every engine)."""
+        return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
