@@ -34,13 +34,22 @@ class StepStats:
 
 
 class Engine(abc.ABC):
-    """One training engine. Life cycle: ``build()`` once, then any sequence of the other calls."""
+    """One training engine, constructed as ``Engine(cfg: TrainConfig)`` (no side effects).
+
+    Life cycle: ``init_parallel()`` (process groups; after it dp_rank/dp_size/device are valid, so the
+    data pipeline can be built for this rank), then ``build(vocab_size)`` once, then any sequence of
+    the other calls. torch.distributed itself is started before, by bitnet_dist.distributed.
+    """
 
     name: str = "base"
 
     @abc.abstractmethod
-    def build(self) -> None:
-        """Create process groups, the model (our layer spec), its parallel wrappers and the optimizer."""
+    def init_parallel(self) -> None:
+        """Create the tensor/pipeline/data-parallel process groups (megatron parallel_state)."""
+
+    @abc.abstractmethod
+    def build(self, vocab_size: int) -> None:
+        """Create the model (our layer spec), its parallel wrappers and the optimizer."""
 
     @abc.abstractmethod
     def train_step(self, micro_batches: Sequence[Batch], lr: float, weight_decay: float) -> StepStats:
@@ -74,7 +83,7 @@ class Engine(abc.ABC):
     def model_chunks(self) -> list[torch.nn.Module]:
         """The unwrapped local model chunks (GPTModel instances), for telemetry probes."""
 
-    # -- topology, valid after build() -------------------------------------------------------------
+    # -- topology, valid after init_parallel() -------------------------------------------------------------
     @property
     @abc.abstractmethod
     def dp_rank(self) -> int: ...
