@@ -42,8 +42,8 @@ class PrecisionConfig:
 
 
 MODEL_PRESETS: dict[str, ModelConfig] = {
-    "tiny": ModelConfig(name="tiny", hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
-                        num_query_groups=2, num_layers=2, max_sequence_length=256, hadamard_block=16),
+    "tiny": ModelConfig(name="tiny", hidden_size=64, ffn_hidden_size=128, num_attention_heads=8,
+                        num_query_groups=4, num_layers=2, max_sequence_length=256, hadamard_block=16),
     "small": ModelConfig(name="small", hidden_size=256, ffn_hidden_size=768, num_attention_heads=4,
                          num_query_groups=4, num_layers=4, max_sequence_length=1024, hadamard_block=64),
     "25M": ModelConfig(name="25M", hidden_size=512, ffn_hidden_size=1536, num_attention_heads=8,

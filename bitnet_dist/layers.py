@@ -1,0 +1,261 @@
+"""BitLinear and H-BitLinear as megatron-core tensor-parallel layers.
+
+    BitLinear:    Y = Qw(W) · Qact( RMSNorm(X) )                 (QKV, fc1 = gate|up; column-parallel)
+    H-BitLinear:  Y = Qw(W) · Qact( H( RMSNorm(X) ) )            (Wo, Wdown; row-parallel)
+
+Each layer normalizes its own input (BitNet's SubLN), so the transformer layer's pre-norms are identity
+in the quantized presets. megatron's parent ``forward()`` keeps all TP/SP communication; we override only
+``_forward_impl`` and hand the quantized input and weight to megatron's GEMM (the STE keeps ``weight`` a
+leaf for megatron's DDP hooks).
+
+Tensor-parallel invariance (the model computes the same function at every TP degree):
+* column-parallel input is the full hidden vector: its norm and per-token statistics are local;
+* row-parallel input is feature-sharded: the SubLN all-reduces the sum of squares *in forward and in
+  backward* (``torch.distributed.nn.functional.all_reduce``; megatron's reduce_from_tensor_model_parallel_
+  region has an identity backward and gives silently wrong norm gradients), per-token absmax (MAX) and
+  abs-sum (SUM) are all-reduced, and the Hadamard is block-diagonal with a model-fixed block that divides
+  every rank's slice;
+* the weight absmean (per segment for fused QKV and gate|up) is all-reduced over TP.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core.tensor_parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    set_tensor_model_parallel_attributes,
+)
+from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+from bitnet_dist import quant
+from bitnet_dist.hadamard import check_block, fwht
+from bitnet_dist.norm import rms_norm
+
+
+@dataclass
+class BitSettings:
+    """What the layers read from the model's TransformerConfig (``config.bitnet``)."""
+
+    act_bits: int = 8
+    hadamard: bool = True
+    hadamard_block: int = 64
+    kernels: str = "auto"  # auto | triton | torch
+
+
+_KIND_BY_BUFFER = {"qkv": "qkv", "fc1": "fc1", "proj": "wo", "fc2": "wdown"}
+
+
+def _tp_size(group) -> int:
+    return 1 if group is None or not dist.is_initialized() else dist.get_world_size(group)
+
+
+def _kernels():
+    """The Triton package, or None where it cannot run (no CUDA, no Triton, not built)."""
+    try:
+        from bitnet_dist import kernels
+    except Exception:  # noqa: BLE001 - any import failure means "use the torch reference"
+        return None
+    return kernels if getattr(kernels, "available", lambda: False)() else None
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over a group in forward and in backward: y = sum_r x_r, so dL/dx_r = sum_r' dL/dy_r'.
+
+    (torch.distributed.nn.functional.all_reduce does the same but is deprecated in torch 2.13.)
+    """
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        y = x.clone()
+        dist.all_reduce(y, group=group)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        dx = dy.clone()
+        dist.all_reduce(dx, group=ctx.group)
+        return dx, None
+
+
+def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
+    """Differentiable all-reduce (sum) over ``group``; identity when the group has one rank."""
+    return _AllReduceSum.apply(x, group) if _tp_size(group) > 1 else x
+
+
+class _BitMixin:
+    """State and helpers shared by the three BitLinear layers."""
+
+    layer_kind: str
+    has_hadamard: bool = False
+    stats_hook: Optional[Callable] = None
+
+    def _init_bit(self, config, tp_comm_buffer_name: Optional[str]) -> None:
+        s: BitSettings = getattr(config, "bitnet", None) or BitSettings()
+        quant.check_act_bits(s.act_bits)
+        self.act_bits = s.act_bits
+        self.kernels = s.kernels
+        self.eps = config.layernorm_epsilon
+        self.layer_kind = _KIND_BY_BUFFER.get(tp_comm_buffer_name or "", tp_comm_buffer_name or "linear")
+        self.stats_hook = None
+        self._segments: Optional[torch.Tensor] = None
+        self._num_segments: Optional[int] = None
+
+    def _set_segments(self, ids: Optional[torch.Tensor]) -> None:
+        if ids is not None:
+            self.register_buffer("weight_segments", ids, persistent=False)
+            self._num_segments = int(ids.max().item()) + 1
+
+    @property
+    def segments(self) -> Optional[torch.Tensor]:
+        return getattr(self, "weight_segments", None)
+
+    def quantized_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        return quant.weight_quant(weight, self.segments, self._num_segments, self.tp_group)
+
+    @torch.no_grad()
+    def quantized_weight_codes(self) -> torch.Tensor:
+        """int8 ternary codes of this rank's weight shard (scales all-reduced over TP)."""
+        scale = quant.weight_absmean(self.weight, self.segments, self._num_segments, self.tp_group)
+        return quant.ternary_codes(self.weight, scale)
+
+    def _use_kernels(self, x: torch.Tensor) -> bool:
+        if self.kernels == "torch" or not x.is_cuda:
+            return False
+        k = _kernels()
+        if k is None:
+            if self.kernels == "triton":
+                raise RuntimeError("precision.kernels=triton but bitnet_dist.kernels is unavailable "
+                                   "(needs CUDA and Triton); use precision.kernels=auto or torch")
+            return False
+        return True
+
+    def _probe(self, pre: torch.Tensor, post: torch.Tensor) -> None:
+        if self.stats_hook is not None:
+            with torch.no_grad():
+                self.stats_hook(self, pre, post)
+
+
+class BitColumnParallelLinear(_BitMixin, ColumnParallelLinear):
+    """BitLinear for QKV and fc1: RMSNorm (own weight, replicated over TP) -> INT8/INT4 per token ->
+    ternary GEMM. Fused weights get one scale per segment: q / k / v, gate / up."""
+
+    def __init__(self, input_size: int, output_size: int, *, config, **kwargs):
+        super().__init__(input_size, output_size, config=config, **kwargs)
+        self._init_bit(config, kwargs.get("tp_comm_buffer_name"))
+        self.norm_weight = torch.nn.Parameter(torch.ones(input_size, dtype=config.params_dtype,
+                                                         device=self.weight.device))
+        # Replicated over TP; under SP each rank normalizes its own tokens, so the grads need the SP reduce.
+        self.norm_weight.sequence_parallel = bool(config.sequence_parallel)
+        self._set_segments(self._segment_ids(config, kwargs.get("stride", 1)))
+
+    def _segment_ids(self, config, stride: int) -> Optional[torch.Tensor]:
+        rows = self.output_size_per_partition
+        dev = self.weight.device
+        if self.layer_kind == "qkv":
+            # megatron's fused QKV rows, per query group: [q (heads_per_group * d), k (d), v (d)].
+            d = config.kv_channels
+            groups = (config.num_query_groups or config.num_attention_heads)
+            per_group = rows // (groups // _tp_size(self.tp_group))
+            q_rows = per_group - 2 * d
+            one = torch.cat([torch.zeros(q_rows), torch.ones(d), torch.full((d,), 2.0)])
+            return one.repeat(rows // per_group).long().to(dev)
+        if self.layer_kind == "fc1" and config.gated_linear_unit:
+            # SwiGLU fc1 with stride 2: each rank holds [gate shard; up shard].
+            half = rows // 2
+            return torch.cat([torch.zeros(half), torch.ones(half)]).long().to(dev)
+        return None
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        if self._use_kernels(input) and not kwargs.get("sequence_parallel", False):
+            if self.stats_hook is not None:
+                x = rms_norm(input, self.norm_weight, self.eps)
+                self._probe(x, x)
+            if kwargs.get("allreduce_dgrad", False):
+                x_in = copy_to_tensor_model_parallel_region(input, group=self.tp_group)
+            else:
+                x_in = input
+            return _kernels().hbit_linear(
+                x_in, weight, self.norm_weight, act_bits=self.act_bits, hadamard_block=0, eps=self.eps,
+                weight_segments=self.segments, tp_group=None)
+        x = rms_norm(input, self.norm_weight, self.eps)
+        self._probe(x, x)
+        xq = quant.act_quant(x, self.act_bits)
+        return super()._forward_impl(xq, self.quantized_weight(weight), *args, **kwargs)
+
+
+class BitRowParallelLinear(_BitMixin, RowParallelLinear):
+    """Row-parallel BitLinear with SubLN over the full (sharded) feature dim; ``has_hadamard`` adds the
+    block Hadamard (the H-BitLinear subclass). Without it: BitNet b1.58 and the no-Hadamard ablation."""
+
+    has_hadamard = False
+
+    def __init__(self, input_size: int, output_size: int, *, config, **kwargs):
+        super().__init__(input_size, output_size, config=config, **kwargs)
+        self._init_bit(config, kwargs.get("tp_comm_buffer_name"))
+        self.full_dim = input_size
+        self.norm_weight = torch.nn.Parameter(torch.ones(self.input_size_per_partition, dtype=config.params_dtype,
+                                                         device=self.weight.device))
+        # Sharded like the input features (dim 0), so grad-norm de-duplication and checkpoints treat it as TP.
+        set_tensor_model_parallel_attributes(self.norm_weight, True, 0, 1)
+        if self.has_hadamard:
+            s: BitSettings = getattr(config, "bitnet", None) or BitSettings()
+            check_block(s.hadamard_block, self.input_size_per_partition)
+            self.hadamard_block = s.hadamard_block
+        else:
+            self.hadamard_block = 0
+
+    def _sub_norm(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        ss = xf.pow(2).sum(dim=-1, keepdim=True)
+        # Differentiable all-reduce: every rank's output depends on every rank's squares.
+        ss = all_reduce_sum(ss, self.tp_group)
+        y = xf * torch.rsqrt(ss / self.full_dim + self.eps)
+        return y.to(x.dtype) * self.norm_weight.to(x.dtype)
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        if self._use_kernels(input) and self.stats_hook is None:
+            return _kernels().hbit_linear(
+                input, weight, self.norm_weight, act_bits=self.act_bits, hadamard_block=self.hadamard_block,
+                eps=self.eps, weight_segments=None, tp_group=self.tp_group, full_dim=self.full_dim)
+        x = self._sub_norm(input)
+        h = fwht(x, self.hadamard_block) if self.has_hadamard else x
+        self._probe(x, h)
+        xq = quant.act_quant(h, self.act_bits, self.tp_group, self.full_dim)
+        return super()._forward_impl(xq, self.quantized_weight(weight), *args, **kwargs)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        # The SubLN weight is TP-sharded along the input features; undeclared keys would be saved as
+        # replicated from one rank.
+        state_dict = self.state_dict(prefix="", keep_vars=True)
+        return make_sharded_tensors_for_checkpoint(
+            state_dict, prefix, {"weight": 1, "norm_weight": 0}, sharded_offsets,
+            tp_group=self.tp_group, dp_cp_group=(metadata or {}).get("dp_cp_group"))
+
+
+class HBitRowParallelLinear(BitRowParallelLinear):
+    """H-BitLinear (Wo, Wdown): SubLN -> block Hadamard -> per-token INT8/INT4 -> ternary GEMM."""
+
+    has_hadamard = True
+
+
+BIT_LAYERS = (BitColumnParallelLinear, BitRowParallelLinear)
+
+
+def bit_layers(module: torch.nn.Module):
+    return [m for m in module.modules() if isinstance(m, BIT_LAYERS)]
+
+
+def set_act_bits(module: torch.nn.Module, bits: int) -> int:
+    """Switch every BitLinear / H-BitLinear under ``module`` to ``bits`` at run time (no rebuild, no
+    change to parameters or optimizer state). Returns how many layers were switched."""
+    quant.check_act_bits(bits)
+    layers = bit_layers(module)
+    for m in layers:
+        m.act_bits = bits
+    return len(layers)

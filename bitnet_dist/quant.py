@@ -1,0 +1,137 @@
+"""BitNet v2 quantizers: the reference math (docs: ../shared/docs/bitnet-v2.md section 1).
+
+    RoundClip(x, a, b) = min(max(round(x), a), b)
+    weights   (ternary, absmean): alpha = mean|W|       Wq = RoundClip(W / alpha, -1, 1)   -> alpha * Wq
+    INT8 acts (per token, absmax): gamma = max|x|      xq = RoundClip(127 x / gamma, -128, 127)
+    INT4 acts (per token, absmean): beta = mean|x|     xq = RoundClip(sqrt(7) x / beta, -8, 7)
+
+Every function here returns the quantization *scale* so that ``dequantized = codes * scale``:
+weights: scale = alpha; INT8: scale = gamma / 127; INT4: scale = beta / sqrt(7).
+
+Decisions (documented in docs/numerics.md):
+* The papers' "+eps" has no value; like Microsoft's reference code we clamp the statistic (alpha, gamma,
+  beta) from below at SCALE_EPS = 1e-5. An all-zero token therefore has a finite scale and zero codes.
+* Rounding is round-half-to-even (torch.round), identical in the Triton kernels.
+* Statistics are computed in fp32 whatever the input dtype; fake-quantized outputs keep the input dtype.
+* Straight-through estimator (STE): forward = quantized value, backward = identity
+  (``x + (q - x).detach()``). Statistics carry no gradient.
+* Tensor parallelism: a ``group`` all-reduces the statistics so a feature-sharded tensor quantizes as if
+  it were whole (MAX for absmax, SUM for abs-sums and counts). Fused weights (QKV, gate|up) take one
+  scale per ``segments`` id, equal to what separate projections with their own scales compute.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+SCALE_EPS = 1e-5
+SQRT7 = math.sqrt(7.0)
+_QRANGE = {8: (-128, 127), 4: (-8, 7)}
+
+
+def _group_size(group) -> int:
+    if group is None or not dist.is_available() or not dist.is_initialized():
+        return 1
+    return dist.get_world_size(group)
+
+
+def _all_reduce_(t: torch.Tensor, group, op) -> torch.Tensor:
+    if _group_size(group) > 1:
+        dist.all_reduce(t, op=op, group=group)
+    return t
+
+
+def ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Forward ``q``, gradient of the identity w.r.t. ``x``."""
+    return x + (q - x).detach()
+
+
+def check_act_bits(bits: int) -> None:
+    if bits not in _QRANGE:
+        from bitnet_dist.validate import ConfigError
+
+        raise ConfigError("precision.act_bits", bits, "4 or 8")
+
+
+# ---------------------------------------------------------------------------------------- weights
+@torch.no_grad()
+def weight_absmean(w: torch.Tensor, segments: Optional[torch.Tensor] = None, num_segments: Optional[int] = None,
+                   group=None) -> torch.Tensor:
+    """Ternary scale alpha = mean|W| per segment, as fp32 [rows, 1].
+
+    ``segments``: LongTensor [rows] of segment ids (None: the whole matrix is one segment).
+    ``group``: TP group over which ``w`` is sharded (sums and counts are all-reduced).
+    """
+    a = w.detach().float().abs()
+    rows, cols = a.shape
+    if segments is None:
+        stat = torch.stack([a.sum(), torch.tensor(float(a.numel()), device=a.device)])
+        _all_reduce_(stat, group, dist.ReduceOp.SUM)
+        return (stat[0] / stat[1]).clamp_min(SCALE_EPS).expand(rows, 1)
+    n = num_segments if num_segments is not None else int(segments.max().item()) + 1
+    stat = torch.zeros(2, n, device=a.device, dtype=torch.float32)
+    stat[0].index_add_(0, segments, a.sum(dim=1))
+    stat[1].index_add_(0, segments, torch.full((rows,), float(cols), device=a.device))
+    _all_reduce_(stat, group, dist.ReduceOp.SUM)
+    alpha = (stat[0] / stat[1].clamp_min(1.0)).clamp_min(SCALE_EPS)
+    return alpha[segments].unsqueeze(1)
+
+
+@torch.no_grad()
+def ternary_codes(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """int8 codes in {-1, 0, 1}: RoundClip(W / alpha, -1, 1)."""
+    return torch.round(w.float() / scale).clamp_(-1, 1).to(torch.int8)
+
+
+def weight_quant(w: torch.Tensor, segments: Optional[torch.Tensor] = None, num_segments: Optional[int] = None,
+                 group=None) -> torch.Tensor:
+    """Fake-quantized ternary weight ``alpha * Wq`` with STE, same dtype as ``w``."""
+    scale = weight_absmean(w, segments, num_segments, group)
+    q = (ternary_codes(w, scale).float() * scale).to(w.dtype)
+    return ste(w, q)
+
+
+# ------------------------------------------------------------------------------------ activations
+@torch.no_grad()
+def act_scale(x: torch.Tensor, bits: int, group=None, full_dim: Optional[int] = None) -> torch.Tensor:
+    """Per-token scale [..., 1] fp32: INT8 absmax/127, INT4 absmean/sqrt(7).
+
+    ``group``/``full_dim``: when ``x`` is the local feature shard of a TP-sharded token, the statistic is
+    all-reduced over ``group`` (MAX / SUM) and the mean divides by ``full_dim`` (default: local dim times
+    the group size).
+    """
+    check_act_bits(bits)
+    a = x.detach().float().abs()
+    if bits == 8:
+        gamma = a.amax(dim=-1, keepdim=True)
+        _all_reduce_(gamma, group, dist.ReduceOp.MAX)
+        return gamma.clamp_min(SCALE_EPS) / 127.0
+    s = a.sum(dim=-1, keepdim=True)
+    _all_reduce_(s, group, dist.ReduceOp.SUM)
+    n = full_dim if full_dim is not None else x.shape[-1] * _group_size(group)
+    return (s / n).clamp_min(SCALE_EPS) / SQRT7
+
+
+@torch.no_grad()
+def act_codes(x: torch.Tensor, bits: int, group=None, full_dim: Optional[int] = None):
+    """(int8 codes, fp32 scale [..., 1]) with ``codes * scale`` the dequantized activation."""
+    scale = act_scale(x, bits, group, full_dim)
+    lo, hi = _QRANGE[bits]
+    return torch.round(x.float() / scale).clamp_(lo, hi).to(torch.int8), scale
+
+
+def act_quant(x: torch.Tensor, bits: int, group=None, full_dim: Optional[int] = None) -> torch.Tensor:
+    """Fake-quantized per-token activation with STE, same dtype as ``x``."""
+    codes, scale = act_codes(x, bits, group, full_dim)
+    return ste(x, (codes.float() * scale).to(x.dtype))
+
+
+def quant_error(x: torch.Tensor, bits: int, group=None, full_dim: Optional[int] = None) -> torch.Tensor:
+    """Relative quantization error ||x - Q(x)|| / ||x|| (scalar fp32, no grad), for telemetry."""
+    with torch.no_grad():
+        codes, scale = act_codes(x, bits, group, full_dim)
+        xf = x.float()
+        return (xf - codes.float() * scale).norm() / xf.norm().clamp_min(1e-30)
