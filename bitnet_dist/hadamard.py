@@ -37,19 +37,24 @@ def _fwht(x: torch.Tensor, block: int) -> torch.Tensor:
     return (y * (1.0 / math.sqrt(block))).reshape(shape)
 
 
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    """Accumulate in fp32 (fp64 for fp64 inputs)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 class _FWHT(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, block):
         ctx.block = block
-        return _fwht(x.float(), block).to(x.dtype)
+        return _fwht(_acc(x), block).to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy):
-        return _fwht(dy.float(), ctx.block).to(dy.dtype), None
+        return _fwht(_acc(dy), ctx.block).to(dy.dtype), None
 
 
 def fwht(x: torch.Tensor, block: int) -> torch.Tensor:
-    """Block-diagonal normalized Hadamard transform over the last dim; fp32 internally, x's dtype out."""
+    """Block-diagonal normalized Hadamard transform over the last dim; fp32 (fp64) inside, x's dtype out."""
     check_block(block, x.shape[-1])
     if block == 1:
         return x

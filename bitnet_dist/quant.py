@@ -12,9 +12,9 @@ Decisions (documented in docs/numerics.md):
 * The papers' "+eps" has no value; like Microsoft's reference code we clamp the statistic (alpha, gamma,
   beta) from below at SCALE_EPS = 1e-5. An all-zero token therefore has a finite scale and zero codes.
 * Rounding is round-half-to-even (torch.round), identical in the Triton kernels.
-* Statistics are computed in fp32 whatever the input dtype; fake-quantized outputs keep the input dtype.
-* Straight-through estimator (STE): forward = quantized value, backward = identity
-  (``x + (q - x).detach()``). Statistics carry no gradient.
+* Statistics are computed in fp32 (fp64 for fp64 inputs); fake-quantized outputs keep the input dtype.
+* Straight-through estimator (STE): forward = exactly the quantized value, backward = identity
+  (an autograd Function; ``x + (q - x).detach()`` is inexact in bf16). Statistics carry no gradient.
 * Tensor parallelism: a ``group`` all-reduces the statistics so a feature-sharded tensor quantizes as if
   it were whole (MAX for absmax, SUM for abs-sums and counts). Fused weights (QKV, gate|up) take one
   scale per ``segments`` id, equal to what separate projections with their own scales compute.
@@ -38,15 +38,33 @@ def _group_size(group) -> int:
     return dist.get_world_size(group)
 
 
+def _stat(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(torch.float64 if t.dtype == torch.float64 else torch.float32)
+
+
 def _all_reduce_(t: torch.Tensor, group, op) -> torch.Tensor:
     if _group_size(group) > 1:
         dist.all_reduce(t, op=op, group=group)
     return t
 
 
+class _STE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, q):
+        return q
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy, None
+
+
 def ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Forward ``q``, gradient of the identity w.r.t. ``x``."""
-    return x + (q - x).detach()
+    """Forward exactly ``q``, backward the identity w.r.t. ``x``.
+
+    The usual ``x + (q - x).detach()`` is not exact in bf16: with an outlier x = 9984 clipped to q = 105.5,
+    q - x rounds to -9856 and the forward value becomes 128. An autograd Function returns q itself.
+    """
+    return _STE.apply(x, q.detach())
 
 
 def check_act_bits(bits: int) -> None:
@@ -65,16 +83,16 @@ def weight_absmean(w: torch.Tensor, segments: Optional[torch.Tensor] = None, num
     ``segments``: LongTensor [rows] of segment ids (None: the whole matrix is one segment).
     ``group``: TP group over which ``w`` is sharded (sums and counts are all-reduced).
     """
-    a = w.detach().float().abs()
+    a = _stat(w).abs()
     rows, cols = a.shape
     if segments is None:
-        stat = torch.stack([a.sum(), torch.tensor(float(a.numel()), device=a.device)])
+        stat = torch.stack([a.sum(), torch.tensor(float(a.numel()), device=a.device, dtype=a.dtype)])
         _all_reduce_(stat, group, dist.ReduceOp.SUM)
         return (stat[0] / stat[1]).clamp_min(SCALE_EPS).expand(rows, 1)
     n = num_segments if num_segments is not None else int(segments.max().item()) + 1
-    stat = torch.zeros(2, n, device=a.device, dtype=torch.float32)
+    stat = torch.zeros(2, n, device=a.device, dtype=a.dtype)
     stat[0].index_add_(0, segments, a.sum(dim=1))
-    stat[1].index_add_(0, segments, torch.full((rows,), float(cols), device=a.device))
+    stat[1].index_add_(0, segments, torch.full((rows,), float(cols), device=a.device, dtype=a.dtype))
     _all_reduce_(stat, group, dist.ReduceOp.SUM)
     alpha = (stat[0] / stat[1].clamp_min(1.0)).clamp_min(SCALE_EPS)
     return alpha[segments].unsqueeze(1)
@@ -83,14 +101,14 @@ def weight_absmean(w: torch.Tensor, segments: Optional[torch.Tensor] = None, num
 @torch.no_grad()
 def ternary_codes(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """int8 codes in {-1, 0, 1}: RoundClip(W / alpha, -1, 1)."""
-    return torch.round(w.float() / scale).clamp_(-1, 1).to(torch.int8)
+    return torch.round(_stat(w) / scale).clamp_(-1, 1).to(torch.int8)
 
 
 def weight_quant(w: torch.Tensor, segments: Optional[torch.Tensor] = None, num_segments: Optional[int] = None,
                  group=None) -> torch.Tensor:
     """Fake-quantized ternary weight ``alpha * Wq`` with STE, same dtype as ``w``."""
     scale = weight_absmean(w, segments, num_segments, group)
-    q = (ternary_codes(w, scale).float() * scale).to(w.dtype)
+    q = (ternary_codes(w, scale).to(scale.dtype) * scale).to(w.dtype)
     return ste(w, q)
 
 
@@ -104,7 +122,7 @@ def act_scale(x: torch.Tensor, bits: int, group=None, full_dim: Optional[int] = 
     the group size).
     """
     check_act_bits(bits)
-    a = x.detach().float().abs()
+    a = _stat(x).abs()
     if bits == 8:
         gamma = a.amax(dim=-1, keepdim=True)
         _all_reduce_(gamma, group, dist.ReduceOp.MAX)
@@ -120,18 +138,18 @@ def act_codes(x: torch.Tensor, bits: int, group=None, full_dim: Optional[int] = 
     """(int8 codes, fp32 scale [..., 1]) with ``codes * scale`` the dequantized activation."""
     scale = act_scale(x, bits, group, full_dim)
     lo, hi = _QRANGE[bits]
-    return torch.round(x.float() / scale).clamp_(lo, hi).to(torch.int8), scale
+    return torch.round(_stat(x) / scale).clamp_(lo, hi).to(torch.int8), scale
 
 
 def act_quant(x: torch.Tensor, bits: int, group=None, full_dim: Optional[int] = None) -> torch.Tensor:
     """Fake-quantized per-token activation with STE, same dtype as ``x``."""
     codes, scale = act_codes(x, bits, group, full_dim)
-    return ste(x, (codes.float() * scale).to(x.dtype))
+    return ste(x, (codes.to(scale.dtype) * scale).to(x.dtype))
 
 
 def quant_error(x: torch.Tensor, bits: int, group=None, full_dim: Optional[int] = None) -> torch.Tensor:
     """Relative quantization error ||x - Q(x)|| / ||x|| (scalar fp32, no grad), for telemetry."""
     with torch.no_grad():
         codes, scale = act_codes(x, bits, group, full_dim)
-        xf = x.float()
-        return (xf - codes.float() * scale).norm() / xf.norm().clamp_min(1e-30)
+        xf = _stat(x)
+        return ((xf - codes.to(xf.dtype) * scale).norm() / xf.norm().clamp_min(1e-30)).float()

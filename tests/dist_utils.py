@@ -1,0 +1,70 @@
+"""Run a function on N gloo ranks in fresh processes (torch.multiprocessing, spawn) and collect results.
+
+The function must be a top-level function of an importable module; it receives (rank, world_size, *args)
+and returns something picklable. Each rank gets MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK and
+OMP_NUM_THREADS=1; process groups are destroyed and the processes joined whatever happens.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world, port, fn, args, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        queue.put((rank, "ok", fn(rank, world, *args)))
+    except BaseException:  # noqa: BLE001 - report any failure to the parent
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        try:
+            from megatron.core import parallel_state as ps
+
+            ps.destroy_model_parallel()
+        except Exception:  # noqa: BLE001
+            pass
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(fn, world: int, *args, timeout: float = 600.0) -> list:
+    """Results of ``fn(rank, world, *args)`` ordered by rank; raises with the rank's traceback on failure."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    port = free_port()
+    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, queue), daemon=False) for r in range(world)]
+    for p in procs:
+        p.start()
+    results, errors = {}, []
+    try:
+        for _ in range(world):
+            rank, status, payload = queue.get()
+            if status == "ok":
+                results[rank] = payload
+            else:
+                errors.append(f"rank {rank}:\n{payload}")
+                break
+    finally:
+        for p in procs:
+            p.join(timeout=5 if errors else timeout)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    if errors:
+        raise RuntimeError("distributed worker failed\n" + "\n".join(errors))
+    return [results[r] for r in range(world)]
