@@ -205,8 +205,10 @@ class BitRowParallelLinear(_BitMixin, RowParallelLinear):
         set_tensor_model_parallel_attributes(self.norm_weight, True, 0, 1)
         if self.has_hadamard:
             s: BitSettings = getattr(config, "bitnet", None) or BitSettings()
-            check_block(s.hadamard_block, self.input_size_per_partition)
-            self.hadamard_block = s.hadamard_block
+            # 0 = the whole input dimension (the paper's setting; TP=1 only, checked in validate.py).
+            block = s.hadamard_block or self.input_size_per_partition
+            check_block(block, self.input_size_per_partition)
+            self.hadamard_block = block
         else:
             self.hadamard_block = 0
 

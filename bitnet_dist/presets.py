@@ -20,7 +20,7 @@ class ModelConfig:
     num_query_groups: Optional[int] = None  # GQA; None = multi-head (as many groups as heads)
     num_layers: int = 2
     max_sequence_length: int = 2048
-    hadamard_block: int = 32  # power of two dividing hidden/TP and ffn/TP
+    hadamard_block: int = 32  # power of two dividing hidden/TP and ffn/TP; 0 = whole input dim (TP=1 only)
     rope_base: int = 10000
     tie_embeddings: bool = False
     norm_eps: float = 1e-5
@@ -46,7 +46,9 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
                         num_query_groups=4, num_layers=2, max_sequence_length=256, hadamard_block=16),
     "small": ModelConfig(name="small", hidden_size=256, ffn_hidden_size=768, num_attention_heads=4,
                          num_query_groups=4, num_layers=4, max_sequence_length=1024, hadamard_block=64),
-    "25M": ModelConfig(name="25M", hidden_size=512, ffn_hidden_size=1536, num_attention_heads=8,
+    # The reproduction study's model (docs/results.md): power-of-two dims so that hadamard_block=0
+    # (one transform over the whole input, the paper's setting) is defined for Wo and Wdown.
+    "25M": ModelConfig(name="25M", hidden_size=512, ffn_hidden_size=2048, num_attention_heads=8,
                        num_query_groups=8, num_layers=6, max_sequence_length=1024, hadamard_block=128),
     "400M": ModelConfig(name="400M", hidden_size=1024, ffn_hidden_size=4096, num_attention_heads=16,
                         num_layers=24, hadamard_block=128),

@@ -34,11 +34,19 @@ def test_ffn_not_divisible_by_tp():
     assert "model.ffn_hidden_size=100" in str(e.value)
 
 
-@pytest.mark.parametrize("block", [48, 0, 3])
+@pytest.mark.parametrize("block", [48, -4, 3])
 def test_hadamard_block_not_power_of_two(block):
     with pytest.raises(ConfigError, match="model.hadamard_block") as e:
         check(model_preset("tiny", hadamard_block=block))
     assert "power of two" in str(e.value)
+
+
+def test_hadamard_block_zero_means_full_dimension_at_tp1_only():
+    check(model_preset("tiny", hadamard_block=0))  # 64 and 128: powers of two, TP=1
+    with pytest.raises(ConfigError, match="parallel.tensor=1"):
+        check(model_preset("tiny", hadamard_block=0), tensor=2)
+    with pytest.raises(ConfigError, match="model.ffn_hidden_size=96"):
+        check(model_preset("tiny", hadamard_block=0, ffn_hidden_size=96))
 
 
 def test_hadamard_block_not_dividing_rank_slice():
