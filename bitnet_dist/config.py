@@ -1,10 +1,14 @@
 """Typed configuration of the train app (Hydra structured configs).
 
 The dotted keys here are the operators' contract (README): trainer.*, parallel.*, engine, precision,
-model, data, logging.wandb, run_dir. Validation of the whole config lives in bitnet_dist.validate.
+model, data, logging.wandb, run_dir. ``register_configs()`` puts the schema into Hydra's ConfigStore
+as ``train_schema``; conf/train.yaml extends it, so every YAML value and command-line override is
+type-checked against these dataclasses. Semantic checks of the whole config live in
+bitnet_dist.validate (``check_train``), the one place that rejects impossible settings.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -27,6 +31,10 @@ class TrainerConfig:
     stats_interval: int = 50  # activation / weight statistics every N steps (0 = off)
     progress_bar: bool = True
     wall_clock_minutes: Optional[float] = None  # save and exit cleanly after this long (clusters that send no signal)
+    # Save and exit 0 after this many optimizer steps *in this process* (as on preemption); a later
+    # launch with the same overrides resumes. For chunked jobs and for the resume-exactness test.
+    exit_after_steps: Optional[int] = None
+    report: bool = True  # write run_dir/report.md and the loss / perplexity PNG at the end
 
 
 @dataclass
@@ -86,3 +94,99 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     experiment: str = "default"
     run_dir: str = "runs/default"
+
+
+# Overrides that do not change what a run computes: two launches differing only in these share a run
+# directory (a requeued job, a resubmission with a longer time limit, a different log cadence).
+# conf/train.yaml repeats this list in hydra.job.config.override_dirname.exclude_keys; a test keeps
+# the two equal.
+RUN_INVARIANT_KEYS: tuple[str, ...] = (
+    "experiment", "run_dir",
+    "trainer.log_interval", "trainer.eval_interval", "trainer.eval_batches", "trainer.save_interval",
+    "trainer.keep_checkpoints", "trainer.stats_interval", "trainer.progress_bar",
+    "trainer.wall_clock_minutes", "trainer.exit_after_steps", "trainer.report",
+    "logging", "logging.wandb", "logging.project", "logging.entity", "logging.run_name",
+    "data.cache_dir", "data.num_workers",
+)
+
+
+def run_name(override_dirname: str | None = None) -> str:
+    """Directory name of a run from Hydra's ``override_dirname`` (already without run-invariant keys).
+
+    None: read it from the running Hydra job (``hydra.job.override_dirname``; "" outside a Hydra job,
+    e.g. a bare ``compose()``). ``""`` (no overrides) -> ``"base"``; characters that would nest
+    directories or confuse shells are replaced, so ``data.paths=[a/b]`` stays one path component.
+    """
+    if override_dirname is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        override_dirname = HydraConfig.get().job.override_dirname if HydraConfig.initialized() else ""
+    if not override_dirname:
+        return "base"
+    return re.sub(r"[^A-Za-z0-9_.,=+\-]", "_", override_dirname)
+
+
+def cfg_from_omegaconf(cfg) -> TrainConfig:
+    """A composed DictConfig (train_schema) -> TrainConfig dataclass instance."""
+    from omegaconf import OmegaConf
+
+    obj = OmegaConf.to_object(cfg)
+    if not isinstance(obj, TrainConfig):  # composed without the schema (should not happen)
+        obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg))
+    return obj
+
+
+_registered = False
+
+
+def register_configs() -> None:
+    """Register ``train_schema`` in Hydra's ConfigStore and the ``bitnet_run_name`` resolver (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    if not OmegaConf.has_resolver("bitnet_run_name"):
+        OmegaConf.register_new_resolver("bitnet_run_name", run_name)
+    _registered = True
+
+
+def write_preset_yamls(conf_dir) -> list:
+    """(Re)write conf/model/*.yaml and conf/precision/*.yaml from bitnet_dist.presets, the source of
+    truth (tests/test_config.py fails when they drift). ``python -m bitnet_dist.config [CONF_DIR]``."""
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from bitnet_dist.presets import MODEL_PRESETS, PRECISION_PRESETS
+
+    def value(v):
+        if v is None:
+            return "null"
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, float):
+            return repr(v) if "e" not in repr(v) or "." in repr(v) else repr(v).replace("e", ".0e")
+        return str(v)
+
+    written = []
+    for group, presets, origin in (("model", MODEL_PRESETS, "MODEL_PRESETS"),
+                                   ("precision", PRECISION_PRESETS, "PRECISION_PRESETS")):
+        d = Path(conf_dir) / group
+        d.mkdir(parents=True, exist_ok=True)
+        for name, preset in presets.items():
+            lines = [f"# {group.capitalize()} preset {name!r}: generated from bitnet_dist.presets.{origin} by "
+                     "`python -m bitnet_dist.config`; tests/test_config.py keeps them equal."]
+            lines += [f"{k}: {value(v)}" for k, v in asdict(preset).items()]
+            (d / f"{name}.yaml").write_text("\n".join(lines) + "\n")
+            written.append(d / f"{name}.yaml")
+    return written
+
+
+if __name__ == "__main__":
+    import sys
+    from pathlib import Path
+
+    for p in write_preset_yamls(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).resolve().parent.parent / "conf"):
+        print(p)
