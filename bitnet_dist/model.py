@@ -47,11 +47,8 @@ from bitnet_dist.layers import (
     HBitRowParallelLinear,
 )
 from bitnet_dist.norm import RMSNorm
-from bitnet_dist.presets import ModelConfig, ParallelConfig, PrecisionConfig
+from bitnet_dist.presets import ModelConfig, ParallelConfig, PrecisionConfig, padded_vocab_size
 from bitnet_dist.validate import check_model
-
-VOCAB_MULTIPLE = 128  # padded vocabulary is a multiple of this (and of TP), independent of the layout
-
 
 @dataclass
 class BitNetTransformerConfig(TransformerConfig):
@@ -164,17 +161,12 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, params_d
     return BitNetTransformerConfig(**kw)
 
 
-def padded_vocab_size(vocab_size: int, tp: int) -> int:
-    multiple = VOCAB_MULTIPLE * tp // math.gcd(VOCAB_MULTIPLE, tp)
-    return -(-vocab_size // multiple) * multiple
-
-
 def build_model(model: ModelConfig, precision: PrecisionConfig, config: TransformerConfig, *, vocab_size: int,
                 pre_process: bool = True, post_process: bool = True, vp_stage: Optional[int] = None,
                 seed: Optional[int] = None) -> GPTModel:
     """Build this rank's chunk of the BitNet v2 GPTModel (megatron parallel_state must be initialized).
 
-    ``vocab_size`` is the tokenizer's; it is padded to a multiple of 128 (and of TP). With ``seed`` the
+    ``vocab_size`` is padded with presets.padded_vocab_size (idempotent on a padded size). With ``seed`` the
     weights are re-drawn layout-independently (``init_weights``); without it megatron's CPU init is used
     (also TP-independent when ``use_cpu_initialization``; seed torch yourself).
     """

@@ -7,8 +7,22 @@ computes the same function at every TP degree; it must divide hidden/TP and ffn/
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Optional
+
+VOCAB_MULTIPLE = 128  # megatron's default make_vocab_size_divisible_by
+
+
+def padded_vocab_size(vocab_size: int, tensor_parallel: int = 1) -> int:
+    """Embedding rows: the tokenizer's size rounded up to a multiple of lcm(128, TP).
+
+    The same at every TP degree that divides 128 (so TP layouts compute the same function), and
+    divisible by TP as megatron's VocabParallelEmbedding requires. Padded ids never occur in the data.
+    """
+    tp = max(1, int(tensor_parallel))
+    multiple = VOCAB_MULTIPLE * tp // math.gcd(VOCAB_MULTIPLE, tp)
+    return -(-int(vocab_size) // multiple) * multiple
 
 
 @dataclass

@@ -1,28 +1,35 @@
 #!/usr/bin/env bash
-# Shared set-up for launch/quickstart.sh and launch/test.sh: create .venv once and install
-# bitnet-dist (editable) with its dev extra. Idempotent: a second call only checks the install.
+# Shared set-up for launch/quickstart.sh and launch/test.sh (source it): create .venv once and install
+# bitnet-dist (editable) with its dev extra, then activate it. Idempotent: a later call only checks a
+# stamp (pyproject hash + torch spec) and reinstalls when either changed.
 #
 #   BITNET_PYTHON      interpreter for the venv (default: python3)
 #   BITNET_TORCH_SPEC  torch requirement installed first (default: torch==2.13.0 on machines without
 #                      nvidia-smi, which takes the CPU build where PIP_FIND_LINKS offers it; on a GPU
-#                      machine the default is unpinned "torch>=2.6" so pip keeps a CUDA torch you have)
-set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$root"
-py="${BITNET_PYTHON:-python3}"
-if [ -z "${BITNET_TORCH_SPEC:-}" ]; then
-  if command -v nvidia-smi >/dev/null 2>&1; then BITNET_TORCH_SPEC="torch>=2.6"; else BITNET_TORCH_SPEC="torch==2.13.0"; fi
-fi
-if [ ! -x .venv/bin/python ]; then
-  "$py" -m venv .venv
-fi
-# shellcheck disable=SC1091
-. .venv/bin/activate
-stamp=.venv/.bitnet-installed
-want="$(sha256sum pyproject.toml | cut -c1-16) $BITNET_TORCH_SPEC"
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-  python -m pip install -q "$BITNET_TORCH_SPEC"
-  python -m pip install -q -e ".[dev]"
-  echo "$want" > "$stamp"
-fi
+#                      machine the default is "torch>=2.6", so pip keeps or fetches a CUDA build)
+bitnet_env_fail() { echo "launch/env.sh: $*" >&2; return 1; }
+
+bitnet_setup_env() {
+  local root py want stamp
+  root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)" || return 1
+  py="${BITNET_PYTHON:-python3}"
+  if [ -z "${BITNET_TORCH_SPEC:-}" ]; then
+    if command -v nvidia-smi >/dev/null 2>&1; then BITNET_TORCH_SPEC="torch>=2.6"; else BITNET_TORCH_SPEC="torch==2.13.0"; fi
+  fi
+  command -v "$py" >/dev/null 2>&1 || { bitnet_env_fail "$py not found: set BITNET_PYTHON to a Python >= 3.10"; return 1; }
+  if [ ! -x "$root/.venv/bin/python" ]; then
+    "$py" -m venv "$root/.venv" || { bitnet_env_fail "could not create $root/.venv"; return 1; }
+  fi
+  # shellcheck disable=SC1091
+  . "$root/.venv/bin/activate" || return 1
+  stamp="$root/.venv/.bitnet-installed"
+  want="$(sha256sum "$root/pyproject.toml" | cut -c1-16) $BITNET_TORCH_SPEC"
+  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    rm -f "$stamp"
+    python -m pip install -q "$BITNET_TORCH_SPEC" || { bitnet_env_fail "installing $BITNET_TORCH_SPEC failed"; return 1; }
+    python -m pip install -q -e "$root[dev]" || { bitnet_env_fail "installing bitnet-dist failed"; return 1; }
+    echo "$want" > "$stamp"
+  fi
+}
+
+bitnet_setup_env || { return 1 2>/dev/null || exit 1; }

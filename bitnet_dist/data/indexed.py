@@ -1,0 +1,188 @@
+"""Megatron indexed datasets (.bin/.idx): the one writer (users' data and the bundled corpus) and a
+document-level reader for the loader.
+
+Layout (megatron.core.datasets.indexed_dataset): ``PREFIX.bin`` holds the token ids of every document
+back to back (uint16 when the vocabulary fits, else int32); ``PREFIX.idx`` holds sequence lengths and
+document boundaries. We write one sequence per document, each ending with the tokenizer's EOD id, like
+megatron's tools/preprocess_data.py with ``--append-eod``. ``PREFIX.meta.json`` (ours, ignored by megatron)
+records the tokenizer so the loader can refuse files made with another vocabulary.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import multiprocessing as mp
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from bitnet_dist.data.errors import DataError
+
+_worker_tok = None
+
+
+def _init_worker(spec: str, eod_token: str | None) -> None:
+    global _worker_tok
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from bitnet_dist.data.tokenizer import load_tokenizer
+
+    _worker_tok = load_tokenizer(spec, eod_token)
+
+
+def _encode_chunk(texts: list[str]) -> list[np.ndarray]:
+    return _encode_with(_worker_tok, texts)
+
+
+def _encode_with(tok, texts: list[str]) -> list[np.ndarray]:
+    out = []
+    for ids in tok.encode_batch(texts):
+        ids.append(tok.eod_id)
+        out.append(np.asarray(ids, dtype=np.int64))
+    return out
+
+
+def _chunks(texts: Iterable[str], size: int) -> Iterator[list[str]]:
+    buf: list[str] = []
+    for t in texts:
+        buf.append(t)
+        if len(buf) == size:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+def index_dtype(vocab_size: int):
+    """megatron's choice: uint16 below 65500 ids, else int32 (DType.optimal_dtype)."""
+    from megatron.core.datasets.indexed_dataset import DType
+
+    return DType.optimal_dtype(vocab_size)
+
+
+def write_indexed(texts: Iterable[str], tokenizer, prefix: str | os.PathLike, *, workers: int = 0,
+                  chunk_docs: int = 256, extra_meta: dict | None = None) -> dict:
+    """Tokenize ``texts`` (one document each; empty ones skipped), append EOD, write ``prefix``.bin/.idx.
+
+    ``workers`` > 0 tokenizes in that many spawned processes (each rebuilds the tokenizer from
+    ``tokenizer.spec``); results are consumed in input order, so the files are byte-identical for any
+    worker count. Files appear atomically: written under a temporary prefix, renamed .bin, .idx, then
+    .meta.json last, so ``meta.json`` existing means the dataset is complete. Returns the metadata.
+    """
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from bitnet_dist.data.tokenizer import tokenizer_fingerprint
+
+    prefix = str(prefix)
+    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{prefix}.tmp{os.getpid()}"
+    dtype = index_dtype(tokenizer.vocab_size)
+    builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
+    n_docs = n_tokens = n_empty = 0
+
+    def nonempty() -> Iterator[str]:
+        nonlocal n_empty
+        for t in texts:
+            if t and t.strip():
+                yield t
+            else:
+                n_empty += 1
+
+    def add(arrays: list[np.ndarray]) -> None:
+        nonlocal n_docs, n_tokens
+        for ids in arrays:
+            builder.add_document(ids, [ids.size])
+            n_docs += 1
+            n_tokens += int(ids.size)
+
+    pool = None
+    try:
+        if workers and workers > 0:
+            pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker,
+                                                initargs=(tokenizer.spec, getattr(tokenizer, "eod_token", None)))
+            # the input is read here, in the main thread (not by Pool.imap's feeder thread, where an input
+            # error would hang the pool); results are taken in submission order -> worker-count independent
+            pending: collections.deque = collections.deque()
+            for chunk in _chunks(nonempty(), chunk_docs):
+                pending.append(pool.apply_async(_encode_chunk, (chunk,)))
+                if len(pending) >= 2 * workers:
+                    add(pending.popleft().get())
+            while pending:
+                add(pending.popleft().get())
+        else:
+            for chunk in _chunks(nonempty(), chunk_docs):
+                add(_encode_with(tokenizer, chunk))
+        builder.finalize(tmp + ".idx")
+    except BaseException:
+        builder.data_file.close()
+        for ext in (".bin", ".idx"):
+            Path(tmp + ext).unlink(missing_ok=True)
+        raise
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    meta = {"format": "megatron-indexed", "documents": n_docs, "tokens": n_tokens, "skipped_empty": n_empty,
+            "dtype": np.dtype(dtype).name, "tokenizer": tokenizer.spec,
+            "tokenizer_sha": tokenizer_fingerprint(tokenizer), "vocab_size": tokenizer.vocab_size,
+            "eod_id": tokenizer.eod_id, **(extra_meta or {})}
+    Path(prefix + ".meta.json").unlink(missing_ok=True)  # an old dataset under this prefix is no longer complete
+    os.replace(tmp + ".bin", prefix + ".bin")
+    os.replace(tmp + ".idx", prefix + ".idx")
+    meta_tmp = tmp + ".meta.json"
+    Path(meta_tmp).write_text(json.dumps(meta, indent=1))
+    os.replace(meta_tmp, prefix + ".meta.json")
+    return meta
+
+
+def read_meta(prefix: str | os.PathLike) -> dict | None:
+    p = Path(f"{prefix}.meta.json")
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def indexed_exists(prefix: str | os.PathLike) -> bool:
+    return Path(f"{prefix}.bin").is_file() and Path(f"{prefix}.idx").is_file()
+
+
+@dataclass
+class DocTokens:
+    """Documents of one indexed dataset: ``tokens`` (memory-mapped, all ids back to back),
+    ``doc_start``/``doc_len`` int64 [num_docs] in tokens. Reads the .idx with megatron's reader."""
+
+    prefix: str
+    tokens: np.ndarray
+    doc_start: np.ndarray
+    doc_len: np.ndarray
+
+    @classmethod
+    def open(cls, prefix: str | os.PathLike) -> "DocTokens":
+        prefix = str(prefix)
+        if not indexed_exists(prefix):
+            raise DataError(f"no indexed dataset at prefix {prefix!r} (expected {prefix}.bin and {prefix}.idx); "
+                            "create it with: python -m bitnet_dist.data.preprocess --input FILE.jsonl "
+                            f"--tokenizer gpt2 --output-prefix {prefix}")
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        ds = IndexedDataset(prefix, mmap=True)
+        # copies: these are views into the index's mmap, which megatron closes when ds is collected
+        seq_len = np.array(ds.sequence_lengths, dtype=np.int64, copy=True)
+        docs = np.array(ds.document_indices, dtype=np.int64, copy=True)
+        dtype = ds.index.dtype
+        del ds
+        # sequences are stored contiguously in order, so a document's tokens are one slice of the .bin
+        seq_cum = np.concatenate([[0], np.cumsum(seq_len)])
+        start = seq_cum[docs[:-1]]
+        length = seq_cum[docs[1:]] - start
+        n = int(seq_cum[-1])
+        tokens = np.memmap(prefix + ".bin", dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
+        return cls(prefix, tokens, start, length)
+
+    @property
+    def num_docs(self) -> int:
+        return int(self.doc_len.size)
+
+    def doc(self, i: int) -> np.ndarray:
+        s = int(self.doc_start[i])
+        return np.asarray(self.tokens[s:s + int(self.doc_len[i])])

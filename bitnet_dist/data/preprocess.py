@@ -1,0 +1,115 @@
+"""Turn users' text into a megatron indexed dataset (.bin/.idx) for ``data=indexed``.
+
+    python -m bitnet_dist.data.preprocess --input corpus.jsonl --json-key text \\
+        --tokenizer gpt2 --output-prefix data/corpus --workers 4
+
+Inputs (one or more ``--input``, read in the order given):
+  * ``.jsonl`` (or ``.json`` lines): one document per line, its text under ``--json-key``;
+  * ``.txt``: documents separated by one or more blank lines (``--txt-doc-per-line``: one per line).
+``--tokenizer``: ``gpt2`` or a path to a HF tokenizer.json (e.g. ``RUN_DIR/tokenizer.json`` of a run with
+``data.tokenizer=bpe``); the tokenizer's ``<|endoftext|>`` (or ``--eod-token``) is appended to every document.
+The output does not depend on ``--workers``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+
+class InputError(ValueError):
+    """An input file that cannot be read as documents (the message names file, line and fix)."""
+
+
+def iter_documents(path: Path, json_key: str = "text", txt_doc_per_line: bool = False) -> Iterator[str]:
+    """Documents of one input file, in file order."""
+    if path.suffix in (".jsonl", ".json", ".ndjson"):
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{path}:{lineno} is not valid JSON ({e.msg}); expected one JSON object "
+                                     "per line") from None
+                if not isinstance(rec, dict) or json_key not in rec:
+                    keys = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
+                    raise InputError(f"{path}:{lineno} has no key {json_key!r} (found {keys}); pass "
+                                     "--json-key NAME")
+                yield str(rec[json_key])
+    elif path.suffix == ".txt":
+        with path.open(encoding="utf-8") as f:
+            if txt_doc_per_line:
+                yield from (line.rstrip("\n") for line in f)
+                return
+            block: list[str] = []
+            for line in f:
+                if line.strip():
+                    block.append(line.rstrip("\n"))
+                elif block:
+                    yield "\n".join(block)
+                    block = []
+            if block:
+                yield "\n".join(block)
+    else:
+        raise InputError(f"--input {path}: unsupported file type {path.suffix!r}; use .jsonl or .txt")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bitnet_dist.data.preprocess",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--input", nargs="+", required=True, help=".jsonl or .txt files, read in this order")
+    p.add_argument("--json-key", default="text", help="JSON key holding each document's text (default: text)")
+    p.add_argument("--txt-doc-per-line", action="store_true", help=".txt: one document per line")
+    p.add_argument("--tokenizer", default="gpt2", help="gpt2 or a path to a HF tokenizer.json (default: gpt2)")
+    p.add_argument("--eod-token", default=None,
+                   help="end-of-document token of a tokenizer.json (default <|endoftext|>)")
+    p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin, PREFIX.idx, PREFIX.meta.json")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (output is identical for any value)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from bitnet_dist.data.errors import DataError
+    from bitnet_dist.data.indexed import write_indexed
+    from bitnet_dist.data.tokenizer import load_tokenizer
+
+    inputs = [Path(p) for p in args.input]
+    for p in inputs:
+        if not p.is_file():
+            print(f"error: --input {p} does not exist", file=sys.stderr)
+            return 2
+    if args.workers < 0:
+        print("error: --workers must be >= 0", file=sys.stderr)
+        return 2
+    try:
+        tok = load_tokenizer(args.tokenizer, args.eod_token)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    def docs() -> Iterator[str]:
+        for p in inputs:
+            yield from iter_documents(p, args.json_key, args.txt_doc_per_line)
+
+    t0 = time.perf_counter()
+    try:
+        # workers=1 means "tokenize here": one extra process would only add start-up time
+        meta = write_indexed(docs(), tok, args.output_prefix, workers=args.workers if args.workers > 1 else 0,
+                             extra_meta={"inputs": [str(p) for p in inputs]})
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    dt = time.perf_counter() - t0
+    print(f"wrote {args.output_prefix}.bin/.idx: {meta['documents']} documents, {meta['tokens']} tokens "
+          f"({meta['dtype']}, eod={meta['eod_id']}, {meta['skipped_empty']} empty skipped) in {dt:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
