@@ -182,7 +182,7 @@ class BitColumnParallelLinear(_BitMixin, ColumnParallelLinear):
                 x_in = input
             return _kernels().hbit_linear(
                 x_in, weight, self.norm_weight, act_bits=self.act_bits, hadamard_block=0, eps=self.eps,
-                weight_segments=self.segments, tp_group=None)
+                weight_segments=self.segments, tp_group=self.tp_group)  # weight scale over all TP rows
         x = rms_norm(input, self.norm_weight, self.eps)
         self._probe(x, x)
         xq = quant.act_quant(x, self.act_bits)

@@ -57,7 +57,8 @@ def loss_and_grads(rank, world, presets, broken_norm_backward=False):
         tokens, labels, pos = fixed_batch()
         loss = gpt(input_ids=tokens, position_ids=pos, attention_mask=None, labels=labels).float().mean()
         loss.backward()
-        grads = {n: gather_full(p, p.grad, world).clone() for n, p in gpt.named_parameters()}
+        # numpy, not tensors: tensors sent through the queue can be reset once the child exits.
+        grads = {n: gather_full(p, p.grad, world).numpy().copy() for n, p in gpt.named_parameters()}
         # Replicated parameters must have identical gradients on every rank.
         for n, p in gpt.named_parameters():
             if not getattr(p, "tensor_model_parallel", False) and world > 1:

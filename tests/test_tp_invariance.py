@@ -1,5 +1,6 @@
 """Same seed and data at TP = 1, 2, 4 (gloo, CPU processes): same loss and same gathered gradients."""
 import pytest
+import torch
 
 from dist_utils import run_ranks
 from mp_workers import loss_and_grads
@@ -14,6 +15,7 @@ def tp1():
 
 
 def rel(a, b):
+    a, b = torch.from_numpy(a).double(), torch.from_numpy(b).double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 

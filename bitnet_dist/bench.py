@@ -1,0 +1,279 @@
+"""Kernel benchmark: ``python -m bitnet_dist.bench --out DIR`` (CUDA only).
+
+Measures, in one process on one GPU (every ratio compares numbers from the same run):
+* ``copy``: device-to-device copy bandwidth (bytes read + written / time), the memory roofline here.
+* ``fused``: RMSNorm -> Hadamard -> quantize kernel at the Wo / Wdown inputs (bytes: x read, codes
+  written, scale and rstd written), TB/s and % of the copy bandwidth.
+* ``gemm``: forward GEMM TFLOP/s of cuBLAS bf16 (torch.mm), the Triton int8 kernel (A8, dequantization
+  in the epilogue), FP8 e4m3 through torch._scaled_mm (A4) and torch._int_mm (cuBLAS int8, no epilogue).
+* ``layer``: forward + backward time of one layer: nn.Linear bf16, RMSNorm + nn.Linear bf16, and
+  ``hbit_linear`` (A8 / A4, bf16 or FP8 backward); bytes saved for backward (autograd saved-tensor hooks,
+  storages counted once) and the step's peak memory above what was allocated before it.
+Timing: CUDA events, median of ``--reps`` runs after ``--warmup`` runs. Results: DIR/kernels.json and
+DIR/kernels.md (the table in docs/benchmarks/).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+# (name, hidden, ffn, heads) of the presets whose layer shapes we measure; MHA, SwiGLU fc1 = 2 * ffn.
+MODELS = {"1.3B": (2048, 8192), "7B": (4096, 16384)}
+HB = 256
+
+
+def layer_shapes(hidden: int, ffn: int):
+    """(layer kind, in_features, out_features, hadamard)."""
+    return [("qkv", hidden, 3 * hidden, False), ("wo", hidden, hidden, True),
+            ("fc1", hidden, 2 * ffn, False), ("wdown", ffn, hidden, True)]
+
+
+def timed(fn, warmup: int, reps: int) -> float:
+    """Median milliseconds of fn() over reps runs (CUDA events)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a = torch.cuda.Event(enable_timing=True)
+        b = torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def bench_copy(args):
+    x = torch.randn(16384, 8192, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty_like(x)
+    ms = timed(lambda: y.copy_(x), args.warmup, args.reps)
+    return {"bytes": 2 * x.numel() * 2, "ms": ms, "tb_s": 2 * x.numel() * 2 / ms / 1e9}
+
+
+def bench_fused(args, copy_tbs: float):
+    from bitnet_dist.kernels.norm_hadamard_quant import launch_config, norm_hadamard_quant
+
+    rows = []
+    dims = sorted({d for h, f in MODELS.values() for d in (h, f)})
+    for T in args.tokens:
+        for D in dims:
+            x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+            g = torch.ones(D, device="cuda", dtype=torch.bfloat16)
+            for bits in (8, 4):
+                fp8 = bits == 4
+                nbytes = T * D * 2 + T * D + 8 * T + 2 * D
+                variants = [("default", None, None)]
+                if args.sweep and T == max(args.tokens) and bits == 8:
+                    for prec in (0, 1, 2):
+                        for elems in (2048, 4096, 8192, 16384):
+                            cfg = launch_config(D, HB, max_chunk=elems, elems=elems)
+                            for w in (4, 8):
+                                variants.append((f"prec{prec}_e{elems}_w{w}", prec, (*cfg[:2], w)))
+                for name, prec, cfg in variants:
+                    try:
+                        ms = timed(lambda: norm_hadamard_quant(x, g, act_bits=bits, hadamard_block=HB, eps=1e-5,
+                                                               fp8_codes=fp8, prec=prec, config=cfg),
+                                   args.warmup, args.reps)
+                    except Exception as e:  # noqa: BLE001 - a sweep point that does not compile is reported
+                        rows.append({"tokens": T, "dim": D, "act_bits": bits, "variant": name, "error": repr(e)[:200]})
+                        continue
+                    tbs = nbytes / ms / 1e9
+                    rows.append({"tokens": T, "dim": D, "act_bits": bits, "variant": name, "ms": ms, "tb_s": tbs,
+                                 "pct_copy": 100 * tbs / copy_tbs})
+            del x
+    return rows
+
+
+def bench_gemm(args):
+    from bitnet_dist.kernels.gemm import fp8_available, fp8_gemm, int8_gemm
+
+    rows = []
+    for model, (h, f) in MODELS.items():
+        for kind, K, N, _ in layer_shapes(h, f):
+            for T in args.tokens:
+                flop = 2 * T * K * N
+                a = torch.randn(T, K, device="cuda", dtype=torch.bfloat16)
+                w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+                ai = torch.randint(-128, 128, (T, K), device="cuda", dtype=torch.int8)
+                wi = torch.randint(-1, 2, (N, K), device="cuda", dtype=torch.int8)
+                sa = torch.rand(T, device="cuda") + 0.5
+                sw = torch.rand(N, device="cuda") + 0.5
+                r = {"model": model, "layer": kind, "tokens": T, "K": K, "N": N}
+                r["bf16_ms"] = timed(lambda: torch.mm(a, w.t()), args.warmup, args.reps)
+                r["int8_ms"] = timed(lambda: int8_gemm(ai, wi, sa, sw), args.warmup, args.reps)
+                try:
+                    r["int_mm_ms"] = timed(lambda: torch._int_mm(ai, wi.t()), args.warmup, args.reps)
+                except Exception as e:  # noqa: BLE001
+                    r["int_mm_error"] = repr(e)[:200]
+                if fp8_available(a.device):
+                    a8 = (ai.float() / 16).clamp(-8, 7).round().to(torch.float8_e4m3fn)
+                    w8 = wi.float().to(torch.float8_e4m3fn)
+                    r["fp8_ms"] = timed(lambda: fp8_gemm(a8, w8, sa, sw), args.warmup, args.reps)
+                for k in ("bf16", "int8", "int_mm", "fp8"):
+                    if f"{k}_ms" in r:
+                        r[f"{k}_tflops"] = flop / r[f"{k}_ms"] / 1e9
+                r["int8_vs_bf16"] = r["bf16_ms"] / r["int8_ms"]
+                if "fp8_ms" in r:
+                    r["fp8_vs_bf16"] = r["bf16_ms"] / r["fp8_ms"]
+                rows.append(r)
+                del a, w, ai, wi
+    return rows
+
+
+def _saved_bytes(fn, params=()):
+    """Bytes of the distinct non-parameter storages autograd saves for backward while running fn()."""
+    seen = {}
+    skip = {p.untyped_storage().data_ptr() for p in params}
+
+    def pack(t):
+        if isinstance(t, torch.Tensor) and t.device.type == "cuda":
+            s = t.untyped_storage()
+            if s.data_ptr() not in skip:
+                seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+def bench_layer(args):
+    from bitnet_dist.kernels import hbit_linear
+    from bitnet_dist.kernels.ternary import quantize_weight
+
+    rows = []
+    for model, (h, f) in MODELS.items():
+        for kind, K, N, had in layer_shapes(h, f):
+            for T in args.tokens:
+                x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                lin = torch.nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
+                g = torch.ones(K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                dy = torch.randn(T, N, device="cuda", dtype=torch.bfloat16)
+
+                def rms_lin():
+                    xf = x.float()
+                    n = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(x.dtype) * g
+                    return lin(n)
+
+                variants = {"linear_bf16": lambda: lin(x), "rmsnorm_linear_bf16": rms_lin}
+                for bits in (8, 4):
+                    for fp8b in (False, True):
+                        variants[f"hbit_a{bits}_{'fp8' if fp8b else 'bf16'}bwd"] = (
+                            lambda bits=bits, fp8b=fp8b: hbit_linear(
+                                x, lin.weight, g, act_bits=bits, hadamard_block=HB if had else 0, eps=1e-5,
+                                fp8_backward=fp8b))
+                r = {"model": model, "layer": kind, "tokens": T, "K": K, "N": N, "hadamard": had}
+                # once per optimizer step, amortized over the step's micro-batches (not in the times below)
+                r["weight_quant_ms"] = timed(lambda: quantize_weight(lin.weight.detach(), fp8=True), 2, 5)
+                for name, fwd in variants.items():
+                    def step(fwd=fwd):
+                        y = fwd()
+                        y.backward(dy)
+
+                    try:
+                        x.grad = g.grad = lin.weight.grad = None
+                        r[f"{name}_ms"] = timed(step, args.warmup, args.reps)
+                        x.grad = g.grad = lin.weight.grad = None
+                        step()  # grads allocated, so the peak below is the step's own transient memory
+                        torch.cuda.synchronize()
+                        torch.cuda.reset_peak_memory_stats()
+                        base = torch.cuda.memory_allocated()
+                        y, saved = _saved_bytes(fwd, (lin.weight, g))
+                        y.backward(dy)
+                        torch.cuda.synchronize()
+                        r[f"{name}_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+                        r[f"{name}_saved_mib"] = saved / 2**20
+                        del y
+                    except Exception as e:  # noqa: BLE001 - report and go on with the other variants
+                        r[f"{name}_error"] = repr(e)[:300]
+                        print("layer error", name, repr(e)[:300], flush=True)
+                for name in variants:
+                    if f"{name}_ms" in r:
+                        r[f"{name}_speedup_vs_linear"] = r["linear_bf16_ms"] / r[f"{name}_ms"]
+                rows.append(r)
+                del x, lin, g, dy
+    return rows
+
+
+def to_markdown(res) -> str:
+    out = [f"# Kernel benchmarks\n\nDevice: {res['device']}; date: {res['date']}; torch {res['torch']}, "
+           f"triton {res['triton']}. Median of {res['reps']} runs after {res['warmup']} warm-ups (CUDA events).\n",
+           f"Device-to-device copy: {res['copy']['tb_s']:.2f} TB/s (bytes read + written).\n",
+           "## Fused RMSNorm + Hadamard (block 256) + quantize (default launch config)\n",
+           "| tokens | dim | act bits | ms | TB/s | % of copy |", "|---|---|---|---|---|---|"]
+    for r in res["fused"]:
+        if r.get("variant") == "default" and "ms" in r:
+            out.append(f"| {r['tokens']} | {r['dim']} | {r['act_bits']} | {r['ms']:.3f} | {r['tb_s']:.2f} | "
+                       f"{r['pct_copy']:.0f}% |")
+    out += ["\n## Forward GEMM (TFLOP/s; ratios against cuBLAS bf16 in the same run)\n",
+            "| model | layer | tokens | K | N | bf16 | int8 Triton (A8) | torch._int_mm | FP8 (A4) | A8/bf16 | A4/bf16 |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["gemm"]:
+        out.append(f"| {r['model']} | {r['layer']} | {r['tokens']} | {r['K']} | {r['N']} | {r['bf16_tflops']:.0f} | "
+                   f"{r['int8_tflops']:.0f} | {r.get('int_mm_tflops', float('nan')):.0f} | "
+                   f"{r.get('fp8_tflops', float('nan')):.0f} | {r['int8_vs_bf16']:.2f} | "
+                   f"{r.get('fp8_vs_bf16', float('nan')):.2f} |")
+    names = ["linear_bf16", "rmsnorm_linear_bf16", "hbit_a8_bf16bwd", "hbit_a8_fp8bwd", "hbit_a4_bf16bwd",
+             "hbit_a4_fp8bwd"]
+    out += ["\n## One layer forward + backward (ms; speed-up against nn.Linear bf16)\n",
+            "| model | layer | tokens | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
+    for r in res["layer"]:
+        cells = [f"{r[n + '_ms']:.2f} ({r[n + '_speedup_vs_linear']:.2f}x)" if n + "_ms" in r else "error"
+                 for n in names]
+        out.append(f"| {r['model']} | {r['layer']} | {r['tokens']} | " + " | ".join(cells) + " |")
+    out += ["\n## Memory saved for backward / step peak above the pre-step allocation (MiB)\n",
+            "| model | layer | tokens | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
+    for r in res["layer"]:
+        cells = [f"{r[n + '_saved_mib']:.0f} / {r[n + '_peak_mib']:.0f}" if n + "_saved_mib" in r else "error"
+                 for n in names]
+        out.append(f"| {r['model']} | {r['layer']} | {r['tokens']} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
+    p.add_argument("--tokens", type=int, nargs="+", default=[8192, 16384])
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--sweep", action="store_true", help="also sweep the fused kernel's launch configs")
+    p.add_argument("--only", nargs="+", default=["fused", "gemm", "layer"])
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bitnet_dist.bench needs a CUDA device (none found); run it on the GPU machine.", file=sys.stderr)
+        return 2
+    import triton
+
+    torch.manual_seed(0)
+    res = {"device": torch.cuda.get_device_name(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+           "torch": torch.__version__, "triton": triton.__version__, "reps": args.reps, "warmup": args.warmup,
+           "hadamard_block": HB, "tokens": args.tokens}
+    res["copy"] = bench_copy(args)
+    print(f"copy {res['copy']['tb_s']:.2f} TB/s", flush=True)
+    res["fused"] = bench_fused(args, res["copy"]["tb_s"]) if "fused" in args.only else []
+    for r in res["fused"]:
+        print("fused", json.dumps(r), flush=True)
+    res["gemm"] = bench_gemm(args) if "gemm" in args.only else []
+    for r in res["gemm"]:
+        print("gemm", json.dumps(r), flush=True)
+    res["layer"] = bench_layer(args) if "layer" in args.only else []
+    for r in res["layer"]:
+        print("layer", json.dumps(r), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "kernels.json").write_text(json.dumps(res, indent=1))
+    (args.out / "kernels.md").write_text(to_markdown(res))
+    print(f"wrote {args.out / 'kernels.json'} and {args.out / 'kernels.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Forward GEMMs of BitLinear: ternary weight codes times quantized activation codes.
+
+A8: ``int8_gemm`` (Triton): int8 [M, K] x int8 [N, K]^T -> int32 accumulators on the tensor cores
+    (wgmma on Hopper), and the dequantization y = acc * s_act[m] * s_w[n] in the epilogue, written once
+    in bf16 (or the activation dtype). Integer products are exact, so the only rounding is the output's.
+A4: ``fp8_gemm``: the INT4 codes {-8..7} and the ternary codes {-1,0,1} are exact in FP8 e4m3, so an FP8
+    GEMM with fp32 accumulation is an exact W1.58A4 product. It goes through ``torch._scaled_mm`` (cuBLASLt)
+    with row-wise scales (s_act per row of A, s_w per column of B) and ``use_fast_accum=False``: Hopper's
+    fast-accumulation mode keeps fewer accumulator bits; the precise mode keeps fp32 accumulation.
+    Where ``_scaled_mm`` is missing (CPU, pre-Hopper), the caller uses ``int8_gemm`` (same integers).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import interpreting
+
+
+def _configs():
+    if interpreting():
+        return [triton.Config({"BM": 32, "BN": 32, "BK": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
+    cfg = []
+    # Hopper: 128x256 / 256x128 tiles with 128-deep int8 K slices keep the wgmma pipeline full.
+    for bm, bn, bk, st, w in [(128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 128, 128, 4, 8),
+                              (128, 256, 64, 4, 8), (128, 128, 64, 5, 4), (64, 128, 128, 4, 4)]:
+        cfg.append(triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=w, num_stages=st))
+    return cfg
+
+
+@triton.autotune(configs=_configs(), key=["M", "N", "K"])
+@triton.jit
+def _int8_gemm_kernel(A, B, C, SA, SB, M, N, K, stride_am, stride_bn, stride_cm,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    # Grouped order: GROUP_M row tiles share each B column tile while it is in L2.
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    gm = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % gm
+    pid_n = (pid % group) // gm
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    a_ptr = A + rm[:, None] * stride_am + rk[None, :]
+    b_ptr = B + rn[None, :] * stride_bn + rk[:, None]
+    acc = tl.zeros([BM, BN], dtype=tl.int32)
+    for k in range(0, tl.cdiv(K, BK)):
+        kk = k * BK + rk
+        a = tl.load(a_ptr, mask=(rm[:, None] < M) & (kk[None, :] < K), other=0)
+        b = tl.load(b_ptr, mask=(rn[None, :] < N) & (kk[:, None] < K), other=0)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        a_ptr += BK
+        b_ptr += BK
+    sa = tl.load(SA + rm, mask=rm < M, other=0.0)
+    sb = tl.load(SB + rn, mask=rn < N, other=0.0)
+    y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
+    m = (rm[:, None] < M) & (rn[None, :] < N)
+    tl.store(C + rm[:, None] * stride_cm + rn[None, :], y.to(C.dtype.element_ty), mask=m)
+
+
+def int8_gemm(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor,
+              out_dtype=torch.bfloat16) -> torch.Tensor:
+    """a int8 [M, K], b int8 [N, K] (both K-contiguous), sa fp32 [M], sb fp32 [N] ->
+    (a @ b.T) * sa[:, None] * sb[None, :] as ``out_dtype`` [M, N]."""
+    M, K = a.shape
+    N = b.shape[0]
+    assert a.dtype == torch.int8 and b.dtype == torch.int8 and b.shape[1] == K
+    assert a.stride(1) == 1 and b.stride(1) == 1
+    c = torch.empty((M, N), device=a.device, dtype=out_dtype)
+    if M == 0 or N == 0:
+        return c
+    if K == 0:
+        return c.zero_()
+    grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)  # noqa: E731
+    _int8_gemm_kernel[grid](a, b, c, sa, sb, M, N, K, a.stride(0), b.stride(0), c.stride(0))
+    return c
+
+
+def fp8_available(device: torch.device) -> bool:
+    """FP8 tensor cores (sm_89+) and torch._scaled_mm with row-wise scales."""
+    if device.type != "cuda" or not hasattr(torch, "_scaled_mm") or interpreting():
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def fp8_gemm(a8: torch.Tensor, b8: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor,
+             out_dtype=torch.bfloat16) -> torch.Tensor:
+    """a8 float8_e4m3fn [M, K] row-major, b8 float8_e4m3fn [N, K] row-major (used as the column-major
+    B = b8.T), sa fp32 [M], sb fp32 [N] -> (a8 @ b8.T) * sa * sb with fp32 accumulation."""
+    return torch._scaled_mm(a8, b8.t(), scale_a=sa.reshape(-1, 1).float(), scale_b=sb.reshape(1, -1).float(),
+                            out_dtype=out_dtype, use_fast_accum=False)
+
+
+def scaled_gemm_reference(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor,
+                          out_dtype=torch.bfloat16) -> torch.Tensor:
+    """Exact torch twin: integer product in fp64 (exact for these sizes), scaled, rounded once."""
+    acc = a.double() @ b.double().t()
+    return (acc.float() * sa.float()[:, None] * sb.float()[None, :]).to(out_dtype)
+
+
+# ------------------------------------------------------------------- FP8 operands for the backward GEMMs
+@triton.jit
+def _rowwise_fp8_kernel(X, COLSCALE, Q, S, T, N, stride_x, BM: tl.constexpr, BN: tl.constexpr,
+                        NUM_CHUNKS: tl.constexpr):
+    """Q[t, :] = e4m3(X[t, :] * colscale / S[t]) with S[t] = max_n |X[t, n] * colscale[n]| / 448."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    rmask = rows < T
+    amax = tl.zeros([BM], tl.float32)
+    for c in range(NUM_CHUNKS):
+        cols = c * BN + tl.arange(0, BN)
+        m = rmask[:, None] & (cols < N)[None, :]
+        v = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        v = v * tl.load(COLSCALE + cols, mask=cols < N, other=0.0)[None, :]
+        amax = tl.maximum(amax, tl.max(tl.abs(v), axis=1))
+    s = tl.maximum(amax, 1e-30) / 448.0
+    for c in range(NUM_CHUNKS):
+        cols = c * BN + tl.arange(0, BN)
+        m = rmask[:, None] & (cols < N)[None, :]
+        v = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        v = v * tl.load(COLSCALE + cols, mask=cols < N, other=0.0)[None, :]
+        tl.store(Q + rows[:, None] * N + cols[None, :], (v / s[:, None]).to(tl.float8e4nv), mask=m)
+    tl.store(S + rows, s, mask=rmask)
+
+
+@triton.jit
+def _colmax_kernel(X, ROWSCALE, AMAX, T, N, stride_x, BT: tl.constexpr, BN: tl.constexpr):
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    m = (rows < T)[:, None] & (cols < N)[None, :]
+    v = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    v = v * tl.load(ROWSCALE + rows, mask=rows < T, other=0.0)[:, None]
+    tl.atomic_max(AMAX + cols, tl.max(tl.abs(v), axis=0), mask=cols < N)
+
+
+@triton.jit
+def _colwise_fp8_t_kernel(X, ROWSCALE, AMAX, Q, T, N, stride_x, BT: tl.constexpr, BN: tl.constexpr):
+    """Q[n, t] = e4m3(X[t, n] * rowscale[t] / S[n]), S[n] = AMAX[n] / 448 (transposed output)."""
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    m = (rows < T)[:, None] & (cols < N)[None, :]
+    v = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    v = v * tl.load(ROWSCALE + rows, mask=rows < T, other=0.0)[:, None]
+    s = tl.maximum(tl.load(AMAX + cols, mask=cols < N, other=1.0), 1e-30) / 448.0
+    q = (v / s[None, :]).to(tl.float8e4nv)
+    tl.store(Q + cols[None, :] * T + rows[:, None], q, mask=m)
+
+
+@triton.jit
+def _fp8_t_kernel(X, Q, T, K, BT: tl.constexpr, BK: tl.constexpr):
+    """Q[k, t] = e4m3(X[t, k]) (codes, int8 or FP8, transposed)."""
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    cols = tl.program_id(1) * BK + tl.arange(0, BK)
+    m = (rows < T)[:, None] & (cols < K)[None, :]
+    v = tl.load(X + rows[:, None] * K + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    tl.store(Q + cols[None, :] * T + rows[:, None], v.to(tl.float8e4nv), mask=m)
+
+
+def rowwise_fp8(x: torch.Tensor, col_scale: torch.Tensor):
+    """x [T, N] (any float, last dim contiguous) * col_scale [N] -> (e4m3 [T, N], fp32 row scale [T])."""
+    T, N = x.shape
+    q = torch.empty((T, N), device=x.device, dtype=torch.float8_e4m3fn)
+    s = torch.empty(T, device=x.device, dtype=torch.float32)
+    BN = min(2048, triton.next_power_of_2(N))
+    BM = max(1, 4096 // BN)
+    _rowwise_fp8_kernel[(triton.cdiv(T, BM),)](x, col_scale, q, s, T, N, x.stride(0), BM=BM, BN=BN,
+                                              NUM_CHUNKS=triton.cdiv(N, BN), num_warps=8)
+    return q, s
+
+
+def colwise_fp8_t(x: torch.Tensor, row_scale: torch.Tensor):
+    """x [T, N] * row_scale [T] -> (e4m3 [N, T] = transposed, scaled per column of x; fp32 scale [N])."""
+    T, N = x.shape
+    amax = torch.zeros(N, device=x.device, dtype=torch.float32)
+    BT, BN = 64, 64
+    grid = (triton.cdiv(T, BT), triton.cdiv(N, BN))
+    _colmax_kernel[grid](x, row_scale, amax, T, N, x.stride(0), BT=BT, BN=BN)
+    q = torch.empty((N, T), device=x.device, dtype=torch.float8_e4m3fn)
+    _colwise_fp8_t_kernel[grid](x, row_scale, amax, q, T, N, x.stride(0), BT=BT, BN=BN)
+    return q, amax.clamp_min(1e-30) / 448.0
+
+
+def fp8_transpose(codes: torch.Tensor) -> torch.Tensor:
+    """codes [T, K] (int8 or e4m3, contiguous) -> e4m3 [K, T] contiguous."""
+    codes = codes.contiguous()
+    T, K = codes.shape
+    q = torch.empty((K, T), device=codes.device, dtype=torch.float8_e4m3fn)
+    BT, BK = 64, 64
+    _fp8_t_kernel[(triton.cdiv(T, BT), triton.cdiv(K, BK))](codes, q, T, K, BT=BT, BK=BK)
+    return q

@@ -1,0 +1,158 @@
+"""H-BitLinear / BitLinear as one autograd Function over the fused kernels.
+
+    y = act_quant(fwht(rmsnorm(x))) @ weight_quant(W).T            (STE through both quantizers)
+
+Forward: one fused pass (norm, Hadamard, per-token codes), then the integer GEMM (A8: Triton int8 with the
+dequantization in the epilogue; A4: FP8 e4m3 through cuBLASLt, exact). Saved for backward: x (the layer
+input, which its producer usually keeps anyway), the int8/FP8 activation codes (1 byte/feature) and two
+fp32 scalars per token; no bf16 copy of the normalized or quantized activation.
+
+Backward, bf16 by default (the reference's precision):
+    grad_u = dy @ (codes_w * alpha)                      [T, K]  cuBLAS bf16
+    grad_W = dy.T @ (codes_a * s_a)                      [N, K]  cuBLAS bf16
+    grad_x, grad_g = RMSNorm-backward(fwht(grad_u))      one fused kernel (+ TP all-reduce of a dot)
+``fp8_backward=True``: both GEMMs in FP8 e4m3 with fp32 accumulation. dy is scaled per row (per token for
+grad_u, per output channel for grad_W) with the weight / activation scales folded in first; the ternary
+codes are exact in e4m3, INT4 codes too, INT8 codes are rounded to e4m3's 4 significant bits.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .gemm import colwise_fp8_t, fp8_available, fp8_gemm, fp8_transpose, int8_gemm, rowwise_fp8
+from .norm_hadamard_quant import norm_hadamard_backward, norm_hadamard_quant
+from .ternary import cached_ternary, dequantize_rows
+
+def _fp8_ok(*dims: int) -> bool:
+    return all(d % 16 == 0 and d > 0 for d in dims)
+
+
+class HBitLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, norm_weight, act_bits, hadamard_block, eps, segments, tp_group, full_dim,
+                fp8_backward):
+        D = x.shape[-1]
+        x2 = x.reshape(-1, D)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        N = weight.shape[0]
+        use_fp8 = act_bits == 4 and fp8_available(x.device) and _fp8_ok(D, N)
+        tw = cached_ternary(weight, segments, tp_group, fp8=use_fp8)
+        codes, s_a, rstd = norm_hadamard_quant(x2, norm_weight, act_bits=act_bits, hadamard_block=hadamard_block,
+                                               eps=eps, full_dim=full_dim, tp_group=tp_group, fp8_codes=use_fp8)
+        out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
+        if use_fp8:
+            y = fp8_gemm(codes, tw.fp8, s_a, tw.scale, out_dtype=torch.bfloat16).to(out_dtype)
+        else:
+            y = int8_gemm(codes, tw.codes, s_a, tw.scale, out_dtype=out_dtype)
+        ctx.save_for_backward(x2, norm_weight, codes, s_a, rstd)
+        ctx.tw = tw
+        ctx.cfg = (act_bits, hadamard_block, tp_group, full_dim, fp8_backward, x.shape, weight.dtype)
+        return y.view(*x.shape[:-1], N)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, norm_weight, codes, s_a, rstd = ctx.saved_tensors
+        act_bits, hb, tp_group, full_dim, fp8_backward, x_shape, w_dtype = ctx.cfg
+        tw = ctx.tw
+        N, K = tw.codes.shape
+        dy2 = dy.reshape(-1, N)
+        T = dy2.shape[0]
+        gdt = dy.dtype if dy.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
+        need_x = ctx.needs_input_grad[0] or ctx.needs_input_grad[2]
+        fp8 = fp8_backward and fp8_available(dy.device) and _fp8_ok(T, N, K)
+        grad_u = grad_w = grad_x = grad_g = None
+        if fp8:
+            ones = torch.ones(K, device=dy.device, dtype=torch.float32)
+            if need_x:
+                # grad_u = (dy * alpha) @ codes_w: alpha varies along the contraction, so it goes into dy.
+                d8, sd = rowwise_fp8(dy2, tw.scale)
+                grad_u = fp8_gemm(d8, tw.fp8_t(), sd, ones, out_dtype=torch.bfloat16)
+            if ctx.needs_input_grad[1]:
+                # grad_W = (dy * s_a)^T @ codes_a: s_a varies along the contraction (tokens).
+                e8, se = colwise_fp8_t(dy2, s_a)
+                grad_w = fp8_gemm(e8, fp8_transpose(codes), se, ones, out_dtype=torch.bfloat16)
+        else:
+            if need_x:
+                grad_u = dy2.to(gdt) @ tw.dequantized(gdt)
+            if ctx.needs_input_grad[1]:
+                xq = dequantize_rows(codes, s_a, gdt)
+                grad_w = dy2.to(gdt).t() @ xq
+        if need_x:
+            grad_x, grad_g = norm_hadamard_backward(grad_u, x2, norm_weight, rstd, hadamard_block=hb,
+                                                    full_dim=full_dim, tp_group=tp_group)
+            grad_x = grad_x.view(x_shape)
+            if grad_g is not None:
+                grad_g = grad_g.to(norm_weight.dtype)
+        if grad_w is not None:
+            grad_w = grad_w.to(w_dtype)
+        return grad_x, grad_w, grad_g, None, None, None, None, None, None, None
+
+
+def hbit_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: Optional[torch.Tensor], *, act_bits: int,
+                hadamard_block: int, eps: float, weight_segments: Optional[torch.Tensor] = None, tp_group=None,
+                full_dim: Optional[int] = None, fp8_backward: bool = False) -> torch.Tensor:
+    """x [..., in_local], weight [out_local, in_local], norm_weight [in_local] or None (no RMSNorm) ->
+    y [..., out_local] in x's dtype; differentiable w.r.t. x, weight and norm_weight (STE).
+
+    ``hadamard_block``: 0 = no Hadamard (BitLinear), else a power of two <= 256 dividing in_local.
+    ``tp_group``: the weight's abs-sum and count are all-reduced over it (weight sharded over TP).
+    ``full_dim``: the global feature count when x holds a TP shard of the features (row-parallel); the
+    activation statistics (sum of squares, max |u| or sum |u|) and the RMSNorm backward's per-token dot are
+    then all-reduced over ``tp_group``. None (or == in_local): activation statistics stay local.
+    The partial output of a row-parallel layer is returned un-reduced (the layer all-reduces it).
+    """
+    if act_bits not in (4, 8):
+        raise ValueError(f"act_bits={act_bits}: use 4 or 8")
+    return HBitLinearFunction.apply(x, weight, norm_weight, act_bits, hadamard_block, eps, weight_segments,
+                                    tp_group, full_dim, fp8_backward)
+
+
+# ------------------------------------------------------------------------------- torch reference twin
+def hbit_linear_reference(x, weight, norm_weight, *, act_bits: int, hadamard_block: int, eps: float,
+                          weight_segments=None):
+    """Single-device torch twin with STE autograd, the same rounding points as the layers' reference path."""
+    from .norm_hadamard_quant import SCALE_EPS, SQRT7
+    from .ternary import quantize_weight_reference
+
+    xf = x.float()
+    if norm_weight is not None:
+        n = (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) / x.shape[-1] + eps)).to(x.dtype)
+        n = n * norm_weight.to(x.dtype)
+    else:
+        n = x
+    if hadamard_block > 1:
+        u = _STEHadamard.apply(n, hadamard_block)
+    else:
+        u = n
+    with torch.no_grad():
+        a = u.float().abs()
+        if act_bits == 8:
+            s = a.amax(-1, keepdim=True).clamp_min(SCALE_EPS) / 127.0
+            lo, hi = -128, 127
+        else:
+            s = (a.sum(-1, keepdim=True) / u.shape[-1]).clamp_min(SCALE_EPS) / SQRT7
+            lo, hi = -8, 7
+        uq = (torch.round(u.float() / s).clamp_(lo, hi) * s).to(u.dtype)
+        codes_w, alpha = quantize_weight_reference(weight, weight_segments)
+        wq = (codes_w.float() * alpha[:, None]).to(weight.dtype)
+    uq = u + (uq - u).detach()
+    wq = weight + (wq - weight).detach()
+    return torch.nn.functional.linear(uq, wq.to(uq.dtype))
+
+
+class _STEHadamard(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, n, block):
+        from .norm_hadamard_quant import fwht_reference
+
+        ctx.block = block
+        return fwht_reference(n.float(), block).to(n.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        from .norm_hadamard_quant import fwht_reference
+
+        return fwht_reference(g.float(), ctx.block).to(g.dtype), None

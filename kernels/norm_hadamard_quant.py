@@ -1,0 +1,428 @@
+"""Fused RMSNorm -> block Hadamard -> per-token quantization (forward) and its backward.
+
+Forward, per token t with local features x[t, :D] (D = in_local, N = full_dim over the TP group):
+
+    rstd = rsqrt(sum_N x^2 / N + eps)                       (partial sum of squares all-reduced over TP)
+    n    = round_x((x * rstd) rounded to x.dtype * g)       (the torch reference rounds to x.dtype too)
+    u    = round_x(fwht(n, hadamard_block))                 (normalized block Walsh-Hadamard, fp32 inside)
+    INT8: scale = max(max_N |u|, 1e-5) / 127               codes = RoundClip(u / scale, -128, 127)
+    INT4: scale = max(sum_N |u| / N, 1e-5) / sqrt(7)       codes = RoundClip(u / scale, -8, 7)
+
+``round_x`` rounds to the activation dtype (bf16 in training), exactly where ``bitnet_dist.norm.rms_norm``,
+``bitnet_dist.hadamard.fwht`` and ``bitnet_dist.quant.act_codes`` round, so the kernel's integer codes
+equal the reference's except where u / scale lies within float rounding of a .5 tie.
+
+One program owns BM tokens. Without TP and with the row in one chunk (D <= CHUNK) the whole chain runs
+in registers: one read of x, one write of codes (1 B/feature) and two fp32 scalars per token. Longer rows
+loop over chunks three times (squares, statistic, codes) while the row block stays in L2. Under TP the
+three phases are separate launches with the partial statistics (sum of squares; max |u| or sum |u|)
+all-reduced in between: ``tp_stats=True`` hands them to the caller.
+
+Backward (STE through the quantizer): gn = fwht(grad_u) (H is symmetric and orthonormal, its own
+inverse), then the RMSNorm backward with xh = x * rstd:
+
+    grad_g = sum_tokens gn * xh
+    grad_x = rstd * (g * gn - xh * (sum_N g * gn * xh) / N)       (per-token dot all-reduced over TP)
+
+Only x (the layer input, usually kept alive by the producer anyway), rstd and the codes/scales are needed.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import triton
+import triton.language as tl
+
+from ._common import block_fwht, default_prec, next_pow2, num_sms, rint, round_to
+
+SCALE_EPS = 1e-5
+SQRT7 = math.sqrt(7.0)
+_QRANGE = {8: (-128, 127), 4: (-8, 7)}
+
+
+def _group_size(group) -> int:
+    if group is None or not dist.is_available() or not dist.is_initialized():
+        return 1
+    return dist.get_world_size(group)
+
+
+# ----------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _load_x(X, rows, rmask, col0, D, stride_x, C: tl.constexpr):
+    """x [BM, C] in its own dtype; masked entries are 0 (so are their whole Hadamard blocks)."""
+    cols = col0 + tl.arange(0, C)
+    m = rmask[:, None] & (cols < D)[None, :]
+    return tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0)
+
+
+@triton.jit
+def _u_of(x, G, col0, D, rstd, inv_sqrt_hb, HAS_NORM: tl.constexpr, HB: tl.constexpr, BM: tl.constexpr,
+          C: tl.constexpr, PREC: tl.constexpr, ROUND: tl.constexpr, X_BF16: tl.constexpr):
+    """u = round_x(fwht(round_x(round_x(x * rstd) * g))) as fp32 [BM, C]."""
+    xdt = x.dtype
+    xf = x.to(tl.float32)
+    if HAS_NORM:
+        cols = col0 + tl.arange(0, C)
+        g = tl.load(G + cols, mask=cols < D, other=0.0)
+        n = xf * rstd[:, None]
+        if ROUND:
+            n = round_to(n, xdt, X_BF16) * round_to(g.to(tl.float32), xdt, X_BF16)[None, :]
+            n = round_to(n, xdt, X_BF16)
+        else:
+            n = n * g.to(tl.float32)[None, :]
+    else:
+        n = xf
+    if HB > 1:
+        u = block_fwht(n, BM, C, HB, PREC, X_BF16) * inv_sqrt_hb
+        if ROUND:
+            u = round_to(u, xdt, X_BF16)
+    else:
+        u = n
+    return u
+
+
+@triton.jit
+def _load_u(X, G, rows, rmask, col0, D, stride_x, rstd, inv_sqrt_hb,
+            HAS_NORM: tl.constexpr, HB: tl.constexpr, BM: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
+            ROUND: tl.constexpr, X_BF16: tl.constexpr):
+    x = _load_x(X, rows, rmask, col0, D, stride_x, C)
+    return x, _u_of(x, G, col0, D, rstd, inv_sqrt_hb, HAS_NORM, HB, BM, C, PREC, ROUND, X_BF16)
+
+
+@triton.jit
+def _rstd_of(ss, full_dim_f, eps, HAS_NORM: tl.constexpr):
+    if HAS_NORM:
+        r = tl.math.div_rn(1.0, tl.sqrt_rn(tl.math.div_rn(ss, full_dim_f) + eps))
+    else:
+        r = tl.full(ss.shape, 1.0, tl.float32)
+    return r
+
+
+@triton.jit
+def _stat_of(u, BITS: tl.constexpr):
+    if BITS == 8:
+        s = tl.max(tl.abs(u), axis=1)
+    else:
+        s = tl.sum(tl.abs(u), axis=1)
+    return s
+
+
+@triton.jit
+def _scale_of(stat, full_dim_f, BITS: tl.constexpr):
+    if BITS == 8:
+        s = tl.math.div_rn(tl.maximum(stat, 1e-5), 127.0)
+    else:
+        s = tl.math.div_rn(tl.maximum(tl.math.div_rn(stat, full_dim_f), 1e-5), 2.6457513110645907)
+    return s
+
+
+@triton.jit
+def _store_codes(Q, u, scale, rows, rmask, col0, D, stride_q, BITS: tl.constexpr, C: tl.constexpr,
+                 Q_FP8: tl.constexpr):
+    cols = col0 + tl.arange(0, C)
+    m = rmask[:, None] & (cols < D)[None, :]
+    if BITS == 8:
+        lo = -128.0
+        hi = 127.0
+    else:
+        lo = -8.0
+        hi = 7.0
+    q = tl.minimum(tl.maximum(rint(tl.math.div_rn(u, scale[:, None])), lo), hi)
+    if Q_FP8:
+        q = q.to(tl.float8e4nv)
+    else:
+        q = q.to(tl.int8)
+    tl.store(Q + rows[:, None] * stride_q + cols[None, :], q, mask=m)
+
+
+@triton.jit
+def _fwd_kernel(X, G, Q, SCALE, RSTD, SS, STAT, T, D, stride_x, stride_q, eps, full_dim_f, inv_sqrt_hb,
+                MODE: tl.constexpr, BITS: tl.constexpr, HB: tl.constexpr, HAS_NORM: tl.constexpr,
+                BM: tl.constexpr, C: tl.constexpr, NUM_CHUNKS: tl.constexpr, PREC: tl.constexpr,
+                ROUND: tl.constexpr, X_BF16: tl.constexpr, Q_FP8: tl.constexpr):
+    """MODE 0: whole chain. TP phases: 1 partial sum of squares -> SS; 2 partial statistic -> STAT
+    (SS reduced); 3 codes, scale, rstd (SS and STAT reduced)."""
+    pid = tl.program_id(0)
+    rows = pid * BM + tl.arange(0, BM)
+    rmask = rows < T
+    if MODE == 1:
+        ss = tl.zeros([BM], tl.float32)
+        for c in range(NUM_CHUNKS):
+            cols = c * C + tl.arange(0, C)
+            m = rmask[:, None] & (cols < D)[None, :]
+            x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            ss += tl.sum(x * x, axis=1)
+        tl.store(SS + rows, ss, mask=rmask)
+    elif MODE == 2:
+        if HAS_NORM:
+            rstd = _rstd_of(tl.load(SS + rows, mask=rmask, other=1.0), full_dim_f, eps, HAS_NORM)
+        else:
+            rstd = tl.full([BM], 1.0, tl.float32)
+        stat = tl.zeros([BM], tl.float32)
+        for c in range(NUM_CHUNKS):
+            x, u = _load_u(X, G, rows, rmask, c * C, D, stride_x, rstd, inv_sqrt_hb,
+                           HAS_NORM, HB, BM, C, PREC, ROUND, X_BF16)
+            if BITS == 8:
+                stat = tl.maximum(stat, _stat_of(u, BITS))
+            else:
+                stat += _stat_of(u, BITS)
+        tl.store(STAT + rows, stat, mask=rmask)
+    elif MODE == 3:
+        if HAS_NORM:
+            rstd = _rstd_of(tl.load(SS + rows, mask=rmask, other=1.0), full_dim_f, eps, HAS_NORM)
+        else:
+            rstd = tl.full([BM], 1.0, tl.float32)
+        scale = _scale_of(tl.load(STAT + rows, mask=rmask, other=1.0), full_dim_f, BITS)
+        for c in range(NUM_CHUNKS):
+            x, u = _load_u(X, G, rows, rmask, c * C, D, stride_x, rstd, inv_sqrt_hb,
+                           HAS_NORM, HB, BM, C, PREC, ROUND, X_BF16)
+            _store_codes(Q, u, scale, rows, rmask, c * C, D, stride_q, BITS, C, Q_FP8)
+        tl.store(SCALE + rows, scale, mask=rmask)
+        tl.store(RSTD + rows, rstd, mask=rmask)
+    else:
+        if NUM_CHUNKS == 1:
+            x = _load_x(X, rows, rmask, 0, D, stride_x, C)
+            xf = x.to(tl.float32)
+            rstd = _rstd_of(tl.sum(xf * xf, axis=1), full_dim_f, eps, HAS_NORM)
+            u = _u_of(x, G, 0, D, rstd, inv_sqrt_hb, HAS_NORM, HB, BM, C, PREC, ROUND, X_BF16)
+            scale = _scale_of(_stat_of(u, BITS), full_dim_f, BITS)
+            _store_codes(Q, u, scale, rows, rmask, 0, D, stride_q, BITS, C, Q_FP8)
+        else:
+            ss = tl.zeros([BM], tl.float32)
+            if HAS_NORM:
+                for c in range(NUM_CHUNKS):
+                    cols = c * C + tl.arange(0, C)
+                    m = rmask[:, None] & (cols < D)[None, :]
+                    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
+                    ss += tl.sum(x * x, axis=1)
+            rstd = _rstd_of(ss, full_dim_f, eps, HAS_NORM)
+            stat = tl.zeros([BM], tl.float32)
+            for c in range(NUM_CHUNKS):
+                x, u = _load_u(X, G, rows, rmask, c * C, D, stride_x, rstd, inv_sqrt_hb,
+                               HAS_NORM, HB, BM, C, PREC, ROUND, X_BF16)
+                if BITS == 8:
+                    stat = tl.maximum(stat, _stat_of(u, BITS))
+                else:
+                    stat += _stat_of(u, BITS)
+            scale = _scale_of(stat, full_dim_f, BITS)
+            for c in range(NUM_CHUNKS):
+                x, u = _load_u(X, G, rows, rmask, c * C, D, stride_x, rstd, inv_sqrt_hb,
+                               HAS_NORM, HB, BM, C, PREC, ROUND, X_BF16)
+                _store_codes(Q, u, scale, rows, rmask, c * C, D, stride_q, BITS, C, Q_FP8)
+        tl.store(SCALE + rows, scale, mask=rmask)
+        tl.store(RSTD + rows, rstd, mask=rmask)
+
+
+@triton.jit
+def _load_gn(GU, rows, rmask, cols, cmask, stride_gu, inv_sqrt_hb, HB: tl.constexpr, BM: tl.constexpr,
+             C: tl.constexpr, PREC: tl.constexpr, GU_BF16: tl.constexpr):
+    m = rmask[:, None] & cmask[None, :]
+    gu = tl.load(GU + rows[:, None] * stride_gu + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    if HB > 1:
+        gn = block_fwht(gu, BM, C, HB, PREC, GU_BF16) * inv_sqrt_hb
+    else:
+        gn = gu
+    return gn
+
+
+@triton.jit
+def _bwd_kernel(GU, X, G, RSTD, DOT, GX, GGP, T, D, stride_gu, stride_x, stride_gx, inv_full, inv_sqrt_hb,
+                MODE: tl.constexpr, HB: tl.constexpr, HAS_NORM: tl.constexpr, BM: tl.constexpr,
+                C: tl.constexpr, NUM_CHUNKS: tl.constexpr, PREC: tl.constexpr, GU_BF16: tl.constexpr):
+    """MODE 1: per-token partial dot sum(g * gn * xh) -> DOT (grid over row blocks).
+    MODE 0 (one chunk, dot in registers) / MODE 2 (DOT reduced): persistent over row blocks, writes GX
+    and the per-program partial norm-weight gradient GGP[pid, :]."""
+    pid = tl.program_id(0)
+    if MODE == 1:
+        rows = pid * BM + tl.arange(0, BM)
+        rmask = rows < T
+        rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
+        acc = tl.zeros([BM], tl.float32)
+        for c in range(NUM_CHUNKS):
+            cols = c * C + tl.arange(0, C)
+            cmask = cols < D
+            gn = _load_gn(GU, rows, rmask, cols, cmask, stride_gu, inv_sqrt_hb, HB, BM, C, PREC, GU_BF16)
+            m = rmask[:, None] & cmask[None, :]
+            x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            g = tl.load(G + cols, mask=cmask, other=0.0).to(tl.float32)
+            acc += tl.sum(gn * g[None, :] * (x * rstd[:, None]), axis=1)
+        tl.store(DOT + rows, acc, mask=rmask)
+    else:
+        nprog = tl.num_programs(0)
+        nblocks = tl.cdiv(T, BM)
+        for c in range(NUM_CHUNKS):
+            cols = c * C + tl.arange(0, C)
+            cmask = cols < D
+            gacc = tl.zeros([C], tl.float32)
+            if HAS_NORM:
+                g = tl.load(G + cols, mask=cmask, other=0.0).to(tl.float32)
+            for rb in range(pid, nblocks, nprog):
+                rows = rb * BM + tl.arange(0, BM)
+                rmask = rows < T
+                m = rmask[:, None] & cmask[None, :]
+                gn = _load_gn(GU, rows, rmask, cols, cmask, stride_gu, inv_sqrt_hb, HB, BM, C, PREC, GU_BF16)
+                if HAS_NORM:
+                    rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
+                    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
+                    xh = x * rstd[:, None]
+                    gacc += tl.sum(gn * xh, axis=0)
+                    a = gn * g[None, :]
+                    if MODE == 0:
+                        dot = tl.sum(a * xh, axis=1)
+                    else:
+                        dot = tl.load(DOT + rows, mask=rmask, other=0.0)
+                    gx = rstd[:, None] * (a - xh * (dot * inv_full)[:, None])
+                else:
+                    gx = gn
+                tl.store(GX + rows[:, None] * stride_gx + cols[None, :], gx.to(GX.dtype.element_ty), mask=m)
+            if HAS_NORM:
+                tl.store(GGP + pid * D + cols, gacc, mask=cmask)
+
+
+# ---------------------------------------------------------------------------------------- launchers
+def launch_config(D: int, hadamard_block: int, *, max_chunk: int = 16384, elems: int = 4096):
+    """(BM tokens, CHUNK features, num_warps) for a row length D; CHUNK is a power of two >= the block.
+
+    From the H100 sweep (docs/benchmarks/kernels.json, "fused" rows with variants): one chunk per row is
+    best up to 16384 features; about 4096 elements per program with 4 warps for short rows, one token
+    per program with 8 warps for long ones."""
+    C = max(16, min(next_pow2(D), max_chunk), hadamard_block)
+    bm = max(1, elems // C, 256 // C)
+    return bm, C, 4 if bm * C <= 4096 else 8
+
+
+def _valid(config, hb: int):
+    bm, C, warps = config
+    if C < max(hb, 16) or C & (C - 1) or bm & (bm - 1) or bm * C < 256:
+        raise ValueError(f"launch config (BM={bm}, CHUNK={C}): CHUNK must be a power of two >= max(16, "
+                         f"hadamard_block={hb}) and BM * CHUNK >= 256")
+    return bm, C, warps
+
+
+def _check(x2: torch.Tensor, hadamard_block: int, act_bits: int) -> None:
+    if act_bits not in _QRANGE:
+        raise ValueError(f"act_bits={act_bits}: use 4 or 8")
+    D = x2.shape[1]
+    hb = hadamard_block
+    if hb and (hb & (hb - 1) or D % hb or hb > 256):
+        raise ValueError(f"hadamard_block={hb}: the kernels need a power of two <= 256 dividing the local "
+                         f"feature count {D} (0 = no Hadamard)")
+
+
+def norm_hadamard_quant(x2: torch.Tensor, norm_weight: Optional[torch.Tensor], *, act_bits: int,
+                        hadamard_block: int, eps: float, full_dim: Optional[int] = None, tp_group=None,
+                        fp8_codes: bool = False, prec: Optional[int] = None, config=None):
+    """x2 [T, D] (bf16/fp16/fp32, row stride free, last dim contiguous) -> (codes [T, D] int8 or
+    float8_e4m3fn, scale [T] fp32, rstd [T] fp32); dequantized activation = codes * scale[:, None].
+
+    ``norm_weight`` [D] or None (no RMSNorm, rstd = 1). ``full_dim``: global feature count when x2 is the
+    local shard of features split over ``tp_group``; the sum of squares and the statistic are then
+    all-reduced (SUM; MAX for INT8). None or equal to D: nothing is reduced.
+    """
+    _check(x2, hadamard_block, act_bits)
+    assert x2.stride(1) == 1, "last dim must be contiguous"
+    T, D = x2.shape
+    full = full_dim or D
+    reduce_tp = _group_size(tp_group) > 1 and full != D
+    hb = hadamard_block if hadamard_block and hadamard_block > 1 else 1
+    dev = x2.device
+    q = torch.empty((T, D), device=dev, dtype=torch.float8_e4m3fn if fp8_codes else torch.int8)
+    scale = torch.empty(T, device=dev, dtype=torch.float32)
+    rstd = torch.empty(T, device=dev, dtype=torch.float32)
+    if T == 0:
+        return q, scale, rstd
+    bm, C, warps = _valid(config or launch_config(D, hb), hb)
+    n_chunks = triton.cdiv(D, C)
+    has_norm = norm_weight is not None
+    g = norm_weight if has_norm else x2
+    prec = default_prec() if prec is None else prec
+    grid = (triton.cdiv(T, bm),)
+    common = dict(BITS=act_bits, HB=hb, HAS_NORM=has_norm, BM=bm, C=C, NUM_CHUNKS=n_chunks, PREC=prec,
+                  ROUND=x2.dtype != torch.float32, X_BF16=x2.dtype == torch.bfloat16, Q_FP8=fp8_codes,
+                  num_warps=warps)
+    args = lambda ss, st: (x2, g, q, scale, rstd, ss, st, T, D, x2.stride(0), q.stride(0), float(eps),  # noqa: E731
+                           float(full), 1.0 / math.sqrt(hb))
+    if not reduce_tp:
+        _fwd_kernel[grid](*args(scale, scale), MODE=0, **common)
+        return q, scale, rstd
+    ss = torch.ones(T, device=dev, dtype=torch.float32)
+    if has_norm:
+        _fwd_kernel[grid](*args(ss, ss), MODE=1, **common)
+        dist.all_reduce(ss, op=dist.ReduceOp.SUM, group=tp_group)
+    stat = torch.empty(T, device=dev, dtype=torch.float32)
+    _fwd_kernel[grid](*args(ss, stat), MODE=2, **common)
+    dist.all_reduce(stat, op=dist.ReduceOp.MAX if act_bits == 8 else dist.ReduceOp.SUM, group=tp_group)
+    _fwd_kernel[grid](*args(ss, stat), MODE=3, **common)
+    return q, scale, rstd
+
+
+def norm_hadamard_backward(grad_u: torch.Tensor, x2: torch.Tensor, norm_weight: Optional[torch.Tensor],
+                           rstd: torch.Tensor, *, hadamard_block: int, full_dim: Optional[int] = None,
+                           tp_group=None, prec: Optional[int] = None, config=None):
+    """grad_u [T, D] (gradient w.r.t. the Hadamard output u) -> (grad_x [T, D] in x2's dtype,
+    grad_norm_weight [D] fp32 or None). Same TP convention as ``norm_hadamard_quant``."""
+    T, D = x2.shape
+    full = full_dim or D
+    reduce_tp = _group_size(tp_group) > 1 and full != D
+    hb = hadamard_block if hadamard_block and hadamard_block > 1 else 1
+    has_norm = norm_weight is not None
+    grad_u = grad_u if grad_u.stride(1) == 1 else grad_u.contiguous()
+    gx = torch.empty((T, D), device=x2.device, dtype=x2.dtype)
+    if T == 0:
+        return gx, (torch.zeros(D, device=x2.device) if has_norm else None)
+    bm, C, warps = _valid(config or launch_config(D, hb, max_chunk=4096, elems=2048), hb)
+    n_chunks = triton.cdiv(D, C)
+    prec = default_prec() if prec is None else prec
+    nblocks = triton.cdiv(T, bm)
+    nprog = max(1, min(nblocks, 4 * num_sms(x2.device)))
+    ggp = torch.empty((nprog, D), device=x2.device, dtype=torch.float32) if has_norm else gx
+    dot = torch.empty(T, device=x2.device, dtype=torch.float32)
+    g = norm_weight if has_norm else x2
+    common = dict(HB=hb, HAS_NORM=has_norm, BM=bm, C=C, NUM_CHUNKS=n_chunks, PREC=prec,
+                  GU_BF16=grad_u.dtype == torch.bfloat16, num_warps=warps)
+    args = (grad_u, x2, g, rstd, dot, gx, ggp, T, D, grad_u.stride(0), x2.stride(0), gx.stride(0), 1.0 / full,
+            1.0 / math.sqrt(hb))
+    if has_norm and (reduce_tp or n_chunks > 1):
+        _bwd_kernel[(nblocks,)](*args, MODE=1, **common)
+        if reduce_tp:
+            dist.all_reduce(dot, op=dist.ReduceOp.SUM, group=tp_group)
+        _bwd_kernel[(nprog,)](*args, MODE=2, **common)
+    else:
+        _bwd_kernel[(nprog,)](*args, MODE=0, **common)
+    return gx, (ggp.sum(0) if has_norm else None)
+
+
+# ------------------------------------------------------------------------------- torch reference twin
+def fwht_reference(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Normalized block Walsh-Hadamard as a dense fp64 product (independent of the butterfly)."""
+    if block <= 1:
+        return x
+    h = torch.ones(1, 1, dtype=torch.float64, device=x.device)
+    while h.shape[0] < block:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    y = x.double().reshape(*x.shape[:-1], x.shape[-1] // block, block) @ (h / math.sqrt(block))
+    return y.reshape(x.shape)
+
+
+def norm_hadamard_quant_reference(x2: torch.Tensor, norm_weight: Optional[torch.Tensor], *, act_bits: int,
+                                  hadamard_block: int, eps: float):
+    """Torch twin of ``norm_hadamard_quant`` (single device): (codes int8, scale [T], rstd [T], u fp32)
+    with the same rounding points (x.dtype after the norm, the weight product and the transform)."""
+    xf = x2.float()
+    if norm_weight is not None:
+        rstd = torch.rsqrt(xf.pow(2).sum(-1) / x2.shape[-1] + eps)
+        n = (xf * rstd[:, None]).to(x2.dtype) * norm_weight.to(x2.dtype)
+    else:
+        rstd = torch.ones(x2.shape[0], device=x2.device)
+        n = x2
+    u = fwht_reference(n.float(), hadamard_block).to(x2.dtype).float() if hadamard_block > 1 else n.float()
+    if act_bits == 8:
+        scale = u.abs().amax(-1).clamp_min(SCALE_EPS) / 127.0
+    else:
+        scale = (u.abs().sum(-1) / x2.shape[-1]).clamp_min(SCALE_EPS) / SQRT7
+    lo, hi = _QRANGE[act_bits]
+    codes = torch.round(u / scale[:, None]).clamp_(lo, hi).to(torch.int8)
+    return codes, scale, rstd, u

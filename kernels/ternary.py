@@ -1,0 +1,245 @@
+"""Ternary weight quantization (absmean, one scale per segment), its per-step cache, and 2-bit packing.
+
+    alpha_s = max(mean_{rows in segment s, all columns} |W|, 1e-5)      (sums and counts all-reduced over TP)
+    codes   = RoundClip(W / alpha_row, -1, 1)                          int8, and the same values in FP8 e4m3
+
+``quantize_weight`` runs two kernels (row abs-sums; codes) plus a tiny segment reduction in torch between
+them, so the caller's TP group can all-reduce the [2, segments] statistic. ``cached_ternary`` keys the
+result on the weight's storage and version counter: the optimizer's in-place update bumps the version,
+so micro-batches of one step reuse the codes and the next step recomputes them.
+
+2-bit format (storage, communication): code c in {-1, 0, 1} is stored as c + 1 in {0, 1, 2}; four
+consecutive codes of a row share a byte, the first in the lowest two bits. Rows are padded to a multiple
+of four columns with code 0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import triton
+import triton.language as tl
+
+from ._common import next_pow2, rint
+
+SCALE_EPS = 1e-5
+
+
+@triton.jit
+def _row_abssum_kernel(W, OUT, K, stride_w, BK: tl.constexpr):
+    row = tl.program_id(0)
+    acc = tl.zeros([BK], tl.float32)
+    for k0 in range(0, K, BK):
+        cols = k0 + tl.arange(0, BK)
+        acc += tl.abs(tl.load(W + row * stride_w + cols, mask=cols < K, other=0.0).to(tl.float32))
+    tl.store(OUT + row, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _codes_kernel(W, SCALE, Q, Q8, K, stride_w, BK: tl.constexpr, WRITE_FP8: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BK + tl.arange(0, BK)
+    m = cols < K
+    w = tl.load(W + row * stride_w + cols, mask=m, other=0.0).to(tl.float32)
+    s = tl.load(SCALE + row)
+    c = tl.minimum(tl.maximum(rint(tl.math.div_rn(w, s)), -1.0), 1.0)
+    tl.store(Q + row * K + cols, c.to(tl.int8), mask=m)
+    if WRITE_FP8:
+        tl.store(Q8 + row * K + cols, c.to(tl.float8e4nv), mask=m)
+
+
+@triton.jit
+def _dequant_kernel(Q, SCALE, OUT, K, BK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BK + tl.arange(0, BK)
+    m = cols < K
+    c = tl.load(Q + row * K + cols, mask=m, other=0.0).to(tl.float32)
+    tl.store(OUT + row * K + cols, (c * tl.load(SCALE + row)).to(OUT.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _pack_kernel(Q, P, K, KP, BP: tl.constexpr):
+    row = tl.program_id(0)
+    j = tl.program_id(1) * BP + tl.arange(0, BP)
+    acc = tl.zeros([BP], tl.int32)
+    for i in tl.static_range(4):
+        k = 4 * j + i
+        c = tl.load(Q + row * K + k, mask=(k < K) & (j < KP), other=0).to(tl.int32)
+        acc = acc | ((c + 1) << (2 * i))
+    tl.store(P + row * KP + j, acc.to(tl.uint8), mask=j < KP)
+
+
+@triton.jit
+def _unpack_kernel(P, Q, K, KP, BP: tl.constexpr):
+    row = tl.program_id(0)
+    j = tl.program_id(1) * BP + tl.arange(0, BP)
+    b = tl.load(P + row * KP + j, mask=j < KP, other=0).to(tl.int32)
+    for i in tl.static_range(4):
+        k = 4 * j + i
+        c = ((b >> (2 * i)) & 3) - 1
+        tl.store(Q + row * K + k, c.to(tl.int8), mask=(k < K) & (j < KP))
+
+
+def _group_size(group) -> int:
+    if group is None or not dist.is_available() or not dist.is_initialized():
+        return 1
+    return dist.get_world_size(group)
+
+
+def weight_scales(w: torch.Tensor, segments: Optional[torch.Tensor] = None, num_segments: Optional[int] = None,
+                  group=None) -> torch.Tensor:
+    """Per-row fp32 absmean scale [rows] of w [rows, K]; ``segments`` [rows] ids (None = one segment);
+    the [2, segments] (abs-sum, count) statistic is all-reduced over ``group``."""
+    rows, K = w.shape
+    abssum = torch.empty(rows, device=w.device, dtype=torch.float32)
+    if rows:
+        _row_abssum_kernel[(rows,)](w, abssum, K, w.stride(0), BK=min(1024, max(16, next_pow2(K))))
+    if segments is None:
+        stat = torch.stack([abssum.sum(), torch.tensor(float(rows * K), device=w.device)]).unsqueeze(1)
+        seg = torch.zeros(rows, dtype=torch.long, device=w.device)
+    else:
+        n = num_segments if num_segments is not None else int(segments.max().item()) + 1
+        stat = torch.zeros(2, n, device=w.device, dtype=torch.float32)
+        stat[0].index_add_(0, segments, abssum)
+        stat[1].index_add_(0, segments, torch.full((rows,), float(K), device=w.device))
+        seg = segments
+    if _group_size(group) > 1:
+        dist.all_reduce(stat, op=dist.ReduceOp.SUM, group=group)
+    alpha = (stat[0] / stat[1].clamp_min(1.0)).clamp_min(SCALE_EPS)
+    return alpha[seg].contiguous()
+
+
+def ternary_codes(w: torch.Tensor, row_scale: torch.Tensor, *, fp8: bool = False):
+    """(int8 codes [rows, K], float8_e4m3fn codes or None); w's last dim contiguous."""
+    rows, K = w.shape
+    q = torch.empty((rows, K), device=w.device, dtype=torch.int8)
+    q8 = torch.empty((rows, K), device=w.device, dtype=torch.float8_e4m3fn) if fp8 else q
+    if rows and K:
+        BK = min(2048, max(16, next_pow2(K)))
+        _codes_kernel[(rows, triton.cdiv(K, BK))](w, row_scale, q, q8, K, w.stride(0), BK=BK, WRITE_FP8=fp8)
+    return q, (q8 if fp8 else None)
+
+
+def pack2bit(codes: torch.Tensor) -> torch.Tensor:
+    """int8 ternary codes [rows, K] -> uint8 [rows, ceil(K / 4)]."""
+    codes = codes.contiguous()
+    rows, K = codes.shape
+    KP = (K + 3) // 4
+    p = torch.empty((rows, KP), device=codes.device, dtype=torch.uint8)
+    if rows and KP:
+        BP = min(1024, max(16, next_pow2(KP)))
+        _pack_kernel[(rows, triton.cdiv(KP, BP))](codes, p, K, KP, BP=BP)
+    return p
+
+
+def unpack2bit(packed: torch.Tensor, K: int) -> torch.Tensor:
+    """uint8 [rows, ceil(K / 4)] -> int8 ternary codes [rows, K]."""
+    packed = packed.contiguous()
+    rows, KP = packed.shape
+    if KP != (K + 3) // 4:
+        raise ValueError(f"packed width {KP} does not hold K={K} columns (needs {(K + 3) // 4})")
+    q = torch.empty((rows, K), device=packed.device, dtype=torch.int8)
+    if rows and KP:
+        BP = min(1024, max(16, next_pow2(KP)))
+        _unpack_kernel[(rows, triton.cdiv(KP, BP))](packed, q, K, KP, BP=BP)
+    return q
+
+
+@dataclass
+class TernaryWeight:
+    """One optimizer step's quantized weight [N, K]: int8 codes, fp32 per-row scale, lazily derived
+    operands for the GEMMs (FP8 codes, their transpose, a dequantized copy for bf16 backward)."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    fp8: Optional[torch.Tensor] = None
+    extra: dict = field(default_factory=dict)
+
+    def fp8_t(self) -> torch.Tensor:
+        """FP8 codes transposed [K, N] contiguous (the column-major B operand of grad_x = dy @ W)."""
+        if "fp8_t" not in self.extra:
+            src = self.fp8 if self.fp8 is not None else self.codes.float().to(torch.float8_e4m3fn)
+            self.extra["fp8_t"] = src.t().contiguous()
+        return self.extra["fp8_t"]
+
+    def fp8_codes(self) -> torch.Tensor:
+        if self.fp8 is None:
+            self.fp8 = self.codes.float().to(torch.float8_e4m3fn)
+        return self.fp8
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """codes * scale [N, K] in ``dtype`` (the reference's fake-quantized weight). Made afresh on each
+        call (one pass, 3 B/weight) rather than cached: a cached bf16 copy would cost as much memory as
+        the weight itself for the whole step."""
+        return dequantize_rows(self.codes, self.scale, dtype)
+
+
+def dequantize_rows(codes: torch.Tensor, row_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """codes (int8 or FP8) [R, K] contiguous * row_scale [R] -> ``dtype`` [R, K], fp32 product, one rounding."""
+    codes = codes.contiguous()
+    rows, K = codes.shape
+    out = torch.empty((rows, K), device=codes.device, dtype=dtype)
+    if rows and K:
+        BK = min(2048, max(16, next_pow2(K)))
+        _dequant_kernel[(rows, triton.cdiv(K, BK))](codes, row_scale, out, K, BK=BK)
+    return out
+
+
+def quantize_weight(w: torch.Tensor, segments: Optional[torch.Tensor] = None, num_segments: Optional[int] = None,
+                    group=None, *, fp8: bool = False) -> TernaryWeight:
+    w = w.detach()
+    if w.stride(-1) != 1:
+        w = w.contiguous()
+    scale = weight_scales(w, segments, num_segments, group)
+    q, q8 = ternary_codes(w, scale, fp8=fp8)
+    return TernaryWeight(q, scale, q8)
+
+
+_CACHE_ATTR = "_bitnet_ternary_cache"
+
+
+def cached_ternary(weight: torch.Tensor, segments: Optional[torch.Tensor] = None, group=None,
+                   *, fp8: bool = False) -> TernaryWeight:
+    """``quantize_weight`` once per weight version (an optimizer step, a checkpoint load): the key is the
+    storage pointer, the version counter, shape, dtype, the segments and the group, so micro-batches reuse
+    the codes. The cache lives on the Parameter itself (freed with it)."""
+    seg_key = None if segments is None else (segments.data_ptr(), segments._version, segments.numel())
+    key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype, seg_key, id(group))
+    hit = getattr(weight, _CACHE_ATTR, None)
+    if hit is not None and hit[0] == key:
+        tw = hit[1]
+        if fp8:
+            tw.fp8_codes()
+        return tw
+    num_segments = None if segments is None else int(segments.max().item()) + 1
+    with torch.no_grad():
+        tw = quantize_weight(weight, segments, num_segments, group, fp8=fp8)
+    try:
+        setattr(weight, _CACHE_ATTR, (key, tw))
+    except (AttributeError, RuntimeError):  # a non-leaf view: no cache, still correct
+        pass
+    return tw
+
+
+# ------------------------------------------------------------------------------- torch reference twin
+def quantize_weight_reference(w: torch.Tensor, segments: Optional[torch.Tensor] = None):
+    """(int8 codes, fp32 per-row scale) in plain torch, single device."""
+    a = w.detach().float().abs()
+    if segments is None:
+        alpha = a.mean().clamp_min(SCALE_EPS).expand(w.shape[0])
+    else:
+        n = int(segments.max()) + 1
+        sums = torch.zeros(n).index_add_(0, segments.cpu(), a.sum(1).cpu())
+        cnt = torch.zeros(n).index_add_(0, segments.cpu(), torch.full((w.shape[0],), float(w.shape[1])))
+        alpha = (sums / cnt.clamp_min(1)).clamp_min(SCALE_EPS).to(w.device)[segments]
+    codes = torch.round(w.float() / alpha[:, None]).clamp_(-1, 1).to(torch.int8)
+    return codes, alpha
+
+
+def pack2bit_reference(codes: torch.Tensor) -> torch.Tensor:
+    rows, K = codes.shape
+    pad = (-K) % 4
+    v = torch.nn.functional.pad(codes.to(torch.int32) + 1, (0, pad), value=1).view(rows, -1, 4)
+    return (v[..., 0] | (v[..., 1] << 2) | (v[..., 2] << 4) | (v[..., 3] << 6)).to(torch.uint8)

@@ -1,0 +1,144 @@
+"""GPU tests of the Triton kernels: shape / dtype sweeps against the layers' torch path on the same device.
+
+Skipped without CUDA (the CPU interpreter tests are in test_kernels.py).
+"""
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (Triton kernels)")]
+
+if torch.cuda.is_available():
+    from bitnet_dist import hadamard, quant
+    from bitnet_dist.kernels import hbit_linear
+    from bitnet_dist.kernels.gemm import fp8_available, fp8_gemm, int8_gemm, scaled_gemm_reference
+    from bitnet_dist.kernels.norm_hadamard_quant import norm_hadamard_backward, norm_hadamard_quant
+    from bitnet_dist.kernels.ternary import pack2bit, pack2bit_reference, quantize_weight, unpack2bit
+    from bitnet_dist.norm import rms_norm
+
+DEV = "cuda"
+
+
+def _ref(x, g, bits, hb):
+    n = rms_norm(x, g, 1e-5) if g is not None else x
+    u = hadamard.fwht(n, hb) if hb > 1 else n
+    c, s = quant.act_codes(u, bits)
+    return c, s[:, 0], u.float()
+
+
+def _code_mismatch(q, rc):
+    d = (q.float() - rc.float()).abs()
+    return float((d > 0).float().mean()), float(d.max())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("T,D,hb", [(1000, 2048, 256), (257, 4096, 128), (64, 8192, 256), (33, 16384, 256),
+                                    (100, 5504, 64), (77, 768, 0), (300, 1024, 16)])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_fused_forward_sweep(dtype, T, D, hb, bits):
+    torch.manual_seed(0)
+    x = (torch.randn(T, D, device=DEV) * torch.rand(T, 1, device=DEV) * 3).to(dtype)
+    g = (1 + 0.2 * torch.randn(D, device=DEV)).to(dtype)
+    rc, rs, _ = _ref(x, g, bits, hb)
+    for prec in ((0, 1, 2) if dtype == torch.bfloat16 and bits == 8 else (None,)):
+        q, s, _ = norm_hadamard_quant(x, g, act_bits=bits, hadamard_block=hb, eps=1e-5, prec=prec)
+        torch.testing.assert_close(s, rs, rtol=1e-5, atol=0)
+        frac, mx = _code_mismatch(q, rc)
+        # GPU torch and the kernel differ only by float rounding order (rsqrt, sums): ties flip rarely.
+        assert mx <= 1 and frac < 1e-4, (prec, frac, mx)
+    if bits == 4:
+        q8, s8, _ = norm_hadamard_quant(x, g, act_bits=bits, hadamard_block=hb, eps=1e-5, fp8_codes=True)
+        assert q8.dtype == torch.float8_e4m3fn and torch.equal(q8.float(), q.float())
+
+
+@pytest.mark.parametrize("T,D,hb", [(1000, 2048, 256), (100, 16384, 256), (37, 5504, 64)])
+def test_fused_backward_sweep(T, D, hb):
+    torch.manual_seed(1)
+    x = torch.randn(T, D, device=DEV)
+    g = 1 + 0.1 * torch.randn(D, device=DEV)
+    gu = torch.randn(T, D, device=DEV)
+    _, _, rstd = norm_hadamard_quant(x, g, act_bits=8, hadamard_block=hb, eps=1e-5)
+    gx, gg = norm_hadamard_backward(gu.bfloat16(), x, g, rstd, hadamard_block=hb)
+    xr, gr = x.clone().requires_grad_(), g.clone().requires_grad_()
+    hadamard.fwht(rms_norm(xr, gr, 1e-5), hb).backward(gu.bfloat16().float())
+    torch.testing.assert_close(gx, xr.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gg, gr.grad, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("M,N,K", [(8192, 2048, 2048), (1000, 6144, 2048), (37, 45, 70), (4096, 4096, 16384)])
+def test_int8_gemm_exact(M, N, K):
+    a = torch.randint(-128, 128, (M, K), device=DEV, dtype=torch.int8)
+    b = torch.randint(-1, 2, (N, K), device=DEV, dtype=torch.int8)
+    sa, sb = torch.rand(M, device=DEV) + 0.1, torch.rand(N, device=DEV) + 0.1
+    for dt in (torch.bfloat16, torch.float32):
+        assert torch.equal(int8_gemm(a, b, sa, sb, out_dtype=dt), scaled_gemm_reference(a, b, sa, sb, out_dtype=dt))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="FP8 needs sm_89+")
+def test_fp8_gemm_exact_for_int4():
+    M, N, K = 4096, 2048, 8192
+    a = torch.randint(-8, 8, (M, K), device=DEV, dtype=torch.int8)
+    b = torch.randint(-1, 2, (N, K), device=DEV, dtype=torch.int8)
+    sa, sb = torch.rand(M, device=DEV) + 0.1, torch.rand(N, device=DEV) + 0.1
+    y8 = fp8_gemm(a.float().to(torch.float8_e4m3fn), b.float().to(torch.float8_e4m3fn), sa, sb,
+                  out_dtype=torch.bfloat16)
+    ref = scaled_gemm_reference(a, b, sa, sb, out_dtype=torch.float32)
+    torch.testing.assert_close(y8.float(), ref, rtol=8e-3, atol=1e-3)  # one bf16 rounding of the output
+
+
+def test_ternary_gpu():
+    w = torch.randn(4096, 1000, device=DEV, dtype=torch.bfloat16) * 0.02
+    seg = torch.arange(4096, device=DEV) // 1500
+    tw = quantize_weight(w, seg, fp8=True)
+    ref_s = quant.weight_absmean(w, seg)
+    torch.testing.assert_close(tw.scale, ref_s[:, 0], rtol=1e-5, atol=0)
+    rc = quant.ternary_codes(w, tw.scale[:, None])
+    assert torch.equal(tw.codes, rc) and torch.equal(tw.fp8.float(), rc.float())
+    p = pack2bit(tw.codes)
+    assert torch.equal(p, pack2bit_reference(tw.codes)) and torch.equal(unpack2bit(p, 1000), tw.codes)
+
+
+@pytest.mark.parametrize("bits,hb,fp8b", [(8, 256, False), (4, 256, False), (8, 0, False), (8, 256, True),
+                                          (4, 256, True)])
+def test_hbit_linear_gpu(bits, hb, fp8b):
+    torch.manual_seed(2)
+    T, K, N = 2048, 2048, 1024
+    x = torch.randn(2, T // 2, K, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    w = (0.02 * torch.randn(N, K, device=DEV)).bfloat16().requires_grad_()
+    g = (1 + 0.1 * torch.randn(K, device=DEV)).bfloat16().requires_grad_()
+    y = hbit_linear(x, w, g, act_bits=bits, hadamard_block=hb, eps=1e-5, fp8_backward=fp8b)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    xr, wr, gr = (t.detach().clone().requires_grad_() for t in (x, w, g))
+    n = rms_norm(xr, gr, 1e-5)
+    u = hadamard.fwht(n, hb) if hb else n
+    yr = torch.nn.functional.linear(quant.act_quant(u, bits), quant.weight_quant(wr))
+    yr.backward(dy)
+
+    def rel(a, b):
+        return float((a.float() - b.float()).norm() / b.float().norm())
+
+    assert rel(y, yr) < 1e-2
+    tol = 8e-2 if fp8b else 2e-2  # FP8 e4m3 gradients: 4 significant bits per element
+    for a, b in [(x.grad, xr.grad), (w.grad, wr.grad), (g.grad, gr.grad)]:
+        assert rel(a, b) < tol, rel(a, b)
+    if bits == 4 and fp8_available(x.device):
+        assert y.dtype == torch.bfloat16
+
+
+def test_fp8_backward_operands_gpu():
+    from bitnet_dist.kernels.gemm import colwise_fp8_t, fp8_transpose, rowwise_fp8
+
+    T, N = 4099, 2048
+    dy = torch.randn(T, N, device=DEV).bfloat16()
+    alpha, s_a = torch.rand(N, device=DEV) + 0.5, torch.rand(T, device=DEV) + 0.5
+    q, s = rowwise_fp8(dy, alpha)
+    v = dy.float() * alpha
+    torch.testing.assert_close(s, v.abs().amax(1) / 448.0)
+    assert float(((q.float() - (v / s[:, None]).to(torch.float8_e4m3fn).float()) != 0).float().mean()) < 1e-3
+    qt, st = colwise_fp8_t(dy, s_a)
+    v = dy.float() * s_a[:, None]
+    torch.testing.assert_close(st, v.abs().amax(0) / 448.0)
+    assert float(((qt.float() - (v / st).t().to(torch.float8_e4m3fn).float()) != 0).float().mean()) < 1e-3
+    c = torch.randint(-128, 128, (T, N), device=DEV, dtype=torch.int8)
+    assert torch.equal(fp8_transpose(c).float(), c.t().float().to(torch.float8_e4m3fn).float())
