@@ -64,7 +64,14 @@ def load_runs(exp: str) -> list[dict]:
     for f in sorted((DATA / exp).glob("*.jsonl")):
         recs = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
         cfg = json.loads(f.with_suffix(".config.json").read_text())
-        runs.append({"name": f.stem, "cfg": cfg, "recs": recs, "file": f.relative_to(ROOT)})
+        finished = any(r.get("event") == "finished" for r in recs)
+        # Trained to the end with its final evaluation, but stopped after it (e.g. at the last checkpoint):
+        # the numbers are complete and comparable; the status column says so.
+        trained = any(r.get("step") == cfg["trainer"]["max_steps"] and "val_ppl" in r for r in recs)
+        if not (finished or trained):
+            continue  # a run cut off before its end is not comparable; it stays in the data folder
+        runs.append({"name": f.stem, "cfg": cfg, "recs": recs, "file": f.relative_to(ROOT),
+                     "status": "finished" if finished else "trained; stopped after the final eval"})
     return runs
 
 
@@ -182,8 +189,8 @@ def render() -> str:
         for r in runs:
             by[r["cfg"]["precision"]["name"]].append(r)
         lines += ["## Final validation perplexity", "",
-                  "| variant | runs (seeds) | val ppl (mean ± half-range) | final train loss | tokens/s (median) |",
-                  "|---|---|---|---|---|"]
+                  "| variant | runs (seeds) | val ppl (mean ± half-range) | final train loss | tokens/s (median) | status |",
+                  "|---|---|---|---|---|---|"]
         summary = {}
         for v in VARIANTS:
             rs = by.get(v, [])
@@ -194,8 +201,12 @@ def render() -> str:
             tps = [x for r in rs for _, x in series(r["recs"], "tokens_per_s")]
             summary[v] = ppl
             seeds = ",".join(str(r["cfg"]["trainer"]["seed"]) for r in rs)
-            lines.append(f"| `{v}` | {len(rs)} ({seeds}) | {_fmt(*ppl)} | {_fmt(*loss, 3)} | "
-                         f"{statistics.median(tps):,.0f} |" if tps else f"| `{v}` | {len(rs)} | {_fmt(*ppl)} | {_fmt(*loss, 3)} | n/a |")
+            status = "; ".join(sorted({r["status"] for r in rs}))
+            tps_s = f"{statistics.median(tps):,.0f}" if tps else "n/a"
+            lines.append(f"| `{v}` | {len(rs)} ({seeds}) | {_fmt(*ppl)} | {_fmt(*loss, 3)} | {tps_s} | {status} |")
+        missing = [v for v in VARIANTS if v not in by]
+        if missing:
+            lines += ["", f"Not measured (no run reached its end): {', '.join(f'`{v}`' for v in missing)}."]
         lines += ["", "### The paper's ordering, checked on these numbers", ""]
         lines += _ordering(summary)
         _plot_curves({v: by[v] for v in VARIANTS if v in by}, FIG / "curves.png", "repro")
@@ -227,8 +238,8 @@ def render() -> str:
 
 
 REGENERATE = [
-    "./launch/quickstart.sh --setup-only 2>/dev/null || . launch/env.sh   # the environment",
-    "python -m bitnet_dist.train -m experiment=repro          # 6 variants x 2 seeds (GPU; joblib, 6 at a time)",
+    ". launch/env.sh                                          # the environment (.venv)",
+    "python -m bitnet_dist.train -m experiment=repro          # 6 variants x 2 seeds (one GPU; joblib, 6 at a time)",
     "python -m bitnet_dist.train -m experiment=repro_blocks   # v2_a4 at three block sizes x 2 seeds",
     "python -m bitnet_dist.results collect runs/repro runs/repro_blocks",
     "python -m bitnet_dist.results render",
@@ -280,7 +291,7 @@ def _stats_table(by: dict) -> list[str]:
                     return f"{statistics.fmean(vals[k]):.{d}f}" if vals.get(k) else "n/a"
                 out.append(f"| `{v}` | {kind} | {f('kurtosis_pre', 1)} | {f('kurtosis_post', 1)} | "
                            f"{f('outlier_ratio_pre', 4)} | {f('outlier_ratio_post', 4)} | {f('qerr_int4')} | {f('qerr_int8')} |")
-    return out
+    return out + [""]
 
 
 def main(argv=None) -> None:

@@ -205,3 +205,25 @@ def check_train(cfg, world_size: int, engine_name: str | None = None) -> None:
         raise ConfigError("parallel.tensor * parallel.pipeline", tp * pp,
                           f"a divisor of the number of processes ({world}); launch a multiple of {tp * pp} processes")
     check_batch(t, world // (tp * pp))
+
+
+CONFIG_GROUPS = ("model", "precision", "parallel", "engine", "data", "optim", "logging", "experiment")
+
+
+def check_group_choices(overrides, conf_dir) -> None:
+    """``group=option`` command-line overrides name existing options (conf/<group>/<option>.yaml).
+
+    Checked before Hydra composes, so ``model=huge`` gets the same one-line ConfigError as every other
+    bad setting, listing the choices. Sweeps (``precision=v2_a8,bf16``) check each option; Hydra's
+    sweep functions (``choice(...)``, ``glob(...)``) are left to Hydra.
+    """
+    from pathlib import Path
+
+    for arg in overrides:
+        key, sep, value = str(arg).partition("=")
+        if not sep or key not in CONFIG_GROUPS or "(" in value or value in ("null", ""):
+            continue
+        choices = sorted(p.stem for p in (Path(conf_dir) / key).glob("*.yaml"))
+        for option in value.split(","):
+            if option.strip() not in choices:
+                raise ConfigError(key, option.strip(), f"one of {choices} (the files in conf/{key}/)")

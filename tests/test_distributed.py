@@ -164,7 +164,7 @@ CHILD = textwrap.dedent("""
     dist.all_reduce(t)
     print(json.dumps({"rank": info.rank, "world": info.world_size, "local": info.local_rank,
                       "device": str(info.device), "backend": info.backend, "launcher": info.launcher,
-                      "sum": t.item(), "env_rank": os.environ["RANK"]}))
+                      "sum": t.item(), "env_rank": os.environ["RANK"]}) + chr(10), end="", flush=True)  # one write: ranks share stdout
     destroy_distributed()
 """)
 

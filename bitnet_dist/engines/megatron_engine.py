@@ -1,0 +1,486 @@
+"""The megatron-core engine: tensor, sequence and pipeline parallel (1F1B and interleaved), megatron DDP
+with the distributed optimizer, bf16 with fp32 main weights, and dist_checkpointing that reshards.
+
+Wiring, per local model chunk (one per virtual pipeline stage):
+
+    GPTModel (bitnet_dist.model.build_model, our layer spec)
+      -> Float16Module          bf16 only: casts the chunk and its first-stage inputs, returns fp32 loss
+      -> DistributedDataParallel grads land in contiguous fp32 buffers (``param.main_grad``), reduced in
+                                 buckets that overlap backward (overlap_grad_reduce)
+    get_megatron_optimizer      AdamW on fp32 main weights, sharded over data parallel (distributed
+                                 optimizer), grad-norm clipping over the whole model-parallel group
+
+A plain ``torch.optim`` optimizer would see no gradients here: megatron DDP moves them into
+``main_grad`` and sets ``.grad = None`` (notes section 3), hence get_megatron_optimizer.
+
+Loss: ``loss_func`` returns (sum of masked per-token losses, token count, ...) with
+``calculate_per_token_loss``; the schedule backpropagates the sum and ``finalize_model_grads`` divides
+every gradient by the global token count (broadcast from the last pipeline stage, all-reduced over DP).
+That is exactly the gradient of the token-weighted mean over the global batch, the quantity every
+engine reports. The reported loss is reduced over DP on the last stage and broadcast over the pipeline
+group, so every rank returns the same StepStats.
+
+Megatron's schedules, optimizers and RNG tracker are CUDA-only (notes section 2). On CPU this module
+still builds the model chunks through the same path (``build_model_chunks``), which the CPU tests use
+for tensor-parallel invariance and checkpoint resharding at the model level.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from functools import partial
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from bitnet_dist.engines.base import Batch, Engine, StepStats
+from bitnet_dist.engines.common import (
+    batch_to_device,
+    ensure_process_group,
+    load_trainer_state,
+    no_weight_decay,
+    position_ids,
+    resolve_dtype,
+    save_trainer_state,
+)
+from bitnet_dist.validate import ConfigError, check_model
+
+CKPT_SUBDIR = "megatron"  # dist_checkpointing files inside the step directory
+LAYOUT_FILE = "megatron_layout.json"  # informative: the layout that wrote the checkpoint
+NVLS_OFF_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+# -- configuration checks (before any process-group or GPU work) -------------------------------------------
+def check_megatron_config(cfg, world_size: Optional[int] = None, cuda: Optional[bool] = None,
+                          model_only: bool = False) -> None:
+    """Engine-specific checks on top of bitnet_dist.validate.check_model; raises ConfigError.
+
+    ``world_size`` None: not checked (init_parallel checks it again once the group exists);
+    ``cuda`` None: torch.cuda.is_available(); ``model_only``: skip what only training needs (CUDA).
+    """
+    par, t, eng = cfg.parallel, cfg.trainer, cfg.engine
+    check_model(cfg.model, cfg.precision, par)
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    tp, pp, vp = par.tensor, par.pipeline, par.virtual_pipeline
+    if not model_only and not cuda:
+        raise ConfigError("engine", "megatron",
+                          "deepspeed (or auto) on a machine without a CUDA GPU: megatron-core's schedules, "
+                          "optimizers and RNG tracker are CUDA-only")
+    if par.zero_stage:
+        raise ConfigError("parallel.zero_stage", par.zero_stage,
+                          "0 with engine=megatron (it shards the optimizer with parallel.distributed_optimizer)")
+    if par.offload_optimizer or par.offload_params:
+        raise ConfigError("parallel.offload_optimizer/offload_params", True, "false with engine=megatron")
+    if eng.overlap_param_gather and not par.distributed_optimizer:
+        raise ConfigError("engine.overlap_param_gather", True,
+                          "false unless parallel.distributed_optimizer=true (only the distributed optimizer "
+                          "gathers parameters)")
+    if par.sequence and t.seq_length % tp:
+        raise ConfigError("trainer.seq_length", t.seq_length,
+                          f"a multiple of parallel.tensor={tp} with parallel.sequence=true (the sequence "
+                          f"is split over the tensor-parallel ranks)")
+    if t.seq_length > cfg.model.max_sequence_length:
+        raise ConfigError("trainer.seq_length", t.seq_length,
+                          f"at most model.max_sequence_length={cfg.model.max_sequence_length}")
+    if t.dtype not in ("auto", "bf16", "fp32"):
+        raise ConfigError("trainer.dtype", t.dtype, "auto, bf16 or fp32")
+    if t.dtype == "bf16" and not cuda:
+        raise ConfigError("trainer.dtype", "bf16", "fp32 or auto on CPU (the megatron engine's bf16 path is CUDA)")
+    if world_size is not None:
+        if world_size % (tp * pp):
+            raise ConfigError("parallel.tensor * parallel.pipeline", tp * pp,
+                              f"a divisor of the number of processes ({world_size})")
+        dp = world_size // (tp * pp)
+        mbs, gbs = t.micro_batch_size, t.global_batch_size
+        if gbs % (mbs * dp):
+            raise ConfigError("trainer.global_batch_size", gbs,
+                              f"a multiple of micro_batch_size * data_parallel = {mbs} * {dp} = {mbs * dp}")
+        if vp is not None:
+            m = gbs // (mbs * dp)
+            # megatron's interleaved schedule runs micro-batches in groups of PP per virtual stage
+            # (schedules.py: "The number of contiguous micro-batches ... should range in [PP, M]")
+            if m % pp:
+                raise ConfigError("trainer.global_batch_size", gbs,
+                                  f"a value giving a number of micro-batches per rank (now {m}) divisible by "
+                                  f"parallel.pipeline={pp}, as the interleaved schedule needs, e.g. "
+                                  f"{mbs * dp * pp * max(1, m // pp)}")
+            if t.eval_batches % pp:
+                raise ConfigError("trainer.eval_batches", t.eval_batches,
+                                  f"a multiple of parallel.pipeline={pp} with the interleaved schedule")
+
+
+def _rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _unwrap(m: torch.nn.Module) -> torch.nn.Module:
+    """DDP -> Float16Module -> GPTModel."""
+    from megatron.core.distributed import DistributedDataParallel
+    from megatron.core.transformer.module import Float16Module
+
+    while isinstance(m, (DistributedDataParallel, Float16Module)):
+        m = m.module
+    return m
+
+
+class MegatronEngine(Engine):
+    """Engine(cfg) on megatron-core. ``model_only=True`` (tests, tools): CPU allowed, ``build`` makes the
+    model chunks without DDP or optimizer, and ``train_step`` is unavailable."""
+
+    name = "megatron"
+
+    def __init__(self, cfg, *, model_only: bool = False):
+        self.cfg = cfg
+        self.model_only = model_only
+        check_megatron_config(cfg, model_only=model_only)
+        self._device: Optional[torch.device] = None
+        self._dtype: Optional[torch.dtype] = None
+        self._chunks: list[torch.nn.Module] = []  # wrapped (DDP(Float16Module(GPTModel))) when training
+        self._raw: list[torch.nn.Module] = []  # the GPTModel of each chunk
+        self.optimizer = None
+        self.config = None  # megatron TransformerConfig
+        self._vocab_size: Optional[int] = None
+
+    # -- process groups ------------------------------------------------------------------------------------
+    def init_parallel(self) -> None:
+        from megatron.core import parallel_state as ps
+
+        for k, v in NVLS_OFF_ENV.items():  # before the first NCCL communicator is created
+            os.environ.setdefault(k, v)
+        device = None
+        if not dist.is_initialized():
+            try:
+                from bitnet_dist.distributed import init_distributed
+            except ImportError:
+                init_distributed = None
+            if init_distributed is not None:
+                device = init_distributed().device  # torchrun / Slurm ranks, NCCL on CUDA
+            else:
+                ensure_process_group(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        if device is None:  # the group was started elsewhere (tests, tools): one GPU per local rank
+            device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+                      if torch.cuda.is_available() else torch.device("cpu"))
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        else:
+            from bitnet_dist.compat import install_cpu_path
+
+            install_cpu_path()
+        self._device = device
+        par = self.cfg.parallel
+        check_megatron_config(self.cfg, world_size=dist.get_world_size(), model_only=self.model_only)
+        self._dtype = resolve_dtype(self.cfg.trainer.dtype, self._device)
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=par.tensor,
+            pipeline_model_parallel_size=par.pipeline,
+            virtual_pipeline_model_parallel_size=par.virtual_pipeline,
+        )
+        if self._device.type == "cuda":
+            from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+            # TP ranks get distinct dropout streams, DP/PP replicas the same: megatron's tracker.
+            model_parallel_cuda_manual_seed(self.cfg.trainer.seed)
+
+    # -- model --------------------------------------------------------------------------------------------
+    def transformer_config(self):
+        """The megatron TransformerConfig of this run (our model fields + engine wiring)."""
+        from bitnet_dist.model import transformer_config
+
+        bf16 = self._dtype == torch.bfloat16
+        par = self.cfg.parallel
+        overrides = dict(
+            calculate_per_token_loss=True,
+            # p2p buffers between pipeline stages are allocated in this dtype (required when PP > 1)
+            pipeline_dtype=self._dtype,
+            # STE weights are not leaves of the GEMM, so megatron's fused wgrad accumulation into
+            # main_grad cannot apply (notes section 6.3)
+            gradient_accumulation_fusion=False,
+        )
+        return transformer_config(self.cfg.model, par, params_dtype=self._dtype, bf16=bf16,
+                                  use_cpu_initialization=True, **overrides)
+
+    def build_model_chunks(self, vocab_size: int) -> list[torch.nn.Module]:
+        """Build this rank's GPTModel chunks (one per virtual stage) on ``self.device``, unwrapped.
+
+        Weights: build_model's layout-independent init from (trainer.seed, global parameter name), so
+        every TP/PP/virtual-PP layout starts from the same weights (and the same as other engines).
+        """
+        from megatron.core import parallel_state as ps
+
+        from bitnet_dist.model import build_model
+
+        self.config = self.transformer_config()
+        vp = self.cfg.parallel.virtual_pipeline
+        chunks = []
+        for v in range(vp or 1):
+            stage = None if vp is None else v
+            torch.manual_seed(self.cfg.trainer.seed)
+            m = build_model(
+                self.cfg.model, self.cfg.precision, self.config, vocab_size=vocab_size,
+                pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+                post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+                vp_stage=stage, seed=self.cfg.trainer.seed,
+            )
+            chunks.append(m.to(self._device))
+        return chunks
+
+    def build(self, vocab_size: int) -> None:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+        from megatron.core.transformer.module import Float16Module
+
+        if self._device is None:
+            raise RuntimeError("MegatronEngine.build() before init_parallel()")
+        self._vocab_size = vocab_size
+        self._raw = self.build_model_chunks(vocab_size)
+        if self.model_only:
+            self._chunks = list(self._raw)
+            return
+        cfg, eng, par = self.cfg, self.cfg.engine, self.cfg.parallel
+        config = self.config
+        wrapped = [Float16Module(config, m) if config.bf16 else m for m in self._raw]
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=eng.grad_reduce_in_fp32,
+            overlap_grad_reduce=eng.overlap_grad_reduce,
+            overlap_param_gather=eng.overlap_param_gather,
+            use_distributed_optimizer=par.distributed_optimizer,
+        )
+        # Only the first chunk gets buckets that overlap with backward; the others reduce as one
+        # bucket each, as megatron-LM's training.get_model does.
+        self._chunks = [
+            DistributedDataParallel(config=config, ddp_config=ddp_config, module=m, disable_bucketing=i > 0)
+            for i, m in enumerate(wrapped)
+        ]
+        for m in self._chunks:
+            m.broadcast_params()  # DP replicas start identical (they already are: same CPU seed)
+        self.optimizer = self._make_optimizer()
+
+        # what the schedules call around micro-batches (megatron-LM training.py, setup of `config`)
+        if eng.overlap_grad_reduce:
+            fns = [m.no_sync for m in self._chunks]
+            config.no_sync_func = fns[0] if len(fns) == 1 else fns
+            fns = [m.start_grad_sync for m in self._chunks]
+            config.grad_sync_func = fns[0] if len(fns) == 1 else fns
+        if eng.overlap_param_gather:
+            fns = [m.start_param_sync for m in self._chunks]
+            config.param_sync_func = fns[0] if len(fns) == 1 else fns
+        config.finalize_model_grads_func = finalize_model_grads
+        config.grad_scale_func = self.optimizer.scale_loss
+
+    def _make_optimizer(self):
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
+
+        o, par = self.cfg.optim, self.cfg.parallel
+        ocfg = OptimizerConfig(
+            optimizer="adam", decoupled_weight_decay=True,  # AdamW
+            lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+            adam_beta1=o.beta1, adam_beta2=o.beta2, adam_eps=o.eps,
+            clip_grad=o.clip_grad,
+            bf16=self.config.bf16, params_dtype=self._dtype,
+            use_distributed_optimizer=par.distributed_optimizer,
+            overlap_param_gather_with_optimizer_step=False,
+        )
+        # the same no-decay set as every engine (engines.common.no_weight_decay): wd_mult 0 there,
+        # and train_step scales each group's weight decay by its wd_mult
+        no_wd = ParamKey(with_name_predicate=ParamWithNamePredicate(
+            name="bitnet_no_weight_decay", fn=lambda p, n: no_weight_decay(n, p)))
+        return get_megatron_optimizer(ocfg, self._chunks, config_overrides={no_wd: {"wd_mult": 0.0}})
+
+    # -- steps ----------------------------------------------------------------------------------------------
+    def _forward_step(self, data_iterator, model):
+        """megatron forward_step_func: one micro-batch through one chunk."""
+        b = batch_to_device(next(data_iterator), self._device)
+        tokens = b["tokens"]
+        out = model(input_ids=tokens, position_ids=position_ids(tokens), attention_mask=None, labels=b["labels"])
+        return out, partial(self._loss_func, b["loss_mask"])
+
+    @staticmethod
+    def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+        """(sum of masked fp32 per-token losses, token count, report dict); the schedule divides nothing
+        (calculate_per_token_loss) and finalize_model_grads divides the gradients by the global count."""
+        loss_sum = (per_token_loss.float() * loss_mask).sum()
+        num_tokens = loss_mask.sum().to(torch.int)
+        return loss_sum, num_tokens, {"loss_sum": loss_sum.detach(), "num_tokens": num_tokens.detach()}
+
+    def _run_schedule(self, batches: Sequence[Batch], forward_only: bool) -> tuple[float, int]:
+        from megatron.core import parallel_state as ps
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        n = len(batches)
+        mbs, seq = batches[0]["tokens"].shape
+        # every chunk walks the same micro-batches: the first stage reads tokens, the last labels/mask
+        iters = [iter(batches) for _ in self._chunks]
+        out = get_forward_backward_func()(
+            forward_step_func=self._forward_step,
+            data_iterator=iters if len(iters) > 1 else iters[0],
+            model=self._chunks if len(self._chunks) > 1 else self._chunks[0],
+            num_microbatches=n, seq_length=seq, micro_batch_size=mbs, decoder_seq_length=seq,
+            forward_only=forward_only,
+        )
+        # [loss_sum, tokens] on the last stage (zeros elsewhere), summed over DP, then sent to the
+        # whole pipeline group so every rank returns the same number
+        t = torch.zeros(2, dtype=torch.float64, device=self._device)
+        if ps.is_pipeline_last_stage(ignore_virtual=True):
+            for d in out:
+                t[0] += d["loss_sum"].double()
+                t[1] += d["num_tokens"].double()
+            dist.all_reduce(t, group=ps.get_data_parallel_group())
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            dist.broadcast(t, src=ps.get_pipeline_model_parallel_last_rank(),
+                           group=ps.get_pipeline_model_parallel_group())
+        loss_sum, ntok = t.tolist()
+        return (loss_sum / ntok if ntok else float("nan")), int(round(ntok))
+
+    def train_step(self, micro_batches: Sequence[Batch], lr: float, weight_decay: float) -> StepStats:
+        if self.optimizer is None:
+            raise RuntimeError("train_step needs build() without model_only (CUDA)")
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_mult", 1.0)
+            g["weight_decay"] = weight_decay * g.get("wd_mult", 1.0)
+        for m in self._chunks:
+            m.train()
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        loss, ntok = self._run_schedule(micro_batches, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        grad_norm = float("nan") if grad_norm is None else float(grad_norm)
+        return StepStats(loss=loss, grad_norm=grad_norm, num_tokens=ntok,
+                         skipped=(not ok) or not math.isfinite(grad_norm))
+
+    @torch.no_grad()
+    def eval_loss(self, batches: Iterable[Batch]) -> tuple[float, int]:
+        batches = list(batches)
+        for m in self._chunks:
+            m.eval()
+        try:
+            if self.optimizer is None:  # model_only: one chunk, no pipeline
+                from megatron.core import parallel_state as ps
+
+                if len(self._chunks) != 1 or ps.get_pipeline_model_parallel_world_size() != 1:
+                    raise RuntimeError("model_only eval_loss supports pipeline size 1 only")
+                t = torch.zeros(2, dtype=torch.float64, device=self._device)
+                for b in batches:
+                    bb = batch_to_device(b, self._device)
+                    out = self._chunks[0](input_ids=bb["tokens"], position_ids=position_ids(bb["tokens"]),
+                                          attention_mask=None, labels=bb["labels"])
+                    t[0] += (out.float() * bb["loss_mask"]).sum().double()
+                    t[1] += bb["loss_mask"].sum().double()
+                dist.all_reduce(t, group=ps.get_data_parallel_group())
+                return (t[0] / t[1]).item(), int(t[1].item())
+            return self._run_schedule(batches, forward_only=True)
+        finally:
+            for m in self._chunks:
+                m.train()
+
+    # -- activation bits -------------------------------------------------------------------------------------
+    def set_act_bits(self, bits: int) -> None:
+        from bitnet_dist.layers import set_act_bits
+
+        if bits not in (4, 8):
+            raise ConfigError("precision.act_bits", bits, "4 or 8")
+        for m in self._raw:
+            set_act_bits(m, bits)
+
+    def model_chunks(self) -> list[torch.nn.Module]:
+        return list(self._raw)
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
+    def sharded_state_dict(self, *, with_optimizer: bool = True, is_loading: bool = False) -> dict:
+        """{"model0": ..., ["model1": ...,] ["optimizer": ...]} of ShardedTensors with global keys.
+
+        The ShardedTensor keys carry global layer numbers and global tensor offsets, so the same files
+        load at any TP/PP/virtual-PP/DP layout; the dict nesting (model0, model1) is only local.
+        """
+        # the unwrapped GPTModels: their keys do not depend on the DDP / Float16Module wrappers, and
+        # their tensors are the very parameters the optimizer maps its state onto
+        sd = {f"model{i}": m.sharded_state_dict(prefix="") for i, m in enumerate(self._raw)}
+        if with_optimizer and self.optimizer is not None:
+            # fully_reshardable: megatron-core 0.16.1's torch_dist backend rejects the default
+            # fully_sharded_model_space ("ShardedTensor.flattened_range is not supported"), and the
+            # gathered form loads at any DP layout.
+            sd["optimizer"] = self.optimizer.sharded_state_dict(
+                sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True})
+        return sd
+
+    def _ensure_optimizer_state(self) -> None:
+        """Give a never-stepped distributed optimizer its Adam states before a load.
+
+        Without Apex/TE, megatron-core 0.16.1's ``DistributedOptimizer.state_dict()`` asserts that
+        all parameter states share one ``step`` (distrib_optimizer.py:642), which fails on an empty
+        state, and ``sharded_state_dict(is_loading=True)`` calls it. One zero-gradient step at lr 0
+        and weight decay 0 creates the states without moving any weight; the load overwrites them.
+        (Float16/FP32 optimizers handle this themselves through their init_state_fn.)
+        """
+        if self.optimizer is None:
+            return
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            inner = getattr(opt, "optimizer", None)
+            if inner is None or len(inner.state) or not hasattr(opt, "_init_optimizer_states_with_dummy_values"):
+                continue
+            saved = [(g["lr"], g["weight_decay"]) for g in inner.param_groups]
+            for g in inner.param_groups:
+                g["lr"], g["weight_decay"] = 0.0, 0.0
+            opt._init_optimizer_states_with_dummy_values()
+            for g, (lr, wd) in zip(inner.param_groups, saved):
+                g["lr"], g["weight_decay"] = lr, wd
+
+    def save(self, ckpt_dir: Path, trainer_state: dict[str, Any]) -> None:
+        from megatron.core import dist_checkpointing
+
+        ckpt_dir = Path(ckpt_dir)
+        target = ckpt_dir / CKPT_SUBDIR
+        if _rank0():
+            target.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        dist_checkpointing.save(self.sharded_state_dict(), str(target))
+        if _rank0():
+            save_trainer_state(ckpt_dir, trainer_state)
+            par = self.cfg.parallel
+            (ckpt_dir / LAYOUT_FILE).write_text(json.dumps({
+                "engine": self.name, "tensor": par.tensor, "pipeline": par.pipeline,
+                "virtual_pipeline": par.virtual_pipeline, "data_parallel": self.dp_size,
+                "distributed_optimizer": par.distributed_optimizer, "dtype": str(self._dtype),
+            }, indent=1))
+        dist.barrier()
+
+    def load(self, ckpt_dir: Path) -> dict[str, Any]:
+        from megatron.core import dist_checkpointing
+
+        ckpt_dir = Path(ckpt_dir)
+        src = ckpt_dir / CKPT_SUBDIR
+        if not (src / "metadata.json").is_file():
+            raise FileNotFoundError(f"{src} holds no megatron dist checkpoint (metadata.json missing): was "
+                                    f"{ckpt_dir} written by engine=megatron?")
+        self._ensure_optimizer_state()
+        template = self.sharded_state_dict(is_loading=True)
+        loaded = dist_checkpointing.load(template, str(src))
+        for i, m in enumerate(self._raw):
+            m.load_state_dict(loaded[f"model{i}"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(loaded["optimizer"])
+        return load_trainer_state(ckpt_dir)
+
+    # -- topology -------------------------------------------------------------------------------------------
+    @property
+    def dp_rank(self) -> int:
+        from megatron.core import parallel_state as ps
+
+        return ps.get_data_parallel_rank()
+
+    @property
+    def dp_size(self) -> int:
+        from megatron.core import parallel_state as ps
+
+        return ps.get_data_parallel_world_size()
+
+    @property
+    def device(self) -> torch.device:
+        if self._device is None:
+            raise RuntimeError("MegatronEngine.device before init_parallel()")
+        return self._device

@@ -1,0 +1,346 @@
+"""The train app: ``python -m bitnet_dist.train [group=option ...] [key=value ...]`` (or ``bitnet-train``).
+
+Orchestration only. The order is fixed: validate the whole config (before any process-group work) ->
+init_distributed -> make_engine(cfg) -> engine.init_parallel() -> build_data -> engine.build(vocab) ->
+resume from the newest complete checkpoint in run_dir -> the loop -> final evaluation, checkpoint and
+report. Everything numeric lives elsewhere: schedules (bitnet_dist.schedule), the model and optimizer
+(the engine), batches (bitnet_dist.data), records (bitnet_dist.telemetry), checkpoint directories
+(bitnet_dist.checkpoint), stop signals (bitnet_dist.preemption).
+
+Step convention: ``step`` counts completed optimizer steps. Optimizer step ``s`` (0-based) runs with
+the schedule's values at ``s``; its metrics are logged as step ``s + 1``; ``step_{k:08d}`` holds the
+state after k steps, and a resumed run continues with step index k, so its losses are the ones an
+uninterrupted run computes (bitwise on CPU fp32: the data position, RNG states, optimizer, act_bits
+and schedule step all come back).
+"""
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from bitnet_dist import schedule
+from bitnet_dist.config import TrainConfig, cfg_from_omegaconf, register_configs
+from bitnet_dist.validate import ConfigError, check_train
+
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+RANK_STATE = "trainer_rank{rank:05d}.pt"  # per-rank data position and RNG states inside a checkpoint
+
+
+# -- per-rank state ---------------------------------------------------------------------------------------
+def _rng_state() -> dict[str, Any]:
+    import numpy as np
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _seed_everything(seed: int) -> None:
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """One training run in one process (every rank builds one). ``run()`` returns the final val loss."""
+
+    def __init__(self, cfg: TrainConfig):
+        from bitnet_dist.checkpoint import CheckpointManager
+        from bitnet_dist.data import build_data
+        from bitnet_dist.distributed import init_distributed
+        from bitnet_dist.engines import make_engine
+        from bitnet_dist.engines.common import resolve_dtype
+        from bitnet_dist.preemption import PreemptionGuard
+        from bitnet_dist.telemetry import Telemetry, device_peak_flops, flops_per_token
+
+        self.cfg = cfg
+        t = cfg.trainer
+        self.run_dir = Path(cfg.run_dir).resolve()
+        self.dist = init_distributed()
+        # Before the (possibly long) start-up, so a preemption signal during it is caught, not fatal.
+        self.guard = PreemptionGuard(wall_clock_minutes=t.wall_clock_minutes)
+        self.rank = self.dist.rank
+        self.world_size = self.dist.world_size
+        _seed_everything(t.seed)
+        self.engine = make_engine(cfg)
+        self.engine.init_parallel()
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.data = build_data(cfg, self.run_dir, dp_rank=self.engine.dp_rank, dp_size=self.engine.dp_size)
+        self.engine.build(self.data.vocab_size)
+        self.device = self.engine.device
+        self.telemetry = Telemetry(cfg, self.run_dir, enabled=self.engine.is_logging_rank)
+        self.ckpt = CheckpointManager(self.run_dir, keep=t.keep_checkpoints)
+        self.max_steps = t.max_steps
+        self.tokens_per_step = t.global_batch_size * t.seq_length
+        self.switch_step = schedule.switch_step(cfg.precision, t.max_steps)
+        self.flops_per_token = flops_per_token(cfg.model, t.seq_length, self.data.vocab_size)
+        self.peak_flops = device_peak_flops(self.device, resolve_dtype(t.dtype, self.device))
+        self.step = 0
+        self.act_bits = cfg.precision.act_bits
+        self.last_saved: Optional[int] = None
+        self.last_eval: Optional[tuple[int, float]] = None
+
+    # -- checkpoints --------------------------------------------------------------------------------------
+    def _trainer_state(self) -> dict[str, Any]:
+        return {"step": self.step, "act_bits": self.act_bits, "tokens": self.step * self.tokens_per_step,
+                "max_steps": self.max_steps, "seed": self.cfg.trainer.seed}
+
+    def save(self) -> None:
+        if self.last_saved == self.step:
+            return
+
+        def write(tmp: Path) -> None:
+            self.engine.save(tmp, self._trainer_state())
+            torch.save({"data": self.data.train.state_dict(), "rng": _rng_state()},
+                       tmp / RANK_STATE.format(rank=self.rank))
+
+        path = self.ckpt.save(self.step, write)
+        self.last_saved = self.step
+        self.telemetry.event(self.step, "checkpoint", path=str(path))
+
+    def resume(self) -> None:
+        latest = self.ckpt.latest()
+        if latest is None:
+            self.telemetry.truncate_after(0)
+            self.telemetry.event(0, "start", unigram_ppl=self.data.unigram_perplexity,
+                                 vocab_size=self.data.vocab_size, world_size=self.world_size,
+                                 engine=self.engine.name, switch_step=self.switch_step)
+            return
+        state = self.engine.load(latest)
+        if state.get("max_steps", self.max_steps) != self.max_steps:
+            raise ConfigError("trainer.max_steps", self.max_steps,
+                              f"{state['max_steps']} as in the checkpoints of {self.run_dir} (the schedule depends "
+                              "on it), or another run_dir")
+        rank_file = latest / RANK_STATE.format(rank=self.rank)
+        if not rank_file.is_file():
+            raise ConfigError("number of processes", self.world_size,
+                              f"the layout that wrote {latest} ({rank_file.name} is missing there)")
+        rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
+        self.data.train.load_state_dict(rank_state["data"])
+        _set_rng_state(rank_state["rng"])
+        self.step = int(state["step"])
+        self.act_bits = int(state["act_bits"])
+        self.last_saved = self.step
+        self.telemetry.truncate_after(self.step)
+        self.telemetry.event(self.step, "resume", checkpoint=str(latest))
+        if self.engine.is_logging_rank:
+            print(f"[bitnet-train] resumed from {latest} at step {self.step}", flush=True)
+
+    # -- evaluation ---------------------------------------------------------------------------------------
+    def evaluate(self, suffix: str = "") -> float:
+        loss, _ = self.engine.eval_loss(self.data.valid(self.cfg.trainer.eval_batches))
+        ppl = math.exp(min(loss, 50.0))
+        self.telemetry.log(self.step, {f"val_loss{suffix}": loss, f"val_ppl{suffix}": ppl,
+                                       "act_bits": self.act_bits})
+        if not suffix:
+            self.last_eval = (self.step, loss)
+        return loss
+
+    def maybe_switch_act_bits(self) -> None:
+        """Apply the act-bits schedule for the next step (``self.step``) when it differs from now.
+
+        Runs at the end of a step, before its checkpoint, so a checkpoint at the switch step already
+        holds the new bits and a resume from it neither repeats the switch nor its evaluations.
+        """
+        if self.step >= self.max_steps:
+            return
+        bits = schedule.act_bits_at(self.step, self.cfg.precision, self.max_steps)
+        if bits != self.act_bits:
+            self.switch_act_bits(bits)
+
+    def switch_act_bits(self, bits: int) -> None:
+        """The 8 -> 4 transition: evaluate, switch every layer (optimizer state untouched), evaluate."""
+        self.evaluate("_before_switch")
+        old, self.act_bits = self.act_bits, bits
+        self.engine.set_act_bits(bits)
+        self.telemetry.event(self.step, "act_bits_switch", from_bits=old, to_bits=bits,
+                             tokens=self.step * self.tokens_per_step)
+        self.evaluate("_after_switch")
+
+    # -- the loop -----------------------------------------------------------------------------------------
+    def run(self) -> Optional[float]:
+        cfg, t = self.cfg, self.cfg.trainer
+        self.resume()
+        self.engine.set_act_bits(self.act_bits)
+        self.maybe_switch_act_bits()  # a switch at step 0 (switch_fraction * max_steps < 1)
+        if self.step >= self.max_steps:
+            if self.engine.is_logging_rank:
+                print(f"[bitnet-train] {self.run_dir} is complete ({self.step} steps); writing the report",
+                      flush=True)
+            self.finish(evaluate=False)
+            return None
+        from bitnet_dist.telemetry import memory_stats, throughput_metrics
+
+        steps_here, window_tokens, window_time = 0, 0, 0.0
+        self.tokens_per_s = float("nan")
+        while self.step < self.max_steps:
+            s = self.step
+            lr = schedule.lr_at(s, cfg.optim, self.max_steps)
+            wd = schedule.weight_decay_at(s, cfg.optim, self.max_steps)
+            probe = t.stats_interval and ((s + 1) % t.stats_interval == 0
+                                          or (self.switch_step is not None and s in (self.switch_step - 1,
+                                                                                     self.switch_step)))
+            t0 = time.perf_counter()
+            batches = self.data.train.next_step()
+            with (self.telemetry.stats_probe(self.engine.model_chunks()) if probe else nullcontext()):
+                stats = self.engine.train_step(batches, lr, wd)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            window_time += time.perf_counter() - t0
+            window_tokens += self.tokens_per_step
+            self.step += 1
+            steps_here += 1
+            if probe:
+                self.telemetry.log(self.step, dict(self.telemetry.stats_probe_result or {}))
+            if self.step % t.log_interval == 0 or self.step == self.max_steps:
+                # tokens/s over the train steps since the last record (evaluations and saves excluded)
+                speed = throughput_metrics(window_tokens, window_time, self.flops_per_token, self.world_size,
+                                           self.peak_flops)
+                self.telemetry.log(self.step, {
+                    "loss": stats.loss, "lr": lr, "wd": wd, "grad_norm": stats.grad_norm,
+                    "act_bits": self.act_bits, "tokens": self.step * self.tokens_per_step,
+                    "skipped": int(stats.skipped), **speed, **memory_stats(self.device)})
+                self.tokens_per_s = speed["tokens_per_s"]
+                window_tokens, window_time = 0, 0.0
+            self.telemetry.progress(self.step, self.max_steps, loss=stats.loss, tok_s=self.tokens_per_s,
+                                    act_bits=self.act_bits)
+            if self.step % t.eval_interval == 0:
+                self.evaluate()
+            self.maybe_switch_act_bits()
+            if self.step % t.save_interval == 0:
+                self.save()
+            if self.step < self.max_steps:
+                # Collective: every rank asks at every step boundary (one tiny all-reduce).
+                stop = self.guard.should_stop()
+                chunk_done = t.exit_after_steps is not None and steps_here >= t.exit_after_steps
+                if stop or chunk_done:
+                    reason = self.guard.reason if stop else f"trainer.exit_after_steps={t.exit_after_steps}"
+                    self.save()
+                    self.telemetry.event(self.step, "stop", reason=reason)
+                    if self.engine.is_logging_rank:
+                        print(f"[bitnet-train] stopped at step {self.step} ({reason}); checkpoint in "
+                              f"{self.ckpt.path(self.step)}; relaunch with the same overrides to resume",
+                              flush=True)
+                    self.telemetry.close()
+                    if stop:
+                        self.guard.requeue()
+                    return None
+        return self.finish(evaluate=True)
+
+    def finish(self, evaluate: bool) -> Optional[float]:
+        loss = None
+        if evaluate:
+            loss = self.last_eval[1] if self.last_eval and self.last_eval[0] == self.step else self.evaluate()
+            self.save()
+        self.telemetry.event(self.step, "finished")
+        self.telemetry.close()
+        if self.cfg.trainer.report and self.rank == 0:
+            from bitnet_dist.report import write_report
+
+            path = write_report(self.run_dir, self.cfg, unigram_ppl=self.data.unigram_perplexity)
+            print(f"[bitnet-train] report: {path}\n[bitnet-train] plot:   {path.with_name('report.png')}\n"
+                  f"[bitnet-train] metrics: {self.run_dir / 'metrics.jsonl'}", flush=True)
+        return loss
+
+    def close(self) -> None:
+        self.guard.close()
+
+
+def _standard_start_method() -> None:
+    """Inside joblib's loky workers (hydra/launcher=joblib) multiprocessing reports the start method 'loky',
+    which the spawned children of megatron's checkpoint writer cannot restore ("cannot find context for
+    'loky'"): fall back to spawn there."""
+    import multiprocessing as mp
+
+    if mp.get_start_method(allow_none=True) not in (None, "fork", "spawn", "forkserver"):
+        mp.set_start_method("spawn", force=True)
+
+
+def train(cfg: TrainConfig) -> Optional[float]:
+    """Validate, then run one training job in this process; returns the final validation loss (None when
+    the run stopped early or was already complete)."""
+    from bitnet_dist.distributed import destroy_distributed, parse_launch_env
+
+    world_size = parse_launch_env().world_size
+    check_train(cfg, world_size=world_size)
+    _standard_start_method()
+    trainer = None
+    try:
+        trainer = Trainer(cfg)
+        if trainer.rank == 0:
+            from omegaconf import OmegaConf
+
+            (trainer.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        return trainer.run()
+    finally:
+        if trainer is not None:
+            trainer.close()
+        destroy_distributed()  # a multirun sweep starts the next job in this process
+
+
+register_configs()
+
+
+def _hydra_entry():
+    import hydra
+
+    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+    def _main(dcfg) -> Optional[float]:
+        from bitnet_dist.checkpoint import CheckpointError
+        from bitnet_dist.distributed import LaunchEnvError
+
+        cfg = cfg_from_omegaconf(dcfg)
+        try:
+            return train(cfg)
+        except (ConfigError, CheckpointError, LaunchEnvError) as e:
+            kind = ("config error" if isinstance(e, ConfigError) else
+                    "checkpoint error" if isinstance(e, CheckpointError) else "launch error")
+            print(f"bitnet-train: {kind}: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+        except Exception as e:
+            from bitnet_dist.data.errors import DataError
+
+            if isinstance(e, DataError):
+                print(f"bitnet-train: data error: {e}", file=sys.stderr, flush=True)
+                raise SystemExit(2) from None
+            raise
+
+    return _main
+
+
+def main() -> None:
+    """Console script ``bitnet-train``."""
+    from bitnet_dist.validate import check_group_choices
+
+    try:
+        check_group_choices(sys.argv[1:], CONF_DIR)
+    except ConfigError as e:
+        print(f"bitnet-train: config error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    _hydra_entry()()
+
+
+if __name__ == "__main__":
+    main()

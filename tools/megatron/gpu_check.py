@@ -1,0 +1,382 @@
+"""GPU checks of the megatron engine (run on the device machine; see docs/megatron.md).
+
+    python tools/megatron/gpu_check.py curve --engine megatron --model tiny --steps 50 --out X.json
+    python tools/megatron/gpu_check.py compare A.json B.json          # first loss, max relative gap
+    torchrun --nproc_per_node 4 tools/megatron/gpu_check.py tp --out X.json   # gloo, one GPU, model level
+    torchrun --nproc_per_node 4 tools/megatron/gpu_check.py curve --engine megatron --tp 2 --pp 2 --vp 2 --sp \
+        --dtype fp32 --models small --gbs 16 --mbs 2 --save-at 25 --save-dir /tmp/ck --out X.json   # 4+ GPUs
+    python tools/megatron/gpu_check.py curve --engine megatron --dtype fp32 --models small --gbs 16 --mbs 2 \
+        --load /tmp/ck --out Y.json                        # continue the TP2xPP2 run at TP1xPP1
+    python tools/megatron/gpu_check.py bench --model 400M --precision bf16 v2_a8 v2_a4 --out X.json
+
+``curve`` trains one engine (megatron, deepspeed, or ``reference``: a plain single-process loop over
+build_model with torch AdamW, no megatron wrappers) on deterministic synthetic text with a learnable
+structure (a sparse random Markov chain), so the losses fall and the curves can be compared.
+The same (seed, step, micro-batch) gives the same tokens in every engine.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+for k, v in {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}.items():
+    os.environ.setdefault(k, v)
+
+H100_BF16_DENSE = 989.4e12  # FLOP/s, H100 SXM5 dense bf16 (NVIDIA datasheet)
+
+
+# -- synthetic, learnable text ---------------------------------------------------------------------------------
+class MarkovText:
+    """Tokens from a fixed random Markov chain: each token has ``fanout`` likely successors (80%) and
+    otherwise a uniform one, so the achievable loss is far below log(vocab)."""
+
+    def __init__(self, vocab: int, seed: int = 0, fanout: int = 4):
+        g = torch.Generator().manual_seed(seed)
+        self.vocab = vocab
+        self.succ = torch.randint(0, vocab, (vocab, fanout), generator=g)
+        self.seed = seed
+
+    def batch(self, step: int, micro: int, mbs: int, seq: int, split: str = "train") -> dict:
+        # arithmetic, not hash(): str hashing is salted per process (PYTHONHASHSEED), and every rank and
+        # every engine's process must draw the same tokens
+        g = torch.Generator().manual_seed(((self.seed * 1_000_003 + step) * 10_007 + micro) * 2 + (split == "valid"))
+        n = seq + 1
+        toks = torch.empty(mbs, n, dtype=torch.int64)
+        toks[:, 0] = torch.randint(0, self.vocab, (mbs,), generator=g)
+        pick = torch.randint(0, self.succ.shape[1], (mbs, n), generator=g)
+        jump = torch.rand(mbs, n, generator=g) < 0.2
+        rnd = torch.randint(0, self.vocab, (mbs, n), generator=g)
+        for i in range(1, n):
+            nxt = self.succ[toks[:, i - 1], pick[:, i]]
+            toks[:, i] = torch.where(jump[:, i], rnd[:, i], nxt)
+        return {"tokens": toks[:, :-1].contiguous(), "labels": toks[:, 1:].contiguous(),
+                "loss_mask": torch.ones(mbs, seq, dtype=torch.float32)}
+
+
+def make_cfg(a):
+    from bitnet_dist.config import TrainConfig
+    from bitnet_dist.presets import model_preset, precision_preset
+
+    cfg = TrainConfig()
+    over = {}
+    if a.layers:
+        over["num_layers"] = a.layers
+    cfg.model = model_preset(a.model, **over)
+    cfg.precision = precision_preset(a.precision if isinstance(a.precision, str) else a.precision[0])
+    if getattr(a, "kernels", None):
+        cfg.precision.kernels = a.kernels
+    cfg.engine.name = a.engine if getattr(a, "engine", "megatron") != "reference" else "megatron"
+    cfg.parallel.tensor = getattr(a, "tensor", 1)
+    cfg.parallel.pipeline = getattr(a, "pipeline", 1)
+    cfg.parallel.virtual_pipeline = getattr(a, "virtual", None)
+    cfg.parallel.sequence = getattr(a, "sp", False)
+    cfg.trainer.seq_length = a.seq
+    cfg.trainer.micro_batch_size = a.mbs
+    cfg.trainer.global_batch_size = a.gbs
+    cfg.trainer.dtype = a.dtype
+    cfg.trainer.seed = a.seed
+    cfg.optim.lr = a.lr
+    cfg.optim.weight_decay = 0.1
+    cfg.model.max_sequence_length = max(cfg.model.max_sequence_length, a.seq)
+    return cfg
+
+
+def lr_at(step: int, peak: float, warmup: int = 5) -> float:
+    return peak * min(1.0, (step + 1) / warmup)
+
+
+# -- curve -----------------------------------------------------------------------------------------------------
+def reference_curve(cfg, data, steps, vocab):
+    """Plain loop: build_model (same init), torch AdamW on fp32 weights, bf16 autocast when asked,
+    token-weighted loss over micro-batches, clip at cfg.optim.clip_grad."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from bitnet_dist.engines import common
+    from bitnet_dist.model import build_model, transformer_config
+
+    dev = torch.device("cuda")
+    common.ensure_process_group(dev)
+    ps.initialize_model_parallel(1, 1)
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    model_parallel_cuda_manual_seed(cfg.trainer.seed)
+    tcfg = transformer_config(cfg.model, cfg.parallel, params_dtype=torch.float32, bf16=False)
+    torch.manual_seed(cfg.trainer.seed)
+    m = build_model(cfg.model, cfg.precision, tcfg, vocab_size=vocab, seed=cfg.trainer.seed).to(dev)
+    groups = common.param_groups(m, cfg.optim.weight_decay)
+    opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
+    n_micro = cfg.trainer.global_batch_size // cfg.trainer.micro_batch_size
+    amp = cfg.trainer.dtype == "bf16"
+    out = []
+    for step in range(steps):
+        bs = [common.batch_to_device(data.batch(step, j, cfg.trainer.micro_batch_size, cfg.trainer.seq_length), dev)
+              for j in range(n_micro)]
+        ntok = sum(b["loss_mask"].sum().item() for b in bs)
+        opt.zero_grad(set_to_none=True)
+        tot = 0.0
+        for b in bs:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                per = m(input_ids=b["tokens"], position_ids=common.position_ids(b["tokens"]), attention_mask=None,
+                        labels=b["labels"])
+            ls = common.masked_loss_sum(per, b["loss_mask"])
+            (ls / ntok).backward()
+            tot += ls.item()
+        gn = torch.nn.utils.clip_grad_norm_(m.parameters(), cfg.optim.clip_grad).item()
+        common.apply_lr_wd(opt.param_groups, lr_at(step, cfg.optim.lr), cfg.optim.weight_decay)
+        opt.step()
+        out.append({"step": step, "loss": tot / ntok, "grad_norm": gn})
+    ps.destroy_model_parallel()
+    return out
+
+
+def cmd_curve(a):
+    models, out = ([a.model] if isinstance(a.model, str) else a.model), a.out
+    for model in models:
+        one = argparse.Namespace(**{**vars(a), "model": model, "out": out.replace("{model}", model)})
+        curve_one(one)
+        try:  # next model in the same process: drop this one's process groups
+            from megatron.core import parallel_state as ps
+
+            ps.destroy_model_parallel()
+        except Exception:
+            pass
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+
+
+def curve_one(a):
+    cfg = make_cfg(a)
+    data = MarkovText(a.vocab, seed=a.seed)
+    t0 = time.time()
+    if a.engine == "reference":
+        rows = reference_curve(cfg, data, a.steps, a.vocab)
+    else:
+        from bitnet_dist.engines import make_engine
+
+        eng = make_engine(cfg)
+        eng.init_parallel()
+        eng.build(a.vocab)
+        n_micro = cfg.trainer.global_batch_size // (cfg.trainer.micro_batch_size * eng.dp_size)
+        rows, start = [], 0
+        if a.load:  # continue a run saved at another layout (dist checkpoint resharding)
+            start = int(eng.load(Path(a.load))["step"])
+        for step in range(start, a.steps):
+            # global micro-batch ids dp_rank*n_micro + j: the same global batch at every DP size
+            bs = [data.batch(step, eng.dp_rank * n_micro + j, cfg.trainer.micro_batch_size, cfg.trainer.seq_length)
+                  for j in range(n_micro)]
+            st = eng.train_step(bs, lr_at(step, cfg.optim.lr), cfg.optim.weight_decay)
+            rows.append({"step": step, "loss": st.loss, "grad_norm": st.grad_norm, "tokens": st.num_tokens})
+            if a.save_at is not None and step + 1 == a.save_at:
+                Path(a.save_dir).mkdir(parents=True, exist_ok=True)
+                eng.save(Path(a.save_dir), {"step": step + 1})
+        valid = [data.batch(0, j, cfg.trainer.micro_batch_size, cfg.trainer.seq_length, "valid") for j in range(2)]
+        ev = eng.eval_loss(valid)
+        rows.append({"eval_loss": ev[0], "eval_tokens": ev[1]})
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return  # every rank reports the same numbers; rank 0 writes them
+    res = {"engine": a.engine, "layout": {"tp": a.tensor, "pp": a.pipeline, "vp": a.virtual, "sp": a.sp},
+           "model": a.model, "precision": cfg.precision.name, "dtype": a.dtype,
+           "seq": a.seq, "mbs": a.mbs, "gbs": a.gbs, "lr": a.lr, "seed": a.seed, "vocab": a.vocab,
+           "kernels": cfg.precision.kernels, "wall_s": time.time() - t0, "rows": rows,
+           "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+    Path(a.out).write_text(json.dumps(res, indent=1))
+    print(f"[curve] {a.engine} {a.model} {cfg.precision.name} {a.dtype}: first {rows[0]['loss']:.5f} "
+          f"last {[r for r in rows if 'loss' in r][-1]['loss']:.5f} ({time.time() - t0:.1f}s)", flush=True)
+
+
+def cmd_compare(a):
+    A, B = (json.loads(Path(p).read_text()) for p in a.files)
+    da = {r["step"]: r["loss"] for r in A["rows"] if "loss" in r}
+    db = {r["step"]: r["loss"] for r in B["rows"] if "loss" in r}
+    steps = sorted(set(da) & set(db))  # by step: a resumed run starts later
+    la, lb = [da[k] for k in steps], [db[k] for k in steps]
+    rel = [abs(x - y) / abs(y) for x, y in zip(la, lb)]
+    res = {"a": a.files[0], "b": a.files[1], "first_a": la[0], "first_b": lb[0], "first_abs_diff": abs(la[0] - lb[0]),
+           "max_rel_diff": max(rel), "last_a": la[-1], "last_b": lb[-1], "steps": len(rel)}
+    print("[compare]", json.dumps(res), flush=True)
+    if a.out:
+        with open(a.out, "a") as f:
+            f.write(json.dumps(res) + "\n")
+
+
+# -- TP invariance on one GPU over gloo (model level) -----------------------------------------------------------
+def cmd_tp(a):
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from bitnet_dist.engines.common import position_ids
+    from bitnet_dist.engines.megatron_engine import MegatronEngine
+
+    dist.init_process_group("gloo")
+    world = dist.get_world_size()
+    results = {}
+    for model in a.models:
+        for sp in ([False, True] if world > 1 else [False]):
+            ns = argparse.Namespace(**{**vars(a), "model": model, "tensor": world, "engine": "megatron"})
+            cfg = make_cfg(ns)
+            cfg.parallel.sequence = sp
+            key = f"{model}/tp{world}" + ("/sp" if sp else "")
+            try:
+                eng = MegatronEngine(cfg, model_only=True)
+                eng.init_parallel()
+                eng.build(a.vocab)
+                (m,) = eng.model_chunks()
+                data = MarkovText(a.vocab, seed=a.seed)
+                b = {k: v.cuda() for k, v in data.batch(0, 0, a.mbs, a.seq).items()}
+                per = m(input_ids=b["tokens"], position_ids=position_ids(b["tokens"]), attention_mask=None,
+                        labels=b["labels"])
+                loss = (per * b["loss_mask"]).sum() / b["loss_mask"].sum()
+                loss.backward()
+                sq_tp = torch.zeros((), dtype=torch.float64, device="cuda")
+                sq_rep = torch.zeros((), dtype=torch.float64, device="cuda")
+                for p in m.parameters():
+                    if p.grad is not None:
+                        s = p.grad.double().pow(2).sum()
+                        if getattr(p, "tensor_model_parallel", False):
+                            sq_tp += s
+                        elif getattr(p, "sequence_parallel", False):
+                            # SP norm gains: each rank holds the grad of its sequence slice; sum them
+                            g = p.grad.double().clone()
+                            dist.all_reduce(g, group=ps.get_tensor_model_parallel_group())
+                            sq_rep += g.pow(2).sum()
+                        else:
+                            sq_rep += s
+                dist.all_reduce(sq_tp, group=ps.get_tensor_model_parallel_group())
+                results[key] = {"loss": loss.item(), "grad_norm": math.sqrt((sq_tp + sq_rep).item())}
+            except Exception as e:  # record and go on: one failing mode must not hide the others
+                results[key] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            ps.destroy_model_parallel()
+    if dist.get_rank() == 0:
+        print("[tp]", json.dumps(results), flush=True)
+        with open(a.out, "a") as f:
+            f.write(json.dumps(results) + "\n")
+    dist.destroy_process_group()
+
+
+# -- throughput --------------------------------------------------------------------------------------------------
+def flops_per_token(mc, seq: int, vocab: int) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward), megatron's convention: matmul
+    parameters x 6, attention scores and values 12 * L * s * h (full square), logits 6 * h * V."""
+    try:
+        from bitnet_dist.telemetry import flops_per_token as f
+
+        return float(f(mc, seq, vocab))
+    except Exception:
+        h, L, ffn = mc.hidden_size, mc.num_layers, mc.ffn_hidden_size
+        kv = h * (mc.num_query_groups or mc.num_attention_heads) // mc.num_attention_heads
+        per_layer = h * (h + 2 * kv) + h * h + 3 * h * ffn
+        return 6 * L * per_layer + 12 * L * seq * h + 6 * h * vocab
+
+
+def cmd_bench(a):
+    from bitnet_dist.engines import make_engine
+
+    rows = []
+    for prec in a.precision:
+        ns = argparse.Namespace(**{**vars(a), "precision": prec, "engine": "megatron"})
+        cfg = make_cfg(ns)
+        data = MarkovText(a.vocab, seed=a.seed)
+        try:
+            eng = make_engine(cfg)
+            eng.init_parallel()
+            eng.build(a.vocab)
+            n_micro = cfg.trainer.global_batch_size // cfg.trainer.micro_batch_size
+            steps = [[data.batch(s, j, a.mbs, a.seq) for j in range(n_micro)] for s in range(2)]
+            torch.cuda.reset_peak_memory_stats()
+            for i in range(a.warmup):
+                eng.train_step(steps[i % 2], 1e-4, 0.1)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for i in range(a.iters):
+                st = eng.train_step(steps[i % 2], 1e-4, 0.1)
+            torch.cuda.synchronize()
+            dt = (time.perf_counter() - t0) / a.iters
+            tok = a.gbs * a.seq
+            fpt = flops_per_token(cfg.model, a.seq, a.vocab)
+            row = {"model": a.model, "precision": prec, "kernels": cfg.precision.kernels, "seq": a.seq, "mbs": a.mbs,
+                   "gbs": a.gbs, "step_s": dt, "tokens_per_s": tok / dt, "tflops": fpt * tok / dt / 1e12,
+                   "mfu": fpt * tok / dt / H100_BF16_DENSE, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+                   "loss": st.loss}
+        except Exception as e:
+            row = {"model": a.model, "precision": prec, "error": f"{type(e).__name__}: {str(e)[:400]}"}
+        print("[bench]", json.dumps(row), flush=True)
+        rows.append(row)
+        # free this engine before the next precision
+        try:
+            from megatron.core import parallel_state as ps
+
+            del eng
+            ps.destroy_model_parallel()
+        except Exception:
+            pass
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
+    meta = {"device": torch.cuda.get_device_name(0), "date": _dt.datetime.utcnow().strftime("%Y-%m-%d"),
+            "torch": torch.__version__, "command": " ".join(sys.argv)}
+    with open(a.out, "a") as f:
+        for r in rows:
+            f.write(json.dumps({**meta, **r}) + "\n")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def common_args(q, model="tiny", seq=128, mbs=4, gbs=8, dtype="bf16"):
+        q.add_argument("--model", default=model)
+        q.add_argument("--layers", type=int, default=None)
+        q.add_argument("--kernels", default=None)
+        q.add_argument("--seq", type=int, default=seq)
+        q.add_argument("--mbs", type=int, default=mbs)
+        q.add_argument("--gbs", type=int, default=gbs)
+        q.add_argument("--dtype", default=dtype)
+        q.add_argument("--seed", type=int, default=1234)
+        q.add_argument("--lr", type=float, default=1e-3)
+        q.add_argument("--vocab", type=int, default=1024)
+        q.add_argument("--out", required=True)
+
+    q = sub.add_parser("curve")
+    common_args(q)
+    q.set_defaults(model=["tiny"])
+    q.add_argument("--models", dest="model", nargs="+")
+    q.add_argument("--engine", default="megatron", choices=["megatron", "deepspeed", "reference"])
+    q.add_argument("--precision", default="v2_a8")
+    q.add_argument("--steps", type=int, default=50)
+    # several GPUs (torchrun --nproc_per_node N): layout, and checkpoint save / continue at another layout
+    q.add_argument("--tp", dest="tensor", type=int, default=1)
+    q.add_argument("--pp", dest="pipeline", type=int, default=1)
+    q.add_argument("--vp", dest="virtual", type=int, default=None)
+    q.add_argument("--sp", action="store_true")
+    q.add_argument("--save-at", type=int, default=None)
+    q.add_argument("--save-dir", default="/tmp/megatron_ckpt")
+    q.add_argument("--load", default=None)
+    q = sub.add_parser("compare")
+    q.add_argument("files", nargs=2)
+    q.add_argument("--out", default=None)
+    q = sub.add_parser("tp")
+    common_args(q, dtype="fp32", mbs=2)
+    q.add_argument("--models", nargs="+", default=["small"])
+    q.add_argument("--precision", default="v2_a8")
+    q = sub.add_parser("bench")
+    common_args(q, model="400M", seq=2048, mbs=4, gbs=16)
+    q.add_argument("--precision", nargs="+", default=["bf16", "v2_a8", "v2_a4"])
+    q.add_argument("--warmup", type=int, default=3)
+    q.add_argument("--iters", type=int, default=8)
+    a = p.parse_args(argv)
+    {"curve": cmd_curve, "compare": cmd_compare, "tp": cmd_tp, "bench": cmd_bench}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    main()
