@@ -115,19 +115,22 @@ def _plot_curves(groups: dict, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.5))
-    for name, runs in groups.items():
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = ["-", ":", "-.", (0, (5, 1))]
+    for g, (name, runs) in enumerate(groups.items()):
+        color = colors[g % len(colors)]  # one colour per variant, one line style per seed
         for i, run in enumerate(runs):
             tok_per_step = run["cfg"]["trainer"]["global_batch_size"] * run["cfg"]["trainer"]["seq_length"]
             lo = series(run["recs"], "loss")
             vp = series(run["recs"], "val_ppl")
-            kw = dict(label=name if i == 0 else None, alpha=0.85, lw=1.2)
-            line = a1.plot([s * tok_per_step / 1e6 for s, _ in lo], [v for _, v in lo], **kw)[0]
-            a2.plot([s * tok_per_step / 1e6 for s, _ in vp], [v for _, v in vp], marker=".", color=line.get_color(),
-                    **{**kw, "label": None})
+            kw = dict(color=color, ls=styles[i % len(styles)], alpha=0.85, lw=1.2)
+            label = f"{name} (seed {run['cfg']['trainer']['seed']})"
+            a1.plot([s * tok_per_step / 1e6 for s, _ in lo], [v for _, v in lo], label=label, **kw)
+            a2.plot([s * tok_per_step / 1e6 for s, _ in vp], [v for _, v in vp], marker=".", **kw)
             sw = switch_step(run["recs"])
             if sw is not None:
                 for ax in (a1, a2):
-                    ax.axvline(sw * tok_per_step / 1e6, color=line.get_color(), ls="--", lw=0.8)
+                    ax.axvline(sw * tok_per_step / 1e6, color=color, ls="--", lw=0.8)
     a1.set(xlabel="tokens (M)", ylabel="train loss", title=f"{title}: training loss (dashed: 8->4 switch)")
     a2.set(xlabel="tokens (M)", ylabel="validation perplexity", yscale="log", title="validation perplexity")
     a1.legend(fontsize=8)

@@ -9,6 +9,14 @@
 #                      machine the default is "torch>=2.6", so pip keeps or fetches a CUDA build)
 bitnet_env_fail() { echo "launch/env.sh: $*" >&2; return 1; }
 
+# pip, without the machine's warnings about absent local index folders (PIP_FIND_LINKS entries).
+bitnet_pip() {
+  local out rc
+  out=$(python -m pip "$@" 2>&1); rc=$?
+  printf '%s\n' "$out" | grep -v "^WARNING: Location 'file:" | grep -v '^$' || true
+  return $rc
+}
+
 bitnet_setup_env() {
   local root py want stamp
   root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)" || return 1
@@ -26,8 +34,8 @@ bitnet_setup_env() {
   want="$(sha256sum "$root/pyproject.toml" | cut -c1-16) $BITNET_TORCH_SPEC"
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     rm -f "$stamp"
-    python -m pip install -q "$BITNET_TORCH_SPEC" || { bitnet_env_fail "installing $BITNET_TORCH_SPEC failed"; return 1; }
-    python -m pip install -q -e "$root[dev]" || { bitnet_env_fail "installing bitnet-dist failed"; return 1; }
+    bitnet_pip install -q "$BITNET_TORCH_SPEC" || { bitnet_env_fail "installing $BITNET_TORCH_SPEC failed"; return 1; }
+    bitnet_pip install -q -e "$root[dev]" || { bitnet_env_fail "installing bitnet-dist failed"; return 1; }
     echo "$want" > "$stamp"
   fi
 }
