@@ -38,15 +38,8 @@ import triton.language as tl
 
 from ._common import block_fwht, default_prec, next_pow2, num_sms, rint, round_to
 
-SCALE_EPS = 1e-5
-SQRT7 = math.sqrt(7.0)
-_QRANGE = {8: (-128, 127), 4: (-8, 7)}
-
-
-def _group_size(group) -> int:
-    if group is None or not dist.is_available() or not dist.is_initialized():
-        return 1
-    return dist.get_world_size(group)
+# One definition of the quantizers' constants: the reference numerics (bitnet_dist.quant).
+from bitnet_dist.quant import _QRANGE, SCALE_EPS, SQRT7, _group_size  # noqa: E402,F401
 
 
 # ----------------------------------------------------------------------------------------- kernels

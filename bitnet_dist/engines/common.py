@@ -181,3 +181,20 @@ def optional_float(x: Optional[Any]) -> Optional[float]:
     if x is None:
         return None
     return float(x.item() if isinstance(x, torch.Tensor) else x)
+
+
+class MegatronDataParallelTopology:
+    """dp_rank / dp_size from megatron's parallel_state, which both engines initialize (DeepSpeed too: its
+    tensor parallelism goes through megatron's layers)."""
+
+    @property
+    def dp_rank(self) -> int:
+        from megatron.core import parallel_state as ps
+
+        return ps.get_data_parallel_rank()
+
+    @property
+    def dp_size(self) -> int:
+        from megatron.core import parallel_state as ps
+
+        return ps.get_data_parallel_world_size()

@@ -24,6 +24,7 @@ import torch
 
 from bitnet_dist.engines import common
 from bitnet_dist.engines.base import Batch, Engine, StepStats
+from bitnet_dist.engines.common import MegatronDataParallelTopology
 from bitnet_dist.validate import ConfigError
 
 CKPT_TAG = "state"  # DeepSpeed's sub-directory inside the checkpoint directory
@@ -66,7 +67,7 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-class DeepSpeedEngine(Engine):
+class DeepSpeedEngine(MegatronDataParallelTopology, Engine):
     """See bitnet_dist.engines.base.Engine; constructed ``DeepSpeedEngine(cfg: TrainConfig)``."""
 
     name = "deepspeed"
@@ -264,18 +265,6 @@ class DeepSpeedEngine(Engine):
 
     def model_chunks(self) -> list[torch.nn.Module]:
         return [self._ds.module]
-
-    @property
-    def dp_rank(self) -> int:
-        from megatron.core import parallel_state as ps
-
-        return ps.get_data_parallel_rank()
-
-    @property
-    def dp_size(self) -> int:
-        from megatron.core import parallel_state as ps
-
-        return ps.get_data_parallel_world_size()
 
     @property
     def device(self) -> torch.device:

@@ -38,6 +38,7 @@ import torch.distributed as dist
 
 from bitnet_dist.engines.base import Batch, Engine, StepStats
 from bitnet_dist.engines.common import (
+    MegatronDataParallelTopology,
     batch_to_device,
     ensure_process_group,
     load_trainer_state,
@@ -126,7 +127,7 @@ def _unwrap(m: torch.nn.Module) -> torch.nn.Module:
     return m
 
 
-class MegatronEngine(Engine):
+class MegatronEngine(MegatronDataParallelTopology, Engine):
     """Engine(cfg) on megatron-core. ``model_only=True`` (tests, tools): CPU allowed, ``build`` makes the
     model chunks without DDP or optimizer, and ``train_step`` is unavailable."""
 
@@ -467,18 +468,6 @@ class MegatronEngine(Engine):
         return load_trainer_state(ckpt_dir)
 
     # -- topology -------------------------------------------------------------------------------------------
-    @property
-    def dp_rank(self) -> int:
-        from megatron.core import parallel_state as ps
-
-        return ps.get_data_parallel_rank()
-
-    @property
-    def dp_size(self) -> int:
-        from megatron.core import parallel_state as ps
-
-        return ps.get_data_parallel_world_size()
-
     @property
     def device(self) -> torch.device:
         if self._device is None:
