@@ -26,6 +26,11 @@ WANDB_MODES = ("offline", "online", "disabled")
 
 KINDS = ("qkv", "fc1", "wo", "wdown")
 OUTLIER_STDS = 6.0  # |x| > 6 standard deviations of its token counts as an outlier
+# Histograms of the H-BitLinear inputs (Wo, Wdown) before / after the Hadamard transform: values divided by
+# their token's RMS, HIST_BINS bins over [-HIST_RANGE, HIST_RANGE]; values beyond fall into the end bins.
+HIST_KINDS = ("wo", "wdown")
+HIST_BINS = 64
+HIST_RANGE = 8.0
 # Per kind, summed over calls, layers and ranks:
 _SUM_FIELDS = ("tokens", "kurt_pre", "kurt_post", "outl_pre", "outl_post", "elems",
                "err8_sq", "err4_sq", "x_sq", "w_neg", "w_zero", "w_pos")
@@ -125,6 +130,19 @@ def activation_moments(x: torch.Tensor) -> dict[str, torch.Tensor]:
             "elems": torch.tensor(float(xf.numel()), device=xf.device)}
 
 
+def normalized_histogram(x: torch.Tensor) -> torch.Tensor:
+    """Counts [HIST_BINS] (fp64) of x / RMS(token) over [-HIST_RANGE, HIST_RANGE], ends clamped; all-zero
+    tokens count at 0. No host sync."""
+    xf = x.detach().float().reshape(-1, x.shape[-1])
+    rms = xf.pow(2).mean(dim=-1, keepdim=True).sqrt()
+    z = torch.where(rms > 0, xf / rms.clamp_min(1e-30), torch.zeros_like(xf)).clamp(-HIST_RANGE, HIST_RANGE)
+    return torch.histc(z, bins=HIST_BINS, min=-HIST_RANGE, max=HIST_RANGE).double()
+
+
+def hist_edges() -> list[float]:
+    return torch.linspace(-HIST_RANGE, HIST_RANGE, HIST_BINS + 1, dtype=torch.float64).tolist()
+
+
 def quant_error_sq(x: torch.Tensor, bits: int) -> torch.Tensor:
     """||x - Q(x)||^2 with bitnet_dist.quant's per-token quantizer (x holds whole tokens)."""
     from bitnet_dist import quant
@@ -156,6 +174,7 @@ class _StatsProbe:
         self.device = next((p.device for c in self.chunks for p in c.parameters()), torch.device("cpu"))
         self.sums = torch.zeros(len(KINDS), len(_SUM_FIELDS), dtype=torch.float64, device=self.device)
         self.maxes = torch.zeros(len(KINDS), len(_MAX_FIELDS), dtype=torch.float64, device=self.device)
+        self.hists = torch.zeros(len(KINDS), 2, HIST_BINS, dtype=torch.float64, device=self.device)
         self._weights_seen: set[int] = set()
 
     def install(self) -> None:
@@ -178,6 +197,8 @@ class _StatsProbe:
                            post.detach().float().pow(2).sum(), *self._weight_counts(layer, post.device)])
         self.sums[k] += row.to(self.sums)
         self.maxes[k] = torch.maximum(self.maxes[k], torch.stack([a["absmax"], b["absmax"]]).to(self.maxes))
+        if layer.layer_kind in HIST_KINDS:
+            self.hists[k] += torch.stack([normalized_histogram(pre), normalized_histogram(post)]).to(self.hists)
 
     def _weight_counts(self, layer, device) -> list[torch.Tensor]:
         # Once per layer and probe, inside the layer's forward (ZeRO-3 has gathered the weight there).
@@ -191,11 +212,12 @@ class _StatsProbe:
         """Reduce over all ranks (SUM / MAX), one host sync, then the per-kind scalars."""
         import torch.distributed as dist
 
-        sums, maxes = self.sums, self.maxes
+        sums, maxes, hists = self.sums, self.maxes, self.hists
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(sums)
             dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
-        s_rows = torch.cat([sums, maxes], dim=1).tolist()  # the one host sync
+            dist.all_reduce(hists)
+        s_rows = torch.cat([sums, maxes, hists.flatten(1)], dim=1).tolist()  # the one host sync
         out: dict[str, float] = {}
         nan = float("nan")
         for k, kind in enumerate(KINDS):
@@ -212,6 +234,14 @@ class _StatsProbe:
             out[p + "outlier_ratio_post"] = s["outl_post"] / s["elems"]
             out[p + "qerr_int8"] = math.sqrt(s["err8_sq"] / s["x_sq"]) if s["x_sq"] > 0 else nan
             out[p + "qerr_int4"] = math.sqrt(s["err4_sq"] / s["x_sq"]) if s["x_sq"] > 0 else nan
+            if kind in HIST_KINDS:
+                h = row[len(_SUM_FIELDS) + len(_MAX_FIELDS):]
+                for i, when in enumerate(("pre", "post")):
+                    counts = h[i * HIST_BINS:(i + 1) * HIST_BINS]
+                    total = sum(counts)
+                    if total > 0:
+                        out[p + f"hist_{when}"] = [c / total for c in counts]
+                out[p + "hist_edges"] = hist_edges()
             w = s["w_neg"] + s["w_zero"] + s["w_pos"]
             if w > 0:
                 out[p + "wfrac_neg"], out[p + "wfrac_zero"], out[p + "wfrac_pos"] = (
@@ -292,7 +322,22 @@ class Telemetry:
         clean = {k: _plain(v) for k, v in metrics.items()}
         self._write({"step": int(step), **clean})
         if self._wandb is not None:
-            self._wandb.log({k: (float("nan") if v is None else v) for k, v in clean.items()}, step=int(step))
+            self._wandb.log(self._for_wandb(clean), step=int(step))
+
+    def _for_wandb(self, clean: dict[str, Any]) -> dict[str, Any]:
+        """Scalars as they are (None -> NaN); histogram lists as wandb.Histogram; other lists left out."""
+        import wandb
+
+        out = {}
+        for k, v in clean.items():
+            if isinstance(v, list):
+                if "/hist_pre" in k or "/hist_post" in k:
+                    edges = clean.get(k.rsplit("/", 1)[0] + "/hist_edges")
+                    if edges is not None:
+                        out[k] = wandb.Histogram(np_histogram=(v, edges))
+                continue
+            out[k] = float("nan") if v is None else v
+        return out
 
     def event(self, step: int, name: str, **fields: Any) -> None:
         """One line {"step", "event": name, **fields}; wandb gets event/<name> = 1 and its numeric fields."""

@@ -158,12 +158,26 @@ def _expected():
     }
 
 
+def _expected_hist():
+    """x / RMS(token) for _pre_post (RMS 1 for every token, before and after): one value at +8 (last bin),
+    63 zeros (bin 32 of 64 over [-8, 8]), 32 at +1 (bin 36), 32 at -1 (bin 28); the same after the
+    transform, whose tokens swap roles."""
+    h = [0.0] * 64
+    h[63], h[32], h[36], h[28] = 1, 63, 32, 32
+    return [c / 128 for c in h]
+
+
 def _check(result, kind):
     exp = _expected()
     got = {k.split("/")[-1]: v for k, v in result.items() if k.startswith(f"stats/{kind}/")}
+    hist = {k: got.pop(k) for k in ("hist_pre", "hist_post", "hist_edges") if k in got}
     assert set(got) == set(exp)
     for k, v in exp.items():
         assert got[k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
+    assert set(hist) == {"hist_pre", "hist_post", "hist_edges"}  # wo and wdown are H-BitLinear inputs
+    assert hist["hist_pre"] == pytest.approx(_expected_hist(), abs=1e-12)
+    assert hist["hist_post"] == pytest.approx(_expected_hist(), abs=1e-12)
+    assert hist["hist_edges"][0] == -8.0 and hist["hist_edges"][-1] == 8.0 and len(hist["hist_edges"]) == 65
 
 
 def test_stats_probe_hand_computed(tmp_path):
