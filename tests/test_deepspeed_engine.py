@@ -160,6 +160,9 @@ def test_two_processes_follow_single_process_curve(reference, zero, tp):
     # INT8 roundings flip (measured: qerr_int8 within 6e-4 relative, everything else within 1.2e-4).
     rel = 1e-4 if tp == 1 else 2e-3
     for k, v in reference["stats"].items():
+        if "/hist_" in k:  # bin fractions: a value on a bin edge may change bin with its last bits
+            assert r0["stats"][k] == pytest.approx(v, abs=1e-3 if tp > 1 else 1e-6), k
+            continue
         assert r0["stats"][k] == pytest.approx(v, rel=rel, abs=1e-6), k
 
 
