@@ -147,6 +147,7 @@ def _saved_bytes(fn, params=()):
 
 
 def bench_layer(args):
+    from bitnet_dist import step_cache
     from bitnet_dist.kernels import hbit_linear
     from bitnet_dist.kernels.ternary import quantize_weight
 
@@ -174,6 +175,7 @@ def bench_layer(args):
                 r = {"model": model, "layer": kind, "tokens": T, "K": K, "N": N, "hadamard": had}
                 # once per optimizer step, amortized over the step's micro-batches (not in the times below)
                 r["weight_quant_ms"] = timed(lambda: quantize_weight(lin.weight.detach(), fp8=True), 2, 5)
+                step_cache.advance()  # one generation: the timed calls reuse the codes like a step's micro-batches
                 for name, fwd in variants.items():
                     def step(fwd=fwd):
                         y = fwd()

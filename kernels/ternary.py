@@ -5,8 +5,10 @@
 
 ``quantize_weight`` runs two kernels (row abs-sums; codes) plus a tiny segment reduction in torch between
 them, so the caller's TP group can all-reduce the [2, segments] statistic. ``cached_ternary`` keys the
-result on the weight's storage and version counter: the optimizer's in-place update bumps the version,
-so micro-batches of one step reuse the codes and the next step recomputes them.
+result on the step generation that the engines open per train_step / eval_loss (bitnet_dist.step_cache;
+megatron's optimizers write weights through ``.data``, which the version counter does not see) and on the
+weight's storage and version counter: micro-batches of one step reuse the codes, the next step
+recomputes them, and with no generation open nothing is cached.
 
 2-bit format (storage, communication): code c in {-1, 0, 1} is stored as c + 1 in {0, 1, 2}; four
 consecutive codes of a row share a byte, the first in the lowest two bits. Rows are padded to a multiple
@@ -202,11 +204,15 @@ _CACHE_ATTR = "_bitnet_ternary_cache"
 
 def cached_ternary(weight: torch.Tensor, segments: Optional[torch.Tensor] = None, group=None,
                    *, fp8: bool = False) -> TernaryWeight:
-    """``quantize_weight`` once per weight version (an optimizer step, a checkpoint load): the key is the
-    storage pointer, the version counter, shape, dtype, the segments and the group, so micro-batches reuse
-    the codes. The cache lives on the Parameter itself (freed with it)."""
+    """``quantize_weight`` once per step generation and weight version: the key is the generation
+    (bitnet_dist.step_cache), the storage pointer, the version counter, shape, dtype, the segments and the
+    group, so micro-batches of one step reuse the codes. No open generation: no caching. The cache lives
+    on the Parameter itself (freed with it)."""
+    from bitnet_dist import step_cache
+
+    generation = step_cache.current()
     seg_key = None if segments is None else (segments.data_ptr(), segments._version, segments.numel())
-    key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype, seg_key, id(group))
+    key = (generation, weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype, seg_key, id(group))
     hit = getattr(weight, _CACHE_ATTR, None)
     if hit is not None and hit[0] == key:
         tw = hit[1]
@@ -216,6 +222,8 @@ def cached_ternary(weight: torch.Tensor, segments: Optional[torch.Tensor] = None
     num_segments = None if segments is None else int(segments.max().item()) + 1
     with torch.no_grad():
         tw = quantize_weight(weight, segments, num_segments, group, fp8=fp8)
+    if generation is None:  # no step open (outside the engines): never reuse
+        return tw
     try:
         setattr(weight, _CACHE_ATTR, (key, tw))
     except (AttributeError, RuntimeError):  # a non-leaf view: no cache, still correct

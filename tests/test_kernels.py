@@ -132,14 +132,29 @@ def test_ternary_codes_scales_and_packing():
         unpack2bit(p, 3)
 
 
-def test_weight_cache_follows_version():
+def test_weight_cache_follows_step_generation_and_version():
+    from bitnet_dist import step_cache
+
     w = torch.nn.Parameter(torch.randn(32, 16))
-    a = cached_ternary(w)
-    assert cached_ternary(w) is a  # micro-batches of one step reuse it
-    with torch.no_grad():
-        w.mul_(-1.0)  # an optimizer step updates in place: new version
-    b = cached_ternary(w)
-    assert b is not a and torch.equal(b.codes, -a.codes)
+    try:
+        step_cache.reset()
+        a = cached_ternary(w)
+        assert cached_ternary(w) is not a  # no step open: nothing is reused
+        step_cache.advance()
+        a = cached_ternary(w)
+        assert cached_ternary(w) is a  # micro-batches of one step reuse it
+        with torch.no_grad():
+            w.mul_(-1.0)  # an in-place update through the parameter: new version
+        b = cached_ternary(w)
+        assert b is not a and torch.equal(b.codes, -a.codes)
+        # megatron's optimizers write through .data, which the version counter does not see ...
+        w.data.copy_(-w.data)
+        assert cached_ternary(w) is b  # (stale within the generation: weights must not change inside a step)
+        step_cache.advance()  # ... so the engines open a new generation per step
+        c = cached_ternary(w)
+        assert c is not b and torch.equal(c.codes, a.codes)
+    finally:
+        step_cache.reset()
 
 
 def test_int8_gemm_exact():

@@ -201,3 +201,57 @@ def test_dist_checkpoint_reshards_tp2_to_pp2_vp2_to_tp1(tmp_path):
     assert after == ref
     assert after == pytest.approx(res[0][0], abs=1e-3)  # and compute the TP=2 loss up to TP rounding
     assert abs(before - after) > 1e-4  # the load changed the freshly initialized model
+
+
+def test_distributed_optimizer_load_keeps_adam_step():
+    """megatron-core 0.16.1 + torch AdamW: loading fully_reshardable state copies every live state key,
+    but the loaded tensors lack "step" (KeyError on the H100); the engine's wrapper hands the live step back."""
+    import types
+
+    calls = []
+    main = torch.zeros(3)
+    opt = types.SimpleNamespace(
+        model_param_group_index_map={"p": (0, 0)},
+        optimizer=types.SimpleNamespace(param_groups=[{"params": [main]}],
+                                        state={main: {"step": torch.tensor(7.0), "exp_avg": torch.zeros(3)}}),
+    )
+
+    def orig(model_param, tensors):
+        calls.append(dict(tensors))
+        live = opt.optimizer.state[main]
+        for k in ("param", *live):
+            (main if k == "param" else live[k]).copy_(tensors[k])  # what megatron does: KeyError without "step"
+
+    opt._set_main_param_and_optimizer_states = orig
+    eng = MegatronEngine.__new__(MegatronEngine)
+    eng.optimizer = opt
+    eng._keep_adam_step_on_load()
+    eng._keep_adam_step_on_load()  # idempotent: wraps once
+    opt._set_main_param_and_optimizer_states("p", {"param": torch.ones(3), "exp_avg": torch.full((3,), 2.0)})
+    assert len(calls) == 1 and float(calls[0]["step"]) == 7.0
+    assert torch.equal(main, torch.ones(3)) and torch.equal(opt.optimizer.state[main]["exp_avg"], torch.full((3,), 2.0))
+    with pytest.raises(KeyError):  # the unwrapped megatron behaviour, for contrast
+        orig("p", {"param": torch.ones(3), "exp_avg": torch.zeros(3)})
+
+
+def _eval_generation_worker(rank, world, cfg):
+    from bitnet_dist import step_cache
+
+    eng = MegatronEngine(cfg, model_only=True)
+    eng.init_parallel()
+    eng.build(VOCAB)
+    seen = []
+    for _ in range(2):
+        eng.eval_loss([fixed_batch(1)])
+        seen.append(step_cache.current())
+    return seen
+
+
+@pytest.mark.slow
+def test_eval_opens_a_new_weight_generation():
+    """Derived-weight caches (the Triton path's ternary codes) are keyed on a generation the engine opens per
+    call: megatron's optimizers write weights through .data, which parameter versions do not see."""
+    from dist_utils import run_ranks
+
+    (seen,) = run_ranks(_eval_generation_worker, 1, tiny_cfg())
+    assert seen[0] is not None and seen[1] > seen[0]

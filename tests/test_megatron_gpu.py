@@ -98,12 +98,15 @@ def test_checkpoint_resume_continues_the_same_curve(tmp_path):
         e.train_step(step_batches(s), 3e-3, 0.1)
     Path(tmp_path / "ck").mkdir()
     e.save(tmp_path / "ck", {"step": 3})
+    saved_eval = e.eval_loss(step_batches(3))[0]
     cont = [e.train_step(step_batches(s), 3e-3, 0.1).loss for s in range(3, 6)]
     del e
     e2 = make(cfg_for(seed=99))  # other initial weights: only the load restores them
     assert e2.load(tmp_path / "ck") == {"step": 3}
+    first = e2.eval_loss(step_batches(3))[0]  # the loaded model weights alone, before any step
     resumed = [e2.train_step(step_batches(s), 3e-3, 0.1).loss for s in range(3, 6)]
-    assert resumed == pytest.approx(cont, abs=1e-5)
+    assert first == pytest.approx(saved_eval, abs=1e-5), (first, saved_eval)
+    assert resumed == pytest.approx(cont, abs=1e-5), (resumed, cont)
 
 
 def test_act_bits_switch_reaches_every_layer_and_changes_the_loss():

@@ -22,6 +22,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from bitnet_dist import step_cache
 from bitnet_dist.engines import common
 from bitnet_dist.engines.base import Batch, Engine, StepStats
 from bitnet_dist.engines.common import MegatronDataParallelTopology
@@ -181,6 +182,7 @@ class DeepSpeedEngine(MegatronDataParallelTopology, Engine):
             raise ValueError(f"train_step got {len(micro_batches)} micro-batches; this layout needs "
                              f"global_batch_size/(micro_batch_size*dp) = {self._grad_acc_steps}")
         ds, dp_group = self._ds, ps.get_data_parallel_group()
+        step_cache.advance()  # the weights changed since the last step (derived-weight caches)
         batches = [common.batch_to_device(b, self._device) for b in micro_batches]
         num_tokens = common.global_token_count(batches, dp_group, self._device)
         scale = self.dp_size / max(num_tokens, 1)
@@ -197,6 +199,7 @@ class DeepSpeedEngine(MegatronDataParallelTopology, Engine):
                     # Plain fp32 DeepSpeed clips without keeping the norm: measure it (grads are reduced).
                     grad_norm = self._fp32_grad_norm()
             ds.step()
+        step_cache.advance()  # the optimizer stepped at the last micro-batch: later forwards get new codes
         if grad_norm is None:
             grad_norm = common.optional_float(ds.get_global_grad_norm())
         loss = common.reduce_loss(loss_sum, num_tokens, dp_group)
@@ -212,6 +215,7 @@ class DeepSpeedEngine(MegatronDataParallelTopology, Engine):
     def eval_loss(self, batches: Iterable[Batch]) -> tuple[float, int]:
         from megatron.core import parallel_state as ps
 
+        step_cache.advance()
         batches = [common.batch_to_device(b, self._device) for b in batches]
         num_tokens = common.global_token_count(batches, ps.get_data_parallel_group(), self._device)
         self._ds.eval()

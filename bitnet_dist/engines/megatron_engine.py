@@ -36,6 +36,7 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from bitnet_dist import step_cache
 from bitnet_dist.engines.base import Batch, Engine, StepStats
 from bitnet_dist.engines.common import (
     MegatronDataParallelTopology,
@@ -202,6 +203,16 @@ class MegatronEngine(MegatronDataParallelTopology, Engine):
             # main_grad cannot apply (notes section 6.3)
             gradient_accumulation_fusion=False,
         )
+        if par.virtual_pipeline:
+            # Interleaved 1F1B exchanges activations and gradients with both neighbours in one call.
+            # At PP=2 both neighbours are the same rank, and megatron-core's batched path
+            # (p2p_communication._batched_p2p_ops: send_prev, recv_prev, send_next, recv_next on every
+            # rank) pairs rank 0's gradient send with rank 1's activation receive: measured on 2 H200s,
+            # micro-batches 3 and 4 of each step got the wrong hidden states (loss off by 3e-3 at step 0,
+            # training visibly worse). The unbatched path (_p2p_ops) orders by rank parity and uses a
+            # second group at PP=2; Megatron-LM's default for the interleaved schedule is the same
+            # (overlap_p2p_comm on, batch_p2p_comm off).
+            overrides.update(overlap_p2p_comm=True, batch_p2p_comm=False)
         return transformer_config(self.cfg.model, par, params_dtype=self._dtype, bf16=bf16,
                                   use_cpu_initialization=True, **overrides)
 
@@ -313,6 +324,7 @@ class MegatronEngine(MegatronDataParallelTopology, Engine):
         from megatron.core import parallel_state as ps
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        step_cache.advance()  # new weights since the last call (an optimizer step, a load): derived caches
         n = len(batches)
         mbs, seq = batches[0]["tokens"].shape
         # every chunk walks the same micro-batches: the first stage reads tokens, the last labels/mask
@@ -327,6 +339,8 @@ class MegatronEngine(MegatronDataParallelTopology, Engine):
         # [loss_sum, tokens] on the last stage (zeros elsewhere), summed over DP, then sent to the
         # whole pipeline group so every rank returns the same number
         t = torch.zeros(2, dtype=torch.float64, device=self._device)
+        # per micro-batch mean losses in schedule order (last stage only; for diagnostics)
+        self.last_micro_losses = [(d["loss_sum"] / d["num_tokens"].clamp(min=1)).item() for d in out]
         if ps.is_pipeline_last_stage(ignore_virtual=True):
             for d in out:
                 t[0] += d["loss_sum"].double()
@@ -350,6 +364,7 @@ class MegatronEngine(MegatronDataParallelTopology, Engine):
         self.optimizer.zero_grad()
         loss, ntok = self._run_schedule(micro_batches, forward_only=False)
         ok, grad_norm, _ = self.optimizer.step()
+        step_cache.advance()  # forwards outside train_step (telemetry probes) must not see the old codes
         grad_norm = float("nan") if grad_norm is None else float(grad_norm)
         return StepStats(loss=loss, grad_norm=grad_norm, num_tokens=ntok,
                          skipped=(not ok) or not math.isfinite(grad_norm))
@@ -361,6 +376,7 @@ class MegatronEngine(MegatronDataParallelTopology, Engine):
             m.eval()
         try:
             if self.optimizer is None:  # model_only: one chunk, no pipeline
+                step_cache.advance()
                 from megatron.core import parallel_state as ps
 
                 if len(self._chunks) != 1 or ps.get_pipeline_model_parallel_world_size() != 1:
@@ -464,8 +480,38 @@ class MegatronEngine(MegatronDataParallelTopology, Engine):
         for i, m in enumerate(self._raw):
             m.load_state_dict(loaded[f"model{i}"])
         if self.optimizer is not None:
+            self._keep_adam_step_on_load()
             self.optimizer.load_state_dict(loaded["optimizer"])
         return load_trainer_state(ckpt_dir)
+
+    def _keep_adam_step_on_load(self) -> None:
+        """Work around megatron-core 0.16.1 loading ``fully_reshardable`` state into torch Adam.
+
+        Without Apex/TE the inner optimizer is torch AdamW, whose per-parameter state holds ``step``.
+        ``DistributedOptimizer.load_state_dict`` restores that step from the param groups
+        (distrib_optimizer.py:817-825), then ``load_parameter_state_from_fully_reshardable`` drops
+        "step" from the loaded tensors (:2101) while ``_set_main_param_and_optimizer_states`` copies
+        every key of the live state (:936-940): KeyError 'step' (measured on the H100). The wrapper
+        hands the already restored step back for that key; a no-op where the key is present.
+        """
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            orig = getattr(opt, "_set_main_param_and_optimizer_states", None)
+            if orig is None or getattr(orig, "_bitnet_keeps_step", False):
+                continue
+
+            def keep_step(model_param, tensors, _opt=opt, _orig=orig):
+                if "step" not in tensors:
+                    try:  # megatron-core internals: leave other releases' layouts alone
+                        gi, go = _opt.model_param_group_index_map[model_param]
+                        live = _opt.optimizer.state.get(_opt.optimizer.param_groups[gi]["params"][go], {})
+                    except (AttributeError, KeyError, IndexError, TypeError):
+                        live = {}
+                    if torch.is_tensor(live.get("step")):
+                        tensors = {**tensors, "step": live["step"].clone()}
+                return _orig(model_param, tensors)
+
+            keep_step._bitnet_keeps_step = True
+            opt._set_main_param_and_optimizer_states = keep_step
 
     # -- topology -------------------------------------------------------------------------------------------
     @property

@@ -9,6 +9,20 @@ import json
 from pathlib import Path
 
 
+NOTES = [
+    "Caveats of the 2026-11-24 run:",
+    "",
+    "* The v2 rows ran with a bug since fixed: the Triton path cached the ternary weight codes keyed on the "
+    "parameter's version counter, which megatron's optimizers do not bump (they write through `.data`), so "
+    "the codes were computed once per run instead of once per step. The missing per-step cost is one "
+    "`quantize_weight` per BitLinear: 1.57 ms per 1.3B layer (docs/benchmarks/kernels.md, 4 matrices) x 18 layers "
+    "= ~28 ms per step, i.e. the 1.3B v2 rows would be ~6% slower (~0.94x bf16); at 400M, with the same "
+    "~0.35 ms floor per matrix (launch-bound at these sizes), ~34 ms of 0.69 s, ~5%. Not re-measured.",
+    "* At 1.3B all three precisions took the same time per step to 0.5% (0.462-0.464 s) while at 400M v2 is "
+    "0.64-0.69x bf16: not understood; a profile of the 1.3B step is needed before reading these rows as a result.",
+]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("bench")
@@ -45,6 +59,7 @@ def main(argv=None):
         lines.append(f"| {r['model']} | {r['precision']} | {r['kernels']} | {r['seq']} | {r['mbs']} x {r['gbs']} | "
                      f"{r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {r['tflops']:.1f} | {100 * r['mfu']:.1f}% | {vs} | "
                      f"{r['peak_mem_gib']:.1f} |")
+    lines += ["", *NOTES]
     cmds = sorted({r.get("command", "") for r in rows if r.get("command")})
     lines += ["", "Commands (device machine, repo root, wheels on PYTHONPATH):", ""]
     lines += [f"    python {c}" for c in cmds]

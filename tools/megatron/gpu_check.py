@@ -301,6 +301,15 @@ def cmd_bench(a):
                 st = eng.train_step(steps[i % 2], 1e-4, 0.1)
             torch.cuda.synchronize()
             dt = (time.perf_counter() - t0) / a.iters
+            if a.profile:  # one more step under the profiler: where the step's GPU time goes
+                from torch.profiler import ProfilerActivity, profile
+
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    eng.train_step(steps[0], 1e-4, 0.1)
+                    torch.cuda.synchronize()
+                table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+                Path(a.profile).mkdir(parents=True, exist_ok=True)
+                (Path(a.profile) / f"{a.model}_{prec}.txt").write_text(table)
             tok = a.gbs * a.seq
             fpt = flops_per_token(cfg.model, a.seq, a.vocab)
             row = {"model": a.model, "precision": prec, "kernels": cfg.precision.kernels, "seq": a.seq, "mbs": a.mbs,
@@ -374,6 +383,7 @@ def main(argv=None):
     q.add_argument("--precision", nargs="+", default=["bf16", "v2_a8", "v2_a4"])
     q.add_argument("--warmup", type=int, default=3)
     q.add_argument("--iters", type=int, default=8)
+    q.add_argument("--profile", default=None, help="folder for a torch.profiler table of one extra step")
     a = p.parse_args(argv)
     {"curve": cmd_curve, "compare": cmd_compare, "tp": cmd_tp, "bench": cmd_bench}[a.cmd](a)
 
