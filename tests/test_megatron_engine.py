@@ -255,3 +255,52 @@ def test_eval_opens_a_new_weight_generation():
 
     (seen,) = run_ranks(_eval_generation_worker, 1, tiny_cfg())
     assert seen[0] is not None and seen[1] > seen[0]
+
+
+def _pipelined_forward_worker(rank, world, cfg):
+    """Loss of one batch through this layout's chunks, walked stage by stage with send/recv (what the
+    schedules do, without them: megatron's schedules are CUDA-only), and the global layer numbers held."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from bitnet_dist.engines.common import position_ids
+
+    eng = MegatronEngine(cfg, model_only=True)
+    eng.init_parallel()
+    eng.build(VOCAB)
+    chunks = eng.model_chunks()
+    b = fixed_batch(1)
+    pp, r = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
+    h, loss = None, None
+    for v in range(len(chunks)):
+        for s in range(pp):
+            first, last = v == 0 and s == 0, v == len(chunks) - 1 and s == pp - 1
+            if s == r:
+                if not first:
+                    chunks[v].set_input_tensor(h)
+                out = chunks[v](input_ids=b["tokens"], position_ids=position_ids(b["tokens"]), attention_mask=None,
+                                labels=b["labels"] if last else None)
+                if last:
+                    loss = ((out * b["loss_mask"]).sum() / b["loss_mask"].sum()).item()
+                else:
+                    h = out.detach().contiguous()
+                    dist.send(h, dst=(s + 1) % pp)
+            elif not last and r == (s + 1) % pp:
+                h = torch.empty(SEQ, 2, cfg.model.hidden_size)
+                dist.recv(h, src=s)
+    return [[layer.layer_number for layer in m.decoder.layers] for m in chunks], loss
+
+
+@pytest.mark.slow
+def test_pipeline_and_virtual_pipeline_chunks_compute_the_tp1_model():
+    """PP=2 and PP=2 x VP=2 hold the right global layers in the right order and, walked stage by stage,
+    give the TP=1 loss exactly (CPU, fp32): the model side of pipeline parallelism, independent of the
+    schedules (their p2p is covered by test_pipeline_p2p.py and the GPU runs in docs/megatron.md)."""
+    from dist_utils import run_ranks
+
+    ((layers1, ref),) = run_ranks(_pipelined_forward_worker, 1, tiny_cfg(layers=4))
+    assert layers1 == [[1, 2, 3, 4]] and math.isfinite(ref)
+    pp2 = run_ranks(_pipelined_forward_worker, 2, tiny_cfg(pp=2, layers=4, global_batch_size=8))
+    assert [x[0] for x in pp2] == [[[1, 2]], [[3, 4]]] and pp2[1][1] == ref
+    vp2 = run_ranks(_pipelined_forward_worker, 2, tiny_cfg(pp=2, vp=2, layers=4, global_batch_size=8))
+    assert [x[0] for x in vp2] == [[[1], [3]], [[2], [4]]] and vp2[1][1] == ref
