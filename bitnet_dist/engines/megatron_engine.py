@@ -339,8 +339,7 @@ class MegatronEngine(MegatronDataParallelTopology, Engine):
         # [loss_sum, tokens] on the last stage (zeros elsewhere), summed over DP, then sent to the
         # whole pipeline group so every rank returns the same number
         t = torch.zeros(2, dtype=torch.float64, device=self._device)
-        # per micro-batch mean losses in schedule order (last stage only; for diagnostics)
-        self.last_micro_losses = [(d["loss_sum"] / d["num_tokens"].clamp(min=1)).item() for d in out]
+        self._last_out = out  # per-micro-batch records, read only on demand (last_micro_losses)
         if ps.is_pipeline_last_stage(ignore_virtual=True):
             for d in out:
                 t[0] += d["loss_sum"].double()
@@ -351,6 +350,12 @@ class MegatronEngine(MegatronDataParallelTopology, Engine):
                            group=ps.get_pipeline_model_parallel_group())
         loss_sum, ntok = t.tolist()
         return (loss_sum / ntok if ntok else float("nan")), int(round(ntok))
+
+    @property
+    def last_micro_losses(self) -> list[float]:
+        """Mean loss of each micro-batch of the last schedule run, in schedule order (last pipeline stage;
+        empty elsewhere). For diagnostics: the host syncs happen here, not in the step."""
+        return [(d["loss_sum"] / d["num_tokens"].clamp(min=1)).item() for d in getattr(self, "_last_out", [])]
 
     def train_step(self, micro_batches: Sequence[Batch], lr: float, weight_decay: float) -> StepStats:
         if self.optimizer is None:
