@@ -45,6 +45,7 @@ class BitSettings:
     hadamard: bool = True
     hadamard_block: int = 64
     kernels: str = "auto"  # auto | triton | torch
+    fp8_backward: bool = False  # Triton path: FP8 e4m3 backward GEMMs
 
 
 _KIND_BY_BUFFER = {"qkv": "qkv", "fc1": "fc1", "proj": "wo", "fc2": "wdown"}
@@ -100,6 +101,7 @@ class _BitMixin:
         quant.check_act_bits(s.act_bits)
         self.act_bits = s.act_bits
         self.kernels = s.kernels
+        self.fp8_backward = bool(getattr(s, "fp8_backward", False))
         self.eps = config.layernorm_epsilon
         self.layer_kind = _KIND_BY_BUFFER.get(tp_comm_buffer_name or "", tp_comm_buffer_name or "linear")
         self.stats_hook = None
@@ -182,7 +184,8 @@ class BitColumnParallelLinear(_BitMixin, ColumnParallelLinear):
                 x_in = input
             return _kernels().hbit_linear(
                 x_in, weight, self.norm_weight, act_bits=self.act_bits, hadamard_block=0, eps=self.eps,
-                weight_segments=self.segments, tp_group=self.tp_group)  # weight scale over all TP rows
+                weight_segments=self.segments, tp_group=self.tp_group,  # weight scale over all TP rows
+                fp8_backward=self.fp8_backward)
         x = rms_norm(input, self.norm_weight, self.eps)
         self._probe(x, x)
         xq = quant.act_quant(x, self.act_bits)
@@ -224,7 +227,8 @@ class BitRowParallelLinear(_BitMixin, RowParallelLinear):
         if self._use_kernels(input) and self.stats_hook is None:
             return _kernels().hbit_linear(
                 input, weight, self.norm_weight, act_bits=self.act_bits, hadamard_block=self.hadamard_block,
-                eps=self.eps, weight_segments=None, tp_group=self.tp_group, full_dim=self.full_dim)
+                eps=self.eps, weight_segments=None, tp_group=self.tp_group, full_dim=self.full_dim,
+                fp8_backward=self.fp8_backward)
         x = self._sub_norm(input)
         h = fwht(x, self.hadamard_block) if self.has_hadamard else x
         self._probe(x, h)

@@ -176,7 +176,8 @@ def build_model(model: ModelConfig, precision: PrecisionConfig, config: Transfor
                               sequence=config.sequence_parallel)
     check_model(model, precision, parallel)
     config.bitnet = BitSettings(act_bits=precision.act_bits, hadamard=precision.hadamard,
-                                hadamard_block=model.hadamard_block, kernels=precision.kernels)
+                                hadamard_block=model.hadamard_block, kernels=precision.kernels,
+                                fp8_backward=precision.fp8_backward)
     spec = layer_spec(precision)
     n_local = get_num_layers_to_build(config, vp_stage=vp_stage)
     block = ModuleSpec(module=TransformerBlock,

@@ -53,6 +53,9 @@ class PrecisionConfig:
     final_act_bits: Optional[int] = None  # bits after the switch; None = no switch
     switch_fraction: float = 0.95  # fraction of the run's tokens trained at act_bits before the switch
     kernels: str = "auto"  # auto: Triton kernels on CUDA when they apply, torch reference elsewhere; triton | torch
+    # Triton path only: both backward GEMMs of the quantized layers in FP8 e4m3 (fp32 accumulation) instead of
+    # bf16. Loss impact measured in docs/kernels.md; off by default.
+    fp8_backward: bool = False
 
 
 MODEL_PRESETS: dict[str, ModelConfig] = {

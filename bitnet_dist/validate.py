@@ -66,6 +66,8 @@ def check_model(model: ModelConfig, precision: PrecisionConfig, parallel: Parall
         raise ConfigError("precision.switch_fraction", precision.switch_fraction, "a fraction in (0, 1]")
     if precision.kernels not in ("auto", "triton", "torch"):
         raise ConfigError("precision.kernels", precision.kernels, "auto, triton or torch")
+    if not isinstance(precision.fp8_backward, bool):
+        raise ConfigError("precision.fp8_backward", precision.fp8_backward, "true or false")
     if precision.quantize and precision.hadamard and model.hadamard_block == 0:
         # 0 = one transform over each layer's whole input (the paper's setting): only defined at TP=1,
         # because a full-dimension transform mixes TP shards.

@@ -36,7 +36,7 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from ._common import block_fwht, default_prec, next_pow2, num_sms, rint, round_to
+from ._common import FastLaunch, block_fwht, block_fwht_rows, default_prec, dot16, next_pow2, num_sms, quotient, rint, round_to
 
 # One definition of the quantizers' constants: the reference numerics (bitnet_dist.quant).
 from bitnet_dist.quant import _QRANGE, SCALE_EPS, SQRT7, _group_size  # noqa: E402,F401
@@ -275,7 +275,203 @@ def _bwd_kernel(GU, X, G, RSTD, DOT, GX, GGP, T, D, stride_gu, stride_x, stride_
                 tl.store(GGP + pid * D + cols, gacc, mask=cmask)
 
 
+# ------------------------------------------------------------------------- "flat" kernels (one chunk)
+# The tile is [BM * NB, HBD]: each row is one Hadamard block of one token (HBD = max(block, 16) features,
+# NB = blocks per token rounded up to a power of two), loaded straight from memory in that shape. The
+# whole block transform is then a single tensor-core product with the [HBD, HBD] matrix kron(I, H_block)
+# (HMODE 0; one bf16 product is exact for bf16 activations), or the two-stage product of ``block_fwht``
+# (HMODE 1). Per-token sums are [BM * NB] row sums reshaped to [BM, NB]: the big tile never changes
+# layout except into the product. Programs are persistent (the H matrix is loaded once per program).
+@triton.jit
+def _tok_sum(v, BM: tl.constexpr, NB: tl.constexpr):
+    return tl.sum(tl.reshape(v, (BM, NB)), axis=1)
+
+
+@triton.jit
+def _tok_max(v, BM: tl.constexpr, NB: tl.constexpr):
+    return tl.max(tl.reshape(v, (BM, NB)), axis=1)
+
+
+@triton.jit
+def _per_row(v, BM: tl.constexpr, NB: tl.constexpr):
+    """[BM] per-token values -> [BM * NB] per tile row."""
+    return tl.reshape(tl.broadcast_to(v[:, None], (BM, NB)), (BM * NB,))
+
+
+@triton.jit
+def _flat_tile(HM, D, BM: tl.constexpr, NB: tl.constexpr, HBD: tl.constexpr, HMODE: tl.constexpr):
+    """Tile row / column indices, feature index and mask of the flat layout, and the dense block matrix
+    (HMODE 0 only; a placeholder otherwise)."""
+    r = tl.arange(0, BM * NB)
+    j = tl.arange(0, HBD)
+    col = (r % NB)[:, None] * HBD + j[None, :]
+    if HMODE == 0:
+        Hm = tl.load(HM + j[:, None] * HBD + j[None, :])
+    else:
+        Hm = tl.zeros([1], tl.float32)
+    return r, j, col, col < D, Hm
+
+
+@triton.jit
+def _hadamard_rows(v, Hm, R: tl.constexpr, HBD: tl.constexpr, HB: tl.constexpr, PREC: tl.constexpr,
+                   EXACT_BF16: tl.constexpr, HMODE: tl.constexpr):
+    """Unnormalized Walsh-Hadamard of every HB-block of v [R, HBD] (fp32)."""
+    if HMODE == 0:
+        out = dot16(v, Hm, PREC, EXACT_BF16)
+    elif HMODE == 1:
+        out = block_fwht(v, R, HBD, HB, PREC, EXACT_BF16)
+    elif HMODE == 3:
+        out = block_fwht_rows(v, R, HBD, HB, PREC, EXACT_BF16)
+    else:  # 2: no transform (benchmark ablation only: the cost of everything else)
+        out = v
+    return out
+
+
+@triton.jit
+def _fwd_flat_kernel(X, G, HM, Q, SCALE, RSTD, SS, STAT, T, D, stride_x, stride_q, eps, full_dim_f, inv_sqrt_hb,
+                     MODE: tl.constexpr, BITS: tl.constexpr, HB: tl.constexpr, HBD: tl.constexpr,
+                     NB: tl.constexpr, HAS_NORM: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr,
+                     ROUND: tl.constexpr, X_BF16: tl.constexpr, Q_FP8: tl.constexpr, HMODE: tl.constexpr,
+                     PREFETCH: tl.constexpr):
+    """Same MODEs as ``_fwd_kernel`` (0 whole chain; TP phases 1 squares, 2 statistic, 3 codes)."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    R: tl.constexpr = BM * NB
+    r, j, col, cmask, Hm = _flat_tile(HM, D, BM, NB, HBD, HMODE)
+    if HAS_NORM:
+        g = tl.load(G + col, mask=cmask, other=0.0).to(tl.float32)
+        if ROUND:
+            g = round_to(g, X.dtype.element_ty, X_BF16)
+    if BITS == 8:
+        lo = -128.0
+        hi = 127.0
+    else:
+        lo = -8.0
+        hi = 7.0
+    nblocks = tl.cdiv(T, BM)
+    if PREFETCH:
+        trow = pid * BM + r // NB
+        x_next = tl.load(X + trow[:, None] * stride_x + col, mask=(trow < T)[:, None] & cmask, other=0.0)
+    for tb in range(pid, nblocks, nprog):
+        toks = tb * BM + tl.arange(0, BM)
+        tmask = toks < T
+        trow = tb * BM + r // NB
+        m = (trow < T)[:, None] & cmask
+        if PREFETCH:
+            # Register double buffering: the next tile's load is in flight while this one is computed.
+            x = x_next
+            nrow = trow + nprog * BM
+            x_next = tl.load(X + nrow[:, None] * stride_x + col, mask=(nrow < T)[:, None] & cmask, other=0.0)
+        else:
+            x = tl.load(X + trow[:, None] * stride_x + col, mask=m, other=0.0)
+        xdt = x.dtype
+        xf = x.to(tl.float32)
+        if MODE == 1:
+            tl.store(SS + toks, _tok_sum(tl.sum(xf * xf, axis=1), BM, NB), mask=tmask)
+        else:
+            if HAS_NORM:
+                if MODE == 0:
+                    ss = _tok_sum(tl.sum(xf * xf, axis=1), BM, NB)
+                else:
+                    ss = tl.load(SS + toks, mask=tmask, other=1.0)
+                rstd = _rstd_of(ss, full_dim_f, eps, HAS_NORM)
+                n = xf * _per_row(rstd, BM, NB)[:, None]
+                if ROUND:
+                    n = round_to(round_to(n, xdt, X_BF16) * g, xdt, X_BF16)
+                else:
+                    n = n * g
+            else:
+                rstd = tl.full([BM], 1.0, tl.float32)
+                n = xf
+            u = _hadamard_rows(n, Hm, R, HBD, HB, PREC, X_BF16, HMODE) * inv_sqrt_hb
+            if ROUND:
+                u = round_to(u, xdt, X_BF16)
+            if BITS == 8:
+                srow = tl.max(tl.abs(u), axis=1)
+            else:
+                srow = tl.sum(tl.abs(u), axis=1)
+            if MODE == 2:
+                if BITS == 8:
+                    tl.store(STAT + toks, _tok_max(srow, BM, NB), mask=tmask)
+                else:
+                    tl.store(STAT + toks, _tok_sum(srow, BM, NB), mask=tmask)
+            else:
+                if MODE == 0:
+                    if BITS == 8:
+                        stat = _tok_max(srow, BM, NB)
+                    else:
+                        stat = _tok_sum(srow, BM, NB)
+                else:
+                    stat = tl.load(STAT + toks, mask=tmask, other=1.0)
+                scale = _scale_of(stat, full_dim_f, BITS)
+                inv = tl.math.div_rn(1.0, scale)
+                qv = quotient(u, _per_row(scale, BM, NB), _per_row(inv, BM, NB))
+                qv = tl.minimum(tl.maximum(rint(qv), lo), hi)
+                if Q_FP8:
+                    qc = qv.to(tl.float8e4nv)
+                else:
+                    qc = qv.to(tl.int8)
+                tl.store(Q + trow[:, None] * stride_q + col, qc, mask=m)
+                tl.store(SCALE + toks, scale, mask=tmask)
+                tl.store(RSTD + toks, rstd, mask=tmask)
+
+
+@triton.jit
+def _bwd_flat_kernel(GU, X, G, HM, RSTD, DOT, GX, GGP, T, D, stride_gu, stride_x, stride_gx, inv_full, inv_sqrt_hb,
+                     MODE: tl.constexpr, HB: tl.constexpr, HBD: tl.constexpr, NB: tl.constexpr,
+                     HAS_NORM: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr, GU_BF16: tl.constexpr,
+                     HMODE: tl.constexpr, PREFETCH: tl.constexpr):
+    """MODE 1: per-token partial dot sum(g * gn * xh) -> DOT. MODE 0 (dot in registers) / 2 (DOT reduced):
+    writes GX and the per-program partial norm-weight gradient GGP[pid, :]."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    R: tl.constexpr = BM * NB
+    r, j, col, cmask, Hm = _flat_tile(HM, D, BM, NB, HBD, HMODE)
+    if HAS_NORM:
+        g = tl.load(G + col, mask=cmask, other=0.0).to(tl.float32)
+    gacc = tl.zeros([R, HBD], tl.float32)
+    nblocks = tl.cdiv(T, BM)
+    if PREFETCH:
+        trow = pid * BM + r // NB
+        gu_next = tl.load(GU + trow[:, None] * stride_gu + col, mask=(trow < T)[:, None] & cmask, other=0.0)
+    for tb in range(pid, nblocks, nprog):
+        toks = tb * BM + tl.arange(0, BM)
+        tmask = toks < T
+        trow = tb * BM + r // NB
+        m = (trow < T)[:, None] & cmask
+        if PREFETCH:
+            gu = gu_next.to(tl.float32)
+            nrow = trow + nprog * BM
+            gu_next = tl.load(GU + nrow[:, None] * stride_gu + col, mask=(nrow < T)[:, None] & cmask, other=0.0)
+        else:
+            gu = tl.load(GU + trow[:, None] * stride_gu + col, mask=m, other=0.0).to(tl.float32)
+        gn = _hadamard_rows(gu, Hm, R, HBD, HB, PREC, GU_BF16, HMODE) * inv_sqrt_hb
+        if HAS_NORM:
+            rstd_r = _per_row(tl.load(RSTD + toks, mask=tmask, other=0.0), BM, NB)
+            xh = tl.load(X + trow[:, None] * stride_x + col, mask=m, other=0.0).to(tl.float32) * rstd_r[:, None]
+            a = gn * g
+            if MODE == 1:
+                tl.store(DOT + toks, _tok_sum(tl.sum(a * xh, axis=1), BM, NB), mask=tmask)
+            else:
+                if MODE == 0:
+                    dot = _tok_sum(tl.sum(a * xh, axis=1), BM, NB)
+                else:
+                    dot = tl.load(DOT + toks, mask=tmask, other=0.0)
+                gacc += gn * xh
+                gx = rstd_r[:, None] * (a - xh * (_per_row(dot, BM, NB) * inv_full)[:, None])
+                tl.store(GX + trow[:, None] * stride_gx + col, gx.to(GX.dtype.element_ty), mask=m)
+        else:
+            tl.store(GX + trow[:, None] * stride_gx + col, gn.to(GX.dtype.element_ty), mask=m)
+    if HAS_NORM and MODE != 1:
+        gsum = tl.sum(tl.reshape(gacc, (BM, NB, HBD)), axis=0)
+        c2 = tl.arange(0, NB)[:, None] * HBD + j[None, :]
+        tl.store(GGP + pid * D + c2, gsum, mask=c2 < D)
+
+
 # ---------------------------------------------------------------------------------------- launchers
+_FWD, _FWD_FLAT = FastLaunch(_fwd_kernel), FastLaunch(_fwd_flat_kernel)
+_BWD, _BWD_FLAT = FastLaunch(_bwd_kernel), FastLaunch(_bwd_flat_kernel)
+
 def launch_config(D: int, hadamard_block: int, *, max_chunk: int = 16384, elems: int = 4096):
     """(BM tokens, CHUNK features, num_warps) for a row length D; CHUNK is a power of two >= the block.
 
@@ -285,6 +481,66 @@ def launch_config(D: int, hadamard_block: int, *, max_chunk: int = 16384, elems:
     C = max(16, min(next_pow2(D), max_chunk), hadamard_block)
     bm = max(1, elems // C, 256 // C)
     return bm, C, 4 if bm * C <= 4096 else 8
+
+
+FLAT_MAX_FEATURES = 16384
+
+
+def flat_config(D: int, hadamard_block: int, *, elems: int = 4096, hmode: Optional[int] = None,
+                warps: Optional[int] = None, programs_per_sm: int = 2, prefetch: bool = True):
+    """("flat", BM tokens, num_warps, HMODE, programs per SM, prefetch) for the flat kernels: about ``elems``
+    features per tile and at least 16 tile rows (the tensor-core minimum)."""
+    hbd = max(16, hadamard_block)
+    nb = next_pow2(triton.cdiv(D, hbd))
+    bm = max(1, elems // (nb * hbd), next_pow2(triton.cdiv(16, nb)))
+    if warps is None:
+        warps = 4 if bm * nb * hbd <= 8192 else 8
+    if hmode is None:
+        hmode = 3
+    return ("flat", bm, warps, hmode, programs_per_sm, prefetch)
+
+
+def _use_flat(config, D: int, hb: int, *, min_features: int = 0) -> bool:
+    if config is not None:
+        return config[0] == "flat"
+    return hb > 1 and min_features < D <= FLAT_MAX_FEATURES
+
+
+# Defaults from the H100 sweeps (docs/benchmarks/raw/sweep_2026-11-24e, GPU time from CUDA-graph replays):
+# forward: flat kernel with the batched two-stage Hadamard (HMODE 3), ~4096 features per tile, 2 programs
+# per SM: 35-43% of copy bandwidth against 23-35% for the chunked kernel. Backward: the chunked kernel up to
+# 2048 features (62% vs 52%), the flat kernel with HMODE 1, 8 warps, no prefetch above (48-63% vs 41-59%).
+BWD_FLAT_MIN_FEATURES = 2048
+
+
+_HMATS = {}
+
+
+def hadamard_matrix(hb: int, hbd: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """kron(I_{hbd/hb}, H_hb), unnormalized Sylvester signs (-1/0/1), [hbd, hbd] in ``dtype`` (cached)."""
+    key = (hb, hbd, dtype, str(device))
+    if key not in _HMATS:
+        i = torch.arange(hbd)
+        a = (i[:, None] % hb) & (i[None, :] % hb)
+        par = torch.zeros_like(a)
+        for b in range(max(1, hb.bit_length())):
+            par ^= (a >> b) & 1
+        h = (1 - 2 * par).float() * ((i[:, None] // hb) == (i[None, :] // hb)).float()
+        _HMATS[key] = h.to(device=device, dtype=dtype).contiguous()
+    return _HMATS[key]
+
+
+def _flat_setup(config, D: int, hb: int, prec: int, device):
+    _, bm, warps, hmode, per_sm, prefetch = (*config, True)[:6]
+    hbd = max(16, hb)
+    nb = next_pow2(triton.cdiv(D, hbd))
+    if bm & (bm - 1) or bm * nb < 16 or hmode not in (0, 1, 2, 3):
+        raise ValueError(f"flat launch config {config}: BM must be a power of two with BM * blocks >= 16, "
+                         f"HMODE 0 (dense block product), 1 (two-stage, transposed), 3 (two-stage, batched left product) "
+                         f"or 2 (no transform: benchmark only)")
+    hm_dtype = torch.bfloat16 if prec == 2 else torch.float32
+    hm = hadamard_matrix(hb, hbd, hm_dtype, device) if hmode == 0 else torch.empty(1, device=device)
+    return bm, warps, hmode, per_sm, hbd, nb, hm, bool(prefetch)
 
 
 def _valid(config, hb: int):
@@ -323,15 +579,18 @@ def norm_hadamard_quant(x2: torch.Tensor, norm_weight: Optional[torch.Tensor], *
     hb = hadamard_block if hadamard_block and hadamard_block > 1 else 1
     dev = x2.device
     q = torch.empty((T, D), device=dev, dtype=torch.float8_e4m3fn if fp8_codes else torch.int8)
-    scale = torch.empty(T, device=dev, dtype=torch.float32)
-    rstd = torch.empty(T, device=dev, dtype=torch.float32)
+    scale, rstd = torch.empty((2, T), device=dev, dtype=torch.float32)  # one allocation
     if T == 0:
         return q, scale, rstd
-    bm, C, warps = _valid(config or launch_config(D, hb), hb)
-    n_chunks = triton.cdiv(D, C)
     has_norm = norm_weight is not None
     g = norm_weight if has_norm else x2
     prec = default_prec() if prec is None else prec
+    if _use_flat(config, D, hb):
+        return _nhq_flat(x2, g, q, scale, rstd, config or flat_config(D, hb), act_bits=act_bits, hb=hb,
+                         has_norm=has_norm, eps=eps, full=full, reduce_tp=reduce_tp, tp_group=tp_group,
+                         fp8_codes=fp8_codes, prec=prec)
+    bm, C, warps = _valid(config or launch_config(D, hb), hb)
+    n_chunks = triton.cdiv(D, C)
     grid = (triton.cdiv(T, bm),)
     common = dict(BITS=act_bits, HB=hb, HAS_NORM=has_norm, BM=bm, C=C, NUM_CHUNKS=n_chunks, PREC=prec,
                   ROUND=x2.dtype != torch.float32, X_BF16=x2.dtype == torch.bfloat16, Q_FP8=fp8_codes,
@@ -339,16 +598,41 @@ def norm_hadamard_quant(x2: torch.Tensor, norm_weight: Optional[torch.Tensor], *
     args = lambda ss, st: (x2, g, q, scale, rstd, ss, st, T, D, x2.stride(0), q.stride(0), float(eps),  # noqa: E731
                            float(full), 1.0 / math.sqrt(hb))
     if not reduce_tp:
-        _fwd_kernel[grid](*args(scale, scale), MODE=0, **common)
+        _FWD[grid](*args(scale, scale), MODE=0, **common)
         return q, scale, rstd
     ss = torch.ones(T, device=dev, dtype=torch.float32)
     if has_norm:
-        _fwd_kernel[grid](*args(ss, ss), MODE=1, **common)
+        _FWD[grid](*args(ss, ss), MODE=1, **common)
         dist.all_reduce(ss, op=dist.ReduceOp.SUM, group=tp_group)
     stat = torch.empty(T, device=dev, dtype=torch.float32)
-    _fwd_kernel[grid](*args(ss, stat), MODE=2, **common)
+    _FWD[grid](*args(ss, stat), MODE=2, **common)
     dist.all_reduce(stat, op=dist.ReduceOp.MAX if act_bits == 8 else dist.ReduceOp.SUM, group=tp_group)
-    _fwd_kernel[grid](*args(ss, stat), MODE=3, **common)
+    _FWD[grid](*args(ss, stat), MODE=3, **common)
+    return q, scale, rstd
+
+
+def _nhq_flat(x2, g, q, scale, rstd, config, *, act_bits, hb, has_norm, eps, full, reduce_tp, tp_group,
+              fp8_codes, prec):
+    T, D = x2.shape
+    bm, warps, hmode, per_sm, hbd, nb, hm, prefetch = _flat_setup(config, D, hb, prec, x2.device)
+    nprog = max(1, min(triton.cdiv(T, bm), per_sm * num_sms(x2.device)))
+    common = dict(BITS=act_bits, HB=hb, HBD=hbd, NB=nb, HAS_NORM=has_norm, BM=bm, PREC=prec,
+                  ROUND=x2.dtype != torch.float32, X_BF16=x2.dtype == torch.bfloat16, Q_FP8=fp8_codes,
+                  HMODE=hmode, PREFETCH=prefetch, num_warps=warps)
+    args = lambda ss, st: (x2, g, hm, q, scale, rstd, ss, st, T, D, x2.stride(0), q.stride(0), float(eps),  # noqa: E731
+                           float(full), 1.0 / math.sqrt(hb))
+    grid = (nprog,)
+    if not reduce_tp:
+        _FWD_FLAT[grid](*args(scale, scale), MODE=0, **common)
+        return q, scale, rstd
+    ss = torch.ones(T, device=x2.device, dtype=torch.float32)
+    if has_norm:
+        _FWD_FLAT[grid](*args(ss, ss), MODE=1, **common)
+        dist.all_reduce(ss, op=dist.ReduceOp.SUM, group=tp_group)
+    stat = torch.empty(T, device=x2.device, dtype=torch.float32)
+    _FWD_FLAT[grid](*args(ss, stat), MODE=2, **common)
+    dist.all_reduce(stat, op=dist.ReduceOp.MAX if act_bits == 8 else dist.ReduceOp.SUM, group=tp_group)
+    _FWD_FLAT[grid](*args(ss, stat), MODE=3, **common)
     return q, scale, rstd
 
 
@@ -366,9 +650,13 @@ def norm_hadamard_backward(grad_u: torch.Tensor, x2: torch.Tensor, norm_weight: 
     gx = torch.empty((T, D), device=x2.device, dtype=x2.dtype)
     if T == 0:
         return gx, (torch.zeros(D, device=x2.device) if has_norm else None)
+    prec = default_prec() if prec is None else prec
+    if _use_flat(config, D, hb, min_features=BWD_FLAT_MIN_FEATURES):
+        return _nhb_flat(grad_u, x2, norm_weight, rstd, gx,
+                         config or flat_config(D, hb, elems=2048, hmode=1, warps=8, prefetch=False), hb=hb,
+                         full=full, reduce_tp=reduce_tp, tp_group=tp_group, prec=prec)
     bm, C, warps = _valid(config or launch_config(D, hb, max_chunk=4096, elems=2048), hb)
     n_chunks = triton.cdiv(D, C)
-    prec = default_prec() if prec is None else prec
     nblocks = triton.cdiv(T, bm)
     nprog = max(1, min(nblocks, 4 * num_sms(x2.device)))
     ggp = torch.empty((nprog, D), device=x2.device, dtype=torch.float32) if has_norm else gx
@@ -379,12 +667,33 @@ def norm_hadamard_backward(grad_u: torch.Tensor, x2: torch.Tensor, norm_weight: 
     args = (grad_u, x2, g, rstd, dot, gx, ggp, T, D, grad_u.stride(0), x2.stride(0), gx.stride(0), 1.0 / full,
             1.0 / math.sqrt(hb))
     if has_norm and (reduce_tp or n_chunks > 1):
-        _bwd_kernel[(nblocks,)](*args, MODE=1, **common)
+        _BWD[(nblocks,)](*args, MODE=1, **common)
         if reduce_tp:
             dist.all_reduce(dot, op=dist.ReduceOp.SUM, group=tp_group)
-        _bwd_kernel[(nprog,)](*args, MODE=2, **common)
+        _BWD[(nprog,)](*args, MODE=2, **common)
     else:
-        _bwd_kernel[(nprog,)](*args, MODE=0, **common)
+        _BWD[(nprog,)](*args, MODE=0, **common)
+    return gx, (ggp.sum(0) if has_norm else None)
+
+
+def _nhb_flat(grad_u, x2, norm_weight, rstd, gx, config, *, hb, full, reduce_tp, tp_group, prec):
+    T, D = x2.shape
+    has_norm = norm_weight is not None
+    bm, warps, hmode, per_sm, hbd, nb, hm, prefetch = _flat_setup(config, D, hb, prec, x2.device)
+    nprog = max(1, min(triton.cdiv(T, bm), per_sm * num_sms(x2.device)))
+    ggp = torch.empty((nprog, D), device=x2.device, dtype=torch.float32) if has_norm else gx
+    dot = torch.empty(T, device=x2.device, dtype=torch.float32) if has_norm and reduce_tp else rstd
+    g = norm_weight if has_norm else x2
+    common = dict(HB=hb, HBD=hbd, NB=nb, HAS_NORM=has_norm, BM=bm, PREC=prec,
+                  GU_BF16=grad_u.dtype == torch.bfloat16, HMODE=hmode, PREFETCH=prefetch, num_warps=warps)
+    args = (grad_u, x2, g, hm, rstd, dot, gx, ggp, T, D, grad_u.stride(0), x2.stride(0), gx.stride(0), 1.0 / full,
+            1.0 / math.sqrt(hb))
+    if has_norm and reduce_tp:
+        _BWD_FLAT[(nprog,)](*args, MODE=1, **common)
+        dist.all_reduce(dot, op=dist.ReduceOp.SUM, group=tp_group)
+        _BWD_FLAT[(nprog,)](*args, MODE=2, **common)
+    else:
+        _BWD_FLAT[(nprog,)](*args, MODE=0, **common)
     return gx, (ggp.sum(0) if has_norm else None)
 
 

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from ._common import next_pow2, rint
+from ._common import FastLaunch, next_pow2, rint
 
 SCALE_EPS = 1e-5
 
@@ -84,6 +84,9 @@ def _unpack_kernel(P, Q, K, KP, BP: tl.constexpr):
         tl.store(Q + row * K + k, c.to(tl.int8), mask=(k < K) & (j < KP))
 
 
+_ABSSUM, _CODES, _DEQUANT = (FastLaunch(k) for k in (_row_abssum_kernel, _codes_kernel, _dequant_kernel))
+
+
 def _group_size(group) -> int:
     if group is None or not dist.is_available() or not dist.is_initialized():
         return 1
@@ -97,12 +100,15 @@ def weight_scales(w: torch.Tensor, segments: Optional[torch.Tensor] = None, num_
     rows, K = w.shape
     abssum = torch.empty(rows, device=w.device, dtype=torch.float32)
     if rows:
-        _row_abssum_kernel[(rows,)](w, abssum, K, w.stride(0), BK=min(1024, max(16, next_pow2(K))))
+        _ABSSUM[(rows,)](w, abssum, K, w.stride(0), BK=min(1024, max(16, next_pow2(K))))
     if segments is None:
-        stat = torch.stack([abssum.sum(), torch.tensor(float(rows * K), device=w.device)]).unsqueeze(1)
+        # No host round trip in the step: the count is filled in by a kernel, not copied from the host.
+        stat = torch.empty((2, 1), device=w.device, dtype=torch.float32)
+        torch.sum(abssum, dim=0, keepdim=True, out=stat[0])
+        stat[1].fill_(float(rows * K))
         seg = torch.zeros(rows, dtype=torch.long, device=w.device)
     else:
-        n = num_segments if num_segments is not None else int(segments.max().item()) + 1
+        n = num_segments if num_segments is not None else _num_segments(segments)
         stat = torch.zeros(2, n, device=w.device, dtype=torch.float32)
         stat[0].index_add_(0, segments, abssum)
         stat[1].index_add_(0, segments, torch.full((rows,), float(K), device=w.device))
@@ -120,7 +126,7 @@ def ternary_codes(w: torch.Tensor, row_scale: torch.Tensor, *, fp8: bool = False
     q8 = torch.empty((rows, K), device=w.device, dtype=torch.float8_e4m3fn) if fp8 else q
     if rows and K:
         BK = min(2048, max(16, next_pow2(K)))
-        _codes_kernel[(rows, triton.cdiv(K, BK))](w, row_scale, q, q8, K, w.stride(0), BK=BK, WRITE_FP8=fp8)
+        _CODES[(rows, triton.cdiv(K, BK))](w, row_scale, q, q8, K, w.stride(0), BK=BK, WRITE_FP8=fp8)
     return q, (q8 if fp8 else None)
 
 
@@ -185,7 +191,7 @@ def dequantize_rows(codes: torch.Tensor, row_scale: torch.Tensor, dtype: torch.d
     out = torch.empty((rows, K), device=codes.device, dtype=dtype)
     if rows and K:
         BK = min(2048, max(16, next_pow2(K)))
-        _dequant_kernel[(rows, triton.cdiv(K, BK))](codes, row_scale, out, K, BK=BK)
+        _DEQUANT[(rows, triton.cdiv(K, BK))](codes, row_scale, out, K, BK=BK)
     return out
 
 
@@ -200,6 +206,17 @@ def quantize_weight(w: torch.Tensor, segments: Optional[torch.Tensor] = None, nu
 
 
 _CACHE_ATTR = "_bitnet_ternary_cache"
+_NSEG: dict = {}
+
+
+def _num_segments(segments: torch.Tensor) -> int:
+    """max(segments) + 1, read from the device once per segments tensor (a host sync) and then cached,
+    so the per-step weight quantization does not stall the launch queue."""
+    key = (segments.data_ptr(), segments._version, segments.numel(), str(segments.device))
+    n = _NSEG.get(key)
+    if n is None:
+        n = _NSEG[key] = int(segments.max().item()) + 1
+    return n
 
 
 def cached_ternary(weight: torch.Tensor, segments: Optional[torch.Tensor] = None, group=None,
@@ -219,7 +236,7 @@ def cached_ternary(weight: torch.Tensor, segments: Optional[torch.Tensor] = None
         if fp8:
             tw.fp8_codes()
         return tw
-    num_segments = None if segments is None else int(segments.max().item()) + 1
+    num_segments = None if segments is None else _num_segments(segments)
     with torch.no_grad():
         tw = quantize_weight(weight, segments, num_segments, group, fp8=fp8)
     if generation is None:  # no step open (outside the engines): never reuse

@@ -323,3 +323,63 @@ def test_tensor_parallel_statistics():
             torch.testing.assert_close(gx, xr.grad[:, sl], rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(gw, wr.grad[:, sl], rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(gg, gr.grad[sl], rtol=1e-4, atol=1e-5)
+
+
+def test_fast_launch_reuses_only_matching_specializations(monkeypatch):
+    """FastLaunch (CPU logic test with a stand-in JIT function): the first launch of a specialization goes
+    through the JIT, later ones call the compiled launcher with every parameter in signature order, and a
+    change in anything Triton specializes on (alignment, 16-divisibility, constexprs) goes back to the JIT."""
+    from types import SimpleNamespace
+
+    from bitnet_dist.kernels._common import FastLaunch
+
+    calls = []
+
+    class Compiled:
+        def __getitem__(self, grid):
+            return lambda *a: calls.append(("fast", grid, a))
+
+    class Jit:
+        params = [SimpleNamespace(name=n) for n in ("X", "n", "B")]
+
+        def __getitem__(self, grid):
+            def run(*a, **k):
+                calls.append(("jit", grid, a, tuple(sorted(k.items()))))
+                return Compiled()
+            return run
+
+    fl = FastLaunch(Jit())
+    fl.enabled = True  # as on a GPU
+    x = torch.zeros(64)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # the stand-in runs without CUDA
+    fl[(2,)](x, 32, B=16, num_warps=4)
+    fl[(3,)](x, 64, B=16, num_warps=4)  # same spec (32 and 64 both divisible by 16)
+    fl[(3,)](x, 33, B=16, num_warps=4)  # 33: not divisible by 16 -> JIT
+    fl[(3,)](x[1:], 64, B=16, num_warps=4)  # misaligned pointer -> JIT
+    fl[(3,)](x, 64, B=32, num_warps=4)  # another constexpr -> JIT
+    kinds = [c[0] for c in calls]
+    assert kinds == ["jit", "fast", "jit", "jit", "jit"], kinds
+    assert calls[1][1] == (3, 1, 1) and calls[1][2][1:] == (64, 16)  # grid padded, constexpr appended in order
+
+
+@pytest.mark.parametrize("hmode,prefetch", [(0, True), (1, False), (3, True), (3, False)])
+def test_flat_kernels_all_hadamard_modes(hmode, prefetch):
+    """The flat kernels with each Hadamard product and with / without the prefetch, over more token blocks
+    than programs (each persistent program loops), forward codes and backward gradients."""
+    torch.manual_seed(5)
+    T, D, hb = 203, 256, 64  # 203 tokens in blocks of 4 -> 51 blocks over 4 programs (one per "SM" on CPU)
+    cfg = ("flat", 4, 4, hmode, 1, prefetch)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (torch.randn(T, D) * 3).to(dtype)
+        g = (1 + 0.2 * torch.randn(D)).to(dtype)
+        rc, rs, u = reference_codes(x, g, 8, hb)
+        q, scale, _ = norm_hadamard_quant(x, g, act_bits=8, hadamard_block=hb, eps=1e-5, config=cfg)
+        torch.testing.assert_close(scale, rs, rtol=2e-6, atol=0)
+        assert_codes_equal(q, rc, u, rs)
+    x, g, gu = torch.randn(T, D), 1 + 0.1 * torch.randn(D), torch.randn(T, D)
+    _, _, rstd = norm_hadamard_quant(x, g, act_bits=8, hadamard_block=hb, eps=1e-5)
+    gx, gg = norm_hadamard_backward(gu, x, g, rstd, hadamard_block=hb, config=cfg)
+    xr, gr = x.clone().requires_grad_(), g.clone().requires_grad_()
+    hadamard.fwht(rms_norm(xr, gr, 1e-5), hb).backward(gu)
+    torch.testing.assert_close(gx, xr.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gg, gr.grad, rtol=1e-5, atol=1e-5)

@@ -106,7 +106,9 @@ def test_checkpoint_resume_continues_the_same_curve(tmp_path):
     first = e2.eval_loss(step_batches(3))[0]  # the loaded model weights alone, before any step
     resumed = [e2.train_step(step_batches(s), 3e-3, 0.1).loss for s in range(3, 6)]
     assert first == pytest.approx(saved_eval, abs=1e-5), (first, saved_eval)
-    assert resumed == pytest.approx(cont, abs=1e-5), (resumed, cont)
+    # Training steps are not bitwise repeatable on the GPU (the cuDNN attention backward accumulates with
+    # atomics): measured 3.3e-6 relative after the fix (H100, 2026-11-24); the stale-cache bug gave 4e-3.
+    assert resumed == pytest.approx(cont, rel=1e-5), (resumed, cont)
 
 
 def test_act_bits_switch_reaches_every_layer_and_changes_the_loss():

@@ -83,3 +83,18 @@ def test_transformer_config_checks_before_megatron():
 def test_paper_presets_valid_at_tp8():
     for name in ["400M", "1.3B", "3B", "7B"]:
         check(name, tensor=8)
+
+
+def test_fp8_backward_setting_reaches_the_layers_and_is_checked():
+    from types import SimpleNamespace
+
+    from bitnet_dist.layers import BitSettings, _BitMixin
+    from bitnet_dist.presets import ParallelConfig, model_preset, precision_preset
+    from bitnet_dist.validate import ConfigError, check_model
+
+    assert precision_preset("v2_a4").fp8_backward is False  # off by default
+    layer = _BitMixin()
+    layer._init_bit(SimpleNamespace(bitnet=BitSettings(act_bits=4, fp8_backward=True), layernorm_epsilon=1e-5), "fc2")
+    assert layer.fp8_backward is True and layer.layer_kind == "wdown"
+    with pytest.raises(ConfigError, match="precision.fp8_backward"):
+        check_model(model_preset("tiny"), precision_preset("v2_a4", fp8_backward="yes"), ParallelConfig())

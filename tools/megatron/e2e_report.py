@@ -1,6 +1,6 @@
-"""bench.jsonl (tools/megatron/gpu_check.py bench) -> docs/benchmarks/e2e.json and e2e.md.
+"""bench.jsonl files (tools/megatron/gpu_check.py bench) -> docs/benchmarks/e2e.json and e2e.md.
 
-    python tools/megatron/e2e_report.py BENCH.jsonl [--docs docs/benchmarks]
+    python tools/megatron/e2e_report.py A.jsonl:r5 B.jsonl:r6 [--docs docs/benchmarks]
 """
 from __future__ import annotations
 
@@ -10,30 +10,43 @@ from pathlib import Path
 
 
 NOTES = [
-    "Caveats of the 2026-11-24 run:",
+    "Reading the table:",
     "",
-    "* The v2 rows ran with a bug since fixed: the Triton path cached the ternary weight codes keyed on the "
-    "parameter's version counter, which megatron's optimizers do not bump (they write through `.data`), so "
-    "the codes were computed once per run instead of once per step. The missing per-step cost is one "
-    "`quantize_weight` per BitLinear: 1.57 ms per 1.3B layer (docs/benchmarks/kernels.md, 4 matrices) x 18 layers "
-    "= ~28 ms per step, i.e. the 1.3B v2 rows would be ~6% slower (~0.94x bf16); at 400M, with the same "
-    "~0.35 ms floor per matrix (launch-bound at these sizes), ~34 ms of 0.69 s, ~5%. Not re-measured.",
-    "* At 1.3B all three precisions took the same time per step to 0.5% (0.462-0.464 s) while at 400M v2 is "
-    "0.64-0.69x bf16: not understood; a profile of the 1.3B step is needed before reading these rows as a result.",
+    "* Ratios (`vs bf16`) compare rows of one bench command (same process, same micro x global batch).",
+    "* At 2 x 2048 tokens per micro-batch the 1.3B v2 step is bound by host (CPU) time, not GPU time: a torch "
+    "profile of one step (raw/round5_2026-11-24/C/profiles_mbs2) shows 406 ms of GPU kernels in a 0.69 s step for "
+    "v2_a8 against 435 ms in 0.46 s for bf16; the H-BitLinear forward + backward costs ~1.5 ms of host time "
+    "per call on this machine against ~0.25 ms for nn.Linear (tools/kernels/overhead.py), mostly Triton launch "
+    "overhead. Larger micro-batches give the GPU enough work per launch: at 4 x 2048 and 8 x 2048 the v2 "
+    "layers are faster than bf16 (1.09-1.15x). Runs: `r5` / `r6` with the final kernels before the host-overhead "
+    "reduction (FastLaunch, docs/kernels.md), `r7` with it switched on (`BITNET_TRITON_FAST_LAUNCH`, then default on, now opt-in) (raw outputs: docs/benchmarks/raw/round{5,6,7}_2026-11-24).",
+    "* The 2026-11-24 morning rows (docs/benchmarks/raw/e2e_bench_2026-11-24.jsonl: 1.3B 1.00x, 400M 0.64-0.69x) "
+    "ran with the stale ternary-code cache (codes computed once per run) and the older kernels; superseded.",
+    "* 1.3B v2_a4 at 8 x 2048 ran out of memory after bf16 and v2_a8 had run in the same process (62-64 GiB "
+    "peaks); not re-measured alone.",
 ]
 
 
 def main(argv=None):
     p = argparse.ArgumentParser()
-    p.add_argument("bench")
+    p.add_argument("bench", nargs="+", help="bench.jsonl files, each optionally FILE:run-label")
     p.add_argument("--docs", default="docs/benchmarks")
     a = p.parse_args(argv)
-    rows = [json.loads(line) for line in Path(a.bench).read_text().splitlines() if line.strip()]
+    rows = []
+    for spec in a.bench:  # FILE or FILE:run-label
+        path, _, label = spec.partition(":")
+        for line in Path(path).read_text().splitlines():
+            if line.strip():
+                rows.append({**json.loads(line), "run": label or Path(path).parent.name})
     ok = [r for r in rows if "error" not in r]
     meta = {k: ok[0][k] for k in ("device", "date", "torch")} if ok else {}
-    base = {r["model"]: r["tokens_per_s"] for r in ok if r["precision"] == "bf16"}
+
+    def group(r):
+        return (r["run"], r["model"], r.get("mbs"), r.get("gbs"))
+
+    base = {group(r): r["tokens_per_s"] for r in ok if r["precision"] == "bf16"}
     for r in ok:
-        r["speed_vs_bf16"] = r["tokens_per_s"] / base[r["model"]] if r["model"] in base else None
+        r["speed_vs_bf16"] = r["tokens_per_s"] / base[group(r)] if group(r) in base else None
     out = Path(a.docs)
     out.mkdir(parents=True, exist_ok=True)
     (out / "e2e.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
@@ -47,16 +60,16 @@ def main(argv=None):
         "MFU = model FLOPs per token (6 x matmul parameters + 12 L s h attention + 6 h V logits, megatron's "
         "convention; the same count for every precision) x tokens/s / 989.4 TFLOP/s (H100 SXM dense bf16).",
         "",
-        "| model | precision | kernels | seq | micro x global batch | step (s) | tokens/s | TFLOP/s | MFU | vs bf16 | peak mem (GiB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| run | model | precision | kernels | seq | micro x global batch | step (s) | tokens/s | TFLOP/s | MFU | vs bf16 | peak mem (GiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
             what = r["error"] if r["error"].startswith("not measured") else f"failed: {r['error'][:80]}"
-            lines.append(f"| {r['model']} | {r['precision']} | - | - | - | {what} | | | | | |")
+            lines.append(f"| {r['run']} | {r['model']} | {r['precision']} | - | - | - | {what} | | | | | |")
             continue
         vs = f"{r['speed_vs_bf16']:.2f}x" if r.get("speed_vs_bf16") else "-"
-        lines.append(f"| {r['model']} | {r['precision']} | {r['kernels']} | {r['seq']} | {r['mbs']} x {r['gbs']} | "
+        lines.append(f"| {r['run']} | {r['model']} | {r['precision']} | {r['kernels']} | {r['seq']} | {r['mbs']} x {r['gbs']} | "
                      f"{r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {r['tflops']:.1f} | {100 * r['mfu']:.1f}% | {vs} | "
                      f"{r['peak_mem_gib']:.1f} |")
     lines += ["", *NOTES]

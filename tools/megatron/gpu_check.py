@@ -73,6 +73,8 @@ def make_cfg(a):
     cfg.precision = precision_preset(a.precision if isinstance(a.precision, str) else a.precision[0])
     if getattr(a, "kernels", None):
         cfg.precision.kernels = a.kernels
+    if getattr(a, "fp8_backward", False):
+        cfg.precision.fp8_backward = True
     cfg.engine.name = a.engine if getattr(a, "engine", "megatron") != "reference" else "megatron"
     cfg.parallel.tensor = getattr(a, "tensor", 1)
     cfg.parallel.pipeline = getattr(a, "pipeline", 1)
@@ -347,6 +349,7 @@ def main(argv=None):
         q.add_argument("--model", default=model)
         q.add_argument("--layers", type=int, default=None)
         q.add_argument("--kernels", default=None)
+        q.add_argument("--fp8-backward", dest="fp8_backward", action="store_true")
         q.add_argument("--seq", type=int, default=seq)
         q.add_argument("--mbs", type=int, default=mbs)
         q.add_argument("--gbs", type=int, default=gbs)
