@@ -214,8 +214,9 @@ def block_fwht_rows(v, R: tl.constexpr, HBD: tl.constexpr, HB: tl.constexpr, PRE
 
 
 # ------------------------------------------------------------------------------------------ launching
-# Opt-in (BITNET_TRITON_FAST_LAUNCH=1) until the megatron resume divergence seen in the one GPU run that had it
-# on is explained (docs/megatron.md); the kernel GPU tests pass with it.
+# Opt-in (BITNET_TRITON_FAST_LAUNCH=1) until the megatron resume test, which diverged in the one GPU run that had
+# it on (likely cause since fixed elsewhere: docs/megatron.md), has passed on a GPU with it; the kernel GPU tests
+# pass with it.
 _FAST_LAUNCH = os.environ.get("BITNET_TRITON_FAST_LAUNCH", "0") == "1"
 
 

@@ -304,3 +304,34 @@ def test_pipeline_and_virtual_pipeline_chunks_compute_the_tp1_model():
     assert [x[0] for x in pp2] == [[[1, 2]], [[3, 4]]] and pp2[1][1] == ref
     vp2 = run_ranks(_pipelined_forward_worker, 2, tiny_cfg(pp=2, vp=2, layers=4, global_batch_size=8))
     assert [x[0] for x in vp2] == [[[1], [3]], [[2], [4]]] and vp2[1][1] == ref
+
+
+def test_adam_steps_unshared_after_a_megatron_style_load():
+    """megatron-core 0.16.1 (no Apex/TE) loads one ``step`` tensor into every torch Adam state; torch keeps it
+    shared, so each optimizer step advanced it once per parameter. ``unshare_adam_steps`` restores one counter
+    per parameter (CPU: torch AdamW, the load done the way distrib_optimizer.py:817-825 does it)."""
+    from types import SimpleNamespace
+
+    from bitnet_dist.engines.megatron_engine import unshare_adam_steps
+
+    def loaded_optimizer():
+        params = [torch.nn.Parameter(torch.randn(4)) for _ in range(3)]
+        opt = torch.optim.AdamW(params, lr=1e-2)
+        sum(p.sum() for p in params).backward()
+        opt.step()
+        sd = opt.state_dict()
+        step = torch.tensor(3.0)
+        for s in sd["state"].values():
+            s["step"] = step  # the same object for every parameter, as megatron assigns it
+        opt.load_state_dict(sd)
+        return params, opt
+
+    params, opt = loaded_optimizer()
+    opt.step()
+    assert [float(opt.state[p]["step"]) for p in params] == [6.0] * 3  # the bug: +1 per parameter
+
+    params, opt = loaded_optimizer()
+    assert unshare_adam_steps(SimpleNamespace(chained_optimizers=[SimpleNamespace(optimizer=opt)])) == 2
+    opt.step()
+    assert [float(opt.state[p]["step"]) for p in params] == [4.0] * 3
+    assert unshare_adam_steps(opt) == 0  # already one counter per parameter

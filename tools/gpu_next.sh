@@ -6,7 +6,7 @@
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-# 1. the megatron resume divergence (docs/megatron.md): with FastLaunch off and on, full numbers
+# 1. the megatron resume test after the unshare_adam_steps fix (docs/megatron.md), FastLaunch off and on
 for f in 0 1; do
   echo "BITNET_TRITON_FAST_LAUNCH=$f"
   BITNET_TRITON_FAST_LAUNCH=$f timeout 100 python -m pytest -q -p no:warnings -p no:logging -m gpu \

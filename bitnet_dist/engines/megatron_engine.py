@@ -487,6 +487,7 @@ class MegatronEngine(MegatronDataParallelTopology, Engine):
         if self.optimizer is not None:
             self._keep_adam_step_on_load()
             self.optimizer.load_state_dict(loaded["optimizer"])
+            unshare_adam_steps(self.optimizer)
         return load_trainer_state(ckpt_dir)
 
     def _keep_adam_step_on_load(self) -> None:
@@ -524,3 +525,29 @@ class MegatronEngine(MegatronDataParallelTopology, Engine):
         if self._device is None:
             raise RuntimeError("MegatronEngine.device before init_parallel()")
         return self._device
+
+
+def unshare_adam_steps(optimizer) -> int:
+    """Give every torch Adam parameter state its own ``step`` tensor after a megatron optimizer load.
+
+    megatron-core 0.16.1 without Apex/TE (``DistributedOptimizer.load_state_dict``, distrib_optimizer.py:817-825)
+    assigns one ``step`` tensor object to every parameter's state, and torch's ``Optimizer.load_state_dict``
+    keeps "step" values as they are (``_process_value_according_to_param_policy``). torch Adam then increments
+    each state's step in place, so the shared counter advances once per parameter per optimizer step and the
+    bias correction of a resumed run is wrong from its first step on. This is the likely cause of the resumed
+    run separating from the continued one on the H100 (docs/megatron.md); the sharing itself is reproduced on
+    CPU in tests/test_megatron_engine.py. Returns how many states got their own copy.
+    """
+    fixed = 0
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", opt)
+        seen = set()
+        for st in getattr(inner, "state", {}).values():
+            step = st.get("step") if isinstance(st, dict) else None
+            if torch.is_tensor(step):
+                if id(step) in seen:
+                    st["step"] = step.clone()
+                    fixed += 1
+                else:
+                    seen.add(id(step))
+    return fixed
