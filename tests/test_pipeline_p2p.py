@@ -45,8 +45,9 @@ def test_pp2_exchange_pairs_activation_with_activation(batched):
     from dist_utils import run_ranks
 
     res = run_ranks(_exchange, 2, batched)
-    if res[0] is None:
-        pytest.skip("this megatron-core has no p2p_communication._batched_p2p_ops/_p2p_ops (private API moved)")
+    # Every megatron-core in the pinned range (0.16.1 .. 0.19.x) has both private helpers; a release that moves
+    # them must fail here, so that the PP=2 ordering the engine relies on is checked again.
+    assert res[0] is not None, "megatron-core lacks p2p_communication._batched_p2p_ops/_p2p_ops: re-check the PP=2 p2p order"
     right = [(101.0, -2.0), (100.0, -1.0)]
     if batched:
         # megatron-core's batched path swaps them at PP=2 (why the engine avoids it); if a megatron-core
