@@ -136,6 +136,15 @@ def bench_fused(args, copy_tbs: float):
     return rows
 
 
+def gemm_operands(T: int, K: int, N: int):
+    """bf16 activation / weight, int8 activation codes, ternary weight codes, per-token and per-row scales."""
+    a = torch.randn(T, K, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+    ai = torch.randint(-128, 128, (T, K), device="cuda", dtype=torch.int8)
+    wi = torch.randint(-1, 2, (N, K), device="cuda", dtype=torch.int8)
+    return a, w, ai, wi, torch.rand(T, device="cuda") + 0.5, torch.rand(N, device="cuda") + 0.5
+
+
 def bench_gemm(args):
     from bitnet_dist.kernels.gemm import fp8_available, fp8_gemm, int8_gemm
 
@@ -144,12 +153,7 @@ def bench_gemm(args):
         for kind, K, N, _ in layer_shapes(h, f):
             for T in args.tokens:
                 flop = 2 * T * K * N
-                a = torch.randn(T, K, device="cuda", dtype=torch.bfloat16)
-                w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
-                ai = torch.randint(-128, 128, (T, K), device="cuda", dtype=torch.int8)
-                wi = torch.randint(-1, 2, (N, K), device="cuda", dtype=torch.int8)
-                sa = torch.rand(T, device="cuda") + 0.5
-                sw = torch.rand(N, device="cuda") + 0.5
+                a, w, ai, wi, sa, sw = gemm_operands(T, K, N)
                 r = {"model": model, "layer": kind, "tokens": T, "K": K, "N": N}
                 r["bf16_ms"] = timed_gpu(lambda: torch.mm(a, w.t()), args.warmup, args.reps)
                 r["int8_ms"] = timed_gpu(lambda: int8_gemm(ai, wi, sa, sw), args.warmup, args.reps)

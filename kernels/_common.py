@@ -23,6 +23,15 @@ def next_pow2(n: int) -> int:
 
 
 _SMS: dict = {}
+_CAPS: dict = {}
+
+
+def device_capability(device: torch.device) -> tuple:
+    """CUDA compute capability of ``device`` (cached: checked on every GEMM call)."""
+    cap = _CAPS.get(device.index)
+    if cap is None:
+        cap = _CAPS[device.index] = torch.cuda.get_device_capability(device)
+    return cap
 
 
 def num_sms(device: torch.device) -> int:

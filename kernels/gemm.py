@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FastLaunch, interpreting, num_sms
+from ._common import FastLaunch, device_capability, interpreting, num_sms
 
 
 def _configs():
@@ -106,7 +106,7 @@ def _int8_gemm_tma_kernel(a_desc, b_desc, C, SA, SB, M, N, K, stride_cm, PERSIST
 
 
 def _tma_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if interpreting() or a.device.type != "cuda" or torch.cuda.get_device_capability(a.device) < (9, 0):
+    if interpreting() or a.device.type != "cuda" or device_capability(a.device) < (9, 0):
         return False
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
@@ -180,7 +180,7 @@ def fp8_available(device: torch.device) -> bool:
     """FP8 tensor cores (sm_89+) and torch._scaled_mm with row-wise scales."""
     if device.type != "cuda" or not hasattr(torch, "_scaled_mm") or interpreting():
         return False
-    return torch.cuda.get_device_capability(device) >= (8, 9)
+    return device_capability(device) >= (8, 9)
 
 
 def fp8_gemm(a8: torch.Tensor, b8: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor,

@@ -313,6 +313,13 @@ def _flat_tile(HM, D, BM: tl.constexpr, NB: tl.constexpr, HBD: tl.constexpr, HMO
 
 
 @triton.jit
+def _load_tile(P, tb, r, col, cmask, T, stride, BM: tl.constexpr, NB: tl.constexpr):
+    """The flat [BM * NB, HBD] tile of token block ``tb`` (rows past T, and whole blocks past the last, read 0)."""
+    rows = tb * BM + r // NB
+    return tl.load(P + rows[:, None] * stride + col, mask=(rows < T)[:, None] & cmask, other=0.0)
+
+
+@triton.jit
 def _hadamard_rows(v, Hm, R: tl.constexpr, HBD: tl.constexpr, HB: tl.constexpr, PREC: tl.constexpr,
                    EXACT_BF16: tl.constexpr, HMODE: tl.constexpr):
     """Unnormalized Walsh-Hadamard of every HB-block of v [R, HBD] (fp32)."""
@@ -350,8 +357,7 @@ def _fwd_flat_kernel(X, G, HM, Q, SCALE, RSTD, SS, STAT, T, D, stride_x, stride_
         hi = 7.0
     nblocks = tl.cdiv(T, BM)
     if PREFETCH:
-        trow = pid * BM + r // NB
-        x_next = tl.load(X + trow[:, None] * stride_x + col, mask=(trow < T)[:, None] & cmask, other=0.0)
+        x_next = _load_tile(X, pid, r, col, cmask, T, stride_x, BM, NB)
     for tb in range(pid, nblocks, nprog):
         toks = tb * BM + tl.arange(0, BM)
         tmask = toks < T
@@ -360,10 +366,9 @@ def _fwd_flat_kernel(X, G, HM, Q, SCALE, RSTD, SS, STAT, T, D, stride_x, stride_
         if PREFETCH:
             # Register double buffering: the next tile's load is in flight while this one is computed.
             x = x_next
-            nrow = trow + nprog * BM
-            x_next = tl.load(X + nrow[:, None] * stride_x + col, mask=(nrow < T)[:, None] & cmask, other=0.0)
+            x_next = _load_tile(X, tb + nprog, r, col, cmask, T, stride_x, BM, NB)
         else:
-            x = tl.load(X + trow[:, None] * stride_x + col, mask=m, other=0.0)
+            x = _load_tile(X, tb, r, col, cmask, T, stride_x, BM, NB)
         xdt = x.dtype
         xf = x.to(tl.float32)
         if MODE == 1:
@@ -432,8 +437,7 @@ def _bwd_flat_kernel(GU, X, G, HM, RSTD, DOT, GX, GGP, T, D, stride_gu, stride_x
     gacc = tl.zeros([R, HBD], tl.float32)
     nblocks = tl.cdiv(T, BM)
     if PREFETCH:
-        trow = pid * BM + r // NB
-        gu_next = tl.load(GU + trow[:, None] * stride_gu + col, mask=(trow < T)[:, None] & cmask, other=0.0)
+        gu_next = _load_tile(GU, pid, r, col, cmask, T, stride_gu, BM, NB)
     for tb in range(pid, nblocks, nprog):
         toks = tb * BM + tl.arange(0, BM)
         tmask = toks < T
@@ -441,10 +445,9 @@ def _bwd_flat_kernel(GU, X, G, HM, RSTD, DOT, GX, GGP, T, D, stride_gu, stride_x
         m = (trow < T)[:, None] & cmask
         if PREFETCH:
             gu = gu_next.to(tl.float32)
-            nrow = trow + nprog * BM
-            gu_next = tl.load(GU + nrow[:, None] * stride_gu + col, mask=(nrow < T)[:, None] & cmask, other=0.0)
+            gu_next = _load_tile(GU, tb + nprog, r, col, cmask, T, stride_gu, BM, NB)
         else:
-            gu = tl.load(GU + trow[:, None] * stride_gu + col, mask=m, other=0.0).to(tl.float32)
+            gu = _load_tile(GU, tb, r, col, cmask, T, stride_gu, BM, NB).to(tl.float32)
         gn = _hadamard_rows(gu, Hm, R, HBD, HB, PREC, GU_BF16, HMODE) * inv_sqrt_hb
         if HAS_NORM:
             rstd_r = _per_row(tl.load(RSTD + toks, mask=tmask, other=0.0), BM, NB)

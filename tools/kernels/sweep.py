@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from bitnet_dist.bench import MODELS, bench_copy, layer_shapes, timed_gpu as timed
+from bitnet_dist.bench import MODELS, bench_copy, gemm_operands, layer_shapes, timed_gpu as timed
 from bitnet_dist.kernels.gemm import fp8_gemm, int8_gemm
 from bitnet_dist.kernels.norm_hadamard_quant import (flat_config, launch_config, norm_hadamard_backward,
                                                      norm_hadamard_quant)
@@ -124,12 +124,7 @@ def main():
         for model, (h, ff) in MODELS.items():
             for kind, K, N, _ in layer_shapes(h, ff):
                 flop = 2 * T * K * N
-                xa = torch.randn(T, K, device="cuda", dtype=torch.bfloat16)
-                w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
-                ai = torch.randint(-128, 128, (T, K), device="cuda", dtype=torch.int8)
-                wi = torch.randint(-1, 2, (N, K), device="cuda", dtype=torch.int8)
-                sa = torch.rand(T, device="cuda") + 0.5
-                sw = torch.rand(N, device="cuda") + 0.5
+                xa, w, ai, wi, sa, sw = gemm_operands(T, K, N)
                 r = {"kind": "gemm", "model": model, "layer": kind, "T": T, "K": K, "N": N}
                 r["bf16"] = timed(lambda: torch.mm(xa, w.t()), 5, 20)
                 want = G.scaled_gemm_reference(ai, wi, sa, sw)
