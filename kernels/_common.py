@@ -182,30 +182,37 @@ def block_fwht(v, BM: tl.constexpr, C: tl.constexpr, HB: tl.constexpr, PREC: tl.
 
 
 @triton.jit
-def dot16_left(Hb, y, PREC: tl.constexpr):
+def dot16_left(Hb, y, PREC: tl.constexpr, EXACT_BF16: tl.constexpr):
     """Hb [G, 16, 16] (entries -1/0/1, any float dtype) @ y [G, 16, 16] fp32, batched, with fp32 accuracy
-    (three bf16 parts of ``y`` on tensor cores, or one TF32x3 / IEEE product)."""
+    (three bf16 parts of ``y`` on tensor cores, or one TF32x3 / IEEE product). EXACT_BF16: every entry of
+    ``y`` is a bf16 value, so one bf16 product is already exact."""
     if PREC == 0:
         acc = tl.dot(Hb.to(tl.float32), y, input_precision="ieee")
     elif PREC == 1:
         acc = tl.dot(Hb.to(tl.float32), y, input_precision="tf32x3")
     else:
         H = Hb.to(tl.bfloat16)
-        hi, mid, lo = split_bf16x3(y)
-        acc = tl.dot(H, lo, out_dtype=tl.float32)
-        acc = tl.dot(H, mid, acc)
-        acc = tl.dot(H, hi, acc)
+        if EXACT_BF16:
+            acc = tl.dot(H, y.to(tl.bfloat16), out_dtype=tl.float32)
+        else:
+            hi, mid, lo = split_bf16x3(y)
+            acc = tl.dot(H, lo, out_dtype=tl.float32)
+            acc = tl.dot(H, mid, acc)
+            acc = tl.dot(H, hi, acc)
     return acc
 
 
 @triton.jit
 def block_fwht_rows(v, R: tl.constexpr, HBD: tl.constexpr, HB: tl.constexpr, PREC: tl.constexpr,
-                    EXACT_BF16: tl.constexpr):
+                    EXACT_BF16: tl.constexpr, BLOCK_STAGE_FIRST: tl.constexpr):
     """Unnormalized block Walsh-Hadamard of v [R, HBD] (fp32) where every HB-block lies inside a row.
 
     H_HB = H_A (x) H_16 (A = HB / 16): the 16-stage multiplies rows of 16 by H_16 from the right; the
     A-stage left-multiplies each group of 16 such rows (16 / A whole blocks) by kron(I_{16/A}, H_A), as a
-    batched [16, 16] @ [16, 16] product, so no transpose of the data is needed."""
+    batched [16, 16] @ [16, 16] product, so no transpose of the data is needed. Stage order: the 16-stage
+    first (HMODE 3), or with BLOCK_STAGE_FIRST the A-stage first (HMODE 4: its right operand is the loaded
+    data, one exact product for bf16; the 16-stage's left operand is then the first product's result, whose
+    three bf16 parts may stay in registers). Measured on the H100: no faster (docs/kernels.md)."""
     G: tl.constexpr = R * HBD // 256
     if HB <= 16:
         t = tl.reshape(v, (R * HBD // 16, 16))
@@ -213,20 +220,22 @@ def block_fwht_rows(v, R: tl.constexpr, HBD: tl.constexpr, HB: tl.constexpr, PRE
         out = tl.reshape(t, (R, HBD))
     else:
         A: tl.constexpr = HB // 16
-        t = tl.reshape(v, (R * HBD // 16, 16))
-        t = dot16(t, sign_matrix16(16), PREC, EXACT_BF16)
-        t = tl.reshape(t, (G, 16, 16))
         Hl = tl.broadcast_to(sign_matrix16(A)[None, :, :], (G, 16, 16))
-        t = dot16_left(Hl, t, PREC)
+        if BLOCK_STAGE_FIRST:
+            t = dot16_left(Hl, tl.reshape(v, (G, 16, 16)), PREC, EXACT_BF16)
+            t = dot16(t, tl.broadcast_to(sign_matrix16(16)[None, :, :], (G, 16, 16)), PREC, False)
+        else:
+            t = dot16(tl.reshape(v, (R * HBD // 16, 16)), sign_matrix16(16), PREC, EXACT_BF16)
+            t = dot16_left(Hl, tl.reshape(t, (G, 16, 16)), PREC, False)
         out = tl.reshape(t, (R, HBD))
     return out
 
 
 # ------------------------------------------------------------------------------------------ launching
-# Opt-in (BITNET_TRITON_FAST_LAUNCH=1) until the megatron resume test, which diverged in the one GPU run that had
-# it on (likely cause since fixed elsewhere: docs/megatron.md), has passed on a GPU with it; the kernel GPU tests
-# pass with it.
-_FAST_LAUNCH = os.environ.get("BITNET_TRITON_FAST_LAUNCH", "0") == "1"
+# On by default; BITNET_TRITON_FAST_LAUNCH=0 turns it off (every launch then goes through Triton's JIT path).
+# GPU evidence (H100, 2026-11-24, docs/benchmarks/raw/gpu_next_2026-11-24c): the kernel GPU tests and the megatron
+# resume test pass with it (the resume divergence once blamed on it was megatron's shared Adam step counter).
+_FAST_LAUNCH = os.environ.get("BITNET_TRITON_FAST_LAUNCH", "1") != "0"
 
 
 def _arg_spec(a):
@@ -254,7 +263,7 @@ class FastLaunch:
     kernel); later ones call the compiled kernel's own launcher directly, skipping the argument binding and
     cache-key hashing that cost tens of microseconds of host time per launch (measured on the H100: the
     training step of small layers was host-bound). The reuse key is a superset of what Triton specializes
-    on (see ``_arg_spec``). Off unless ``BITNET_TRITON_FAST_LAUNCH=1``; the interpreter never uses it."""
+    on (see ``_arg_spec``). On unless ``BITNET_TRITON_FAST_LAUNCH=0``; the interpreter never uses it."""
 
     def __init__(self, fn):
         self.fn = fn

@@ -328,7 +328,9 @@ def _hadamard_rows(v, Hm, R: tl.constexpr, HBD: tl.constexpr, HB: tl.constexpr, 
     elif HMODE == 1:
         out = block_fwht(v, R, HBD, HB, PREC, EXACT_BF16)
     elif HMODE == 3:
-        out = block_fwht_rows(v, R, HBD, HB, PREC, EXACT_BF16)
+        out = block_fwht_rows(v, R, HBD, HB, PREC, EXACT_BF16, False)
+    elif HMODE == 4:
+        out = block_fwht_rows(v, R, HBD, HB, PREC, EXACT_BF16, True)
     else:  # 2: no transform (benchmark ablation only: the cost of everything else)
         out = v
     return out
@@ -537,9 +539,10 @@ def _flat_setup(config, D: int, hb: int, prec: int, device):
     _, bm, warps, hmode, per_sm, prefetch = (*config, True)[:6]
     hbd = max(16, hb)
     nb = next_pow2(triton.cdiv(D, hbd))
-    if bm & (bm - 1) or bm * nb < 16 or hmode not in (0, 1, 2, 3):
+    if bm & (bm - 1) or bm * nb < 16 or hmode not in (0, 1, 2, 3, 4):
         raise ValueError(f"flat launch config {config}: BM must be a power of two with BM * blocks >= 16, "
-                         f"HMODE 0 (dense block product), 1 (two-stage, transposed), 3 (two-stage, batched left product) "
+                         f"HMODE 0 (dense block product), 1 (two-stage, transposed), 3 (two-stage, batched left product), "
+                         f"4 (two-stage, left product first) "
                          f"or 2 (no transform: benchmark only)")
     hm_dtype = torch.bfloat16 if prec == 2 else torch.float32
     hm = hadamard_matrix(hb, hbd, hm_dtype, device) if hmode == 0 else torch.empty(1, device=device)

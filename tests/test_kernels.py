@@ -362,13 +362,14 @@ def test_fast_launch_reuses_only_matching_specializations(monkeypatch):
     assert calls[1][1] == (3, 1, 1) and calls[1][2][1:] == (64, 16)  # grid padded, constexpr appended in order
 
 
-@pytest.mark.parametrize("hmode,prefetch", [(0, True), (1, False), (3, True), (3, False)])
-def test_flat_kernels_all_hadamard_modes(hmode, prefetch):
+@pytest.mark.parametrize("hmode,prefetch,hb", [(0, True, 64), (1, False, 64), (3, True, 64), (3, False, 64),
+                                               (4, True, 64), (4, False, 256), (3, True, 256)])
+def test_flat_kernels_all_hadamard_modes(hmode, prefetch, hb):
     """The flat kernels with each Hadamard product and with / without the prefetch, over more token blocks
     than programs (each persistent program loops), forward codes and backward gradients."""
     torch.manual_seed(5)
-    T, D, hb = 203, 256, 64  # 203 tokens in blocks of 4 -> 51 blocks over 4 programs (one per "SM" on CPU)
-    cfg = ("flat", 4, 4, hmode, 1, prefetch)
+    T, D = 203, 256  # hb 64: 203 tokens in blocks of 4 -> 51 blocks over 4 programs (one per "SM" on CPU)
+    cfg = ("flat", 4 if hb < 256 else 16, 4, hmode, 1, prefetch)  # >= 16 tile rows of one block each
     for dtype in (torch.float32, torch.bfloat16):
         x = (torch.randn(T, D) * 3).to(dtype)
         g = (1 + 0.2 * torch.randn(D)).to(dtype)

@@ -106,9 +106,12 @@ def test_checkpoint_resume_continues_the_same_curve(tmp_path):
     first = e2.eval_loss(step_batches(3))[0]  # the loaded model weights alone, before any step
     resumed = [e2.train_step(step_batches(s), 3e-3, 0.1).loss for s in range(3, 6)]
     assert first == pytest.approx(saved_eval, abs=1e-5), (first, saved_eval)
-    # Training steps are not bitwise repeatable on the GPU (the cuDNN attention backward accumulates with
-    # atomics): measured 3.3e-6 relative after the fix (H100, 2026-11-24); the stale-cache bug gave 4e-3.
-    assert resumed == pytest.approx(cont, rel=1e-5), (resumed, cont)
+    # Training steps are not bitwise repeatable on the GPU (cuDNN attention backward, cuBLAS algorithm choice):
+    # H100, 2026-11-24 (docs/megatron.md): resumed vs continued 2e-6 relative on the first step, 3.5e-5 by the
+    # third, the same order as two fresh runs of the same training (tools/megatron/resume_diag.py). The shared
+    # Adam step counter bug gave 7.6e-3 on the second step, the stale-cache bug 4e-3: 2e-4 separates them.
+    assert resumed[0] == pytest.approx(cont[0], rel=2e-5), (resumed, cont)
+    assert resumed == pytest.approx(cont, rel=2e-4), (resumed, cont)
 
 
 def test_act_bits_switch_reaches_every_layer_and_changes_the_loss():

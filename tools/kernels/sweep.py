@@ -1,6 +1,6 @@
 """Launch-configuration sweep of the fused kernels and the int8 GEMM variants on one GPU (tuning aid;
 the committed numbers come from ``python -m bitnet_dist.bench``). Writes JSON lines to --out and prints
-a summary per shape. Usage: python tools/kernels/sweep.py --out sweep.jsonl [--only fwd bwd gemm]"""
+a summary per shape. Usage: python tools/kernels/sweep.py --out sweep.jsonl [--only fwd bwd gemm prec hmode]"""
 from __future__ import annotations
 
 import argparse
@@ -87,6 +87,79 @@ def main():
                                                              for r in rr[:6])
                       + f" | classic {[r['pct_copy'] for r in rr if r['variant'] == 'classic'][0]:.0f}%", flush=True)
             del x
+    if "hmode" in a.only:  # the two-stage Hadamard orders (3: 16-stage first, 4: block stage first) and tile sizes
+        for D in dims:
+            x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+            g = (1 + 0.1 * torch.randn(D, device="cuda")).bfloat16()
+            gu = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+            ref = norm_hadamard_quant(x, g, act_bits=8, hadamard_block=HB, eps=1e-5, config=launch_config(D, HB))
+            gref = norm_hadamard_backward(gu, x, g, ref[2], hadamard_block=HB,
+                                          config=launch_config(D, HB, max_chunk=4096, elems=2048))
+            for hmode in (3, 4):
+                for elems in (4096, 8192):
+                    for w in (4, 8):
+                        for bits in (8, 4):
+                            cfg = flat_config(D, HB, elems=elems, hmode=hmode, warps=w)
+                            try:
+                                out = norm_hadamard_quant(x, g, act_bits=bits, hadamard_block=HB, eps=1e-5,
+                                                          fp8_codes=bits == 4, config=cfg)
+                                ms = timed(lambda: norm_hadamard_quant(x, g, act_bits=bits, hadamard_block=HB, eps=1e-5,
+                                                                       fp8_codes=bits == 4, config=cfg), 3, a.reps)
+                            except Exception as e:  # noqa: BLE001
+                                emit(f, {"kind": "hmode_fwd", "D": D, "cfg": cfg, "bits": bits, "error": repr(e)[:300]})
+                                continue
+                            r = {"kind": "hmode_fwd", "T": T, "D": D, "cfg": cfg, "bits": bits, "ms": ms,
+                                 "pct_copy": 100 * (T * D * 3 + 8 * T + 2 * D) / ms / 1e9 / copy["tb_s"],
+                                 "mismatch": float((out[0] != ref[0]).float().mean()) if bits == 8 else None}
+                            emit(f, r)
+                            print(f"hmode fwd D={D} {cfg} bits={bits}: {r['pct_copy']:.0f}% mismatch {r['mismatch']}",
+                                  flush=True)
+            for hmode in (1, 3, 4):
+                for elems in (2048, 4096):
+                    cfg = flat_config(D, HB, elems=elems, hmode=hmode, warps=8, prefetch=False)
+                    try:
+                        gout = norm_hadamard_backward(gu, x, g, ref[2], hadamard_block=HB, config=cfg)
+                        ms = timed(lambda: norm_hadamard_backward(gu, x, g, ref[2], hadamard_block=HB, config=cfg),
+                                   3, a.reps)
+                    except Exception as e:  # noqa: BLE001
+                        emit(f, {"kind": "hmode_bwd", "D": D, "cfg": cfg, "error": repr(e)[:300]})
+                        continue
+                    r = {"kind": "hmode_bwd", "T": T, "D": D, "cfg": cfg, "ms": ms,
+                         "pct_copy": 100 * (T * D * 6 + 4 * T) / ms / 1e9 / copy["tb_s"],
+                         "max_err": float((gout[0].float() - gref[0].float()).abs().max())}
+                    emit(f, r)
+                    print(f"hmode bwd D={D} {cfg}: {r['pct_copy']:.0f}% err {r['max_err']:.2g}", flush=True)
+            del x, gu
+    if "prec" in a.only:  # the Hadamard products' precision mode: bf16x3 (default) against TF32x3
+        for D in dims:
+            x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+            g = (1 + 0.1 * torch.randn(D, device="cuda")).bfloat16()
+            gu = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+            ref = norm_hadamard_quant(x, g, act_bits=8, hadamard_block=HB, eps=1e-5)
+            gref = norm_hadamard_backward(gu, x, g, ref[2], hadamard_block=HB)
+            for hmode in (1, 3):
+                for prec in (2, 1):
+                    cfg = flat_config(D, HB, hmode=hmode)
+                    bcfg = flat_config(D, HB, elems=2048, hmode=hmode, warps=8, prefetch=False)
+                    try:
+                        out = norm_hadamard_quant(x, g, act_bits=8, hadamard_block=HB, eps=1e-5, config=cfg, prec=prec)
+                        ms = timed(lambda: norm_hadamard_quant(x, g, act_bits=8, hadamard_block=HB, eps=1e-5,
+                                                               config=cfg, prec=prec), 3, a.reps)
+                        gout = norm_hadamard_backward(gu, x, g, ref[2], hadamard_block=HB, config=bcfg, prec=prec)
+                        bms = timed(lambda: norm_hadamard_backward(gu, x, g, ref[2], hadamard_block=HB, config=bcfg,
+                                                                   prec=prec), 3, a.reps)
+                    except Exception as e:  # noqa: BLE001
+                        emit(f, {"kind": "prec", "D": D, "hmode": hmode, "prec": prec, "error": repr(e)[:300]})
+                        continue
+                    r = {"kind": "prec", "T": T, "D": D, "hmode": hmode, "prec": prec, "fwd_ms": ms,
+                         "fwd_pct_copy": 100 * (T * D * 3 + 8 * T + 2 * D) / ms / 1e9 / copy["tb_s"],
+                         "fwd_mismatch": float((out[0] != ref[0]).float().mean()), "bwd_ms": bms,
+                         "bwd_pct_copy": 100 * (T * D * 6 + 4 * T) / bms / 1e9 / copy["tb_s"],
+                         "bwd_max_err": float((gout[0].float() - gref[0].float()).abs().max())}
+                    emit(f, r)
+                    print(f"prec D={D} hmode={hmode} prec={prec}: fwd {r['fwd_pct_copy']:.0f}% "
+                          f"(mismatch {r['fwd_mismatch']:.2g}) bwd {r['bwd_pct_copy']:.0f}%", flush=True)
+            del x, gu
     if "bwd" in a.only:
         for D in dims:
             x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)

@@ -19,11 +19,14 @@ NOTES = [
     "per call on this machine against ~0.25 ms for nn.Linear (tools/kernels/overhead.py), mostly Triton launch "
     "overhead. Larger micro-batches give the GPU enough work per launch: at 4 x 2048 and 8 x 2048 the v2 "
     "layers are faster than bf16 (1.09-1.15x). Runs: `r5` / `r6` with the final kernels before the host-overhead "
-    "reduction (FastLaunch, docs/kernels.md), `r7` with it switched on (`BITNET_TRITON_FAST_LAUNCH`, then default on, now opt-in) (raw outputs: docs/benchmarks/raw/round{5,6,7}_2026-11-24).",
+    "reduction (FastLaunch, docs/kernels.md), `r7` with it switched on (`BITNET_TRITON_FAST_LAUNCH=1`), `r8` with it on by "
+    "default (session 4; raw outputs: docs/benchmarks/raw/round{5,6,7,8}_2026-11-24). At 2 x 2048 the host-bound "
+    "v2 rows move with the host's speed from run to run (v2_a4 0.76x in r5, 0.88x in r7, 0.73x in r8 with v2_a8 at "
+    "0.85x in r8): they are host-bound, not settled.",
     "* The 2026-11-24 morning rows (docs/benchmarks/raw/e2e_bench_2026-11-24.jsonl: 1.3B 1.00x, 400M 0.64-0.69x) "
     "ran with the stale ternary-code cache (codes computed once per run) and the older kernels; superseded.",
-    "* 1.3B v2_a4 at 8 x 2048 ran out of memory after bf16 and v2_a8 had run in the same process (62-64 GiB "
-    "peaks); not re-measured alone.",
+    "* 1.3B v2_a4 at 8 x 2048 ran out of memory in r6 after bf16 and v2_a8 had run in the same process (62-64 GiB "
+    "peaks); measured alone in r8: 50.2k tokens/s, 1.15x the r6 bf16 row (43.8k; ratio across two runs), 63.5 GiB peak.",
 ]
 
 

@@ -1,5 +1,6 @@
 """Where does a megatron-engine resume diverge? Trains 3 steps, saves, loads into an engine built from other
-weights, and compares model params, fp32 main params, Adam moments and step counts (one GPU, NCCL)."""
+weights, and compares model params, fp32 main params, Adam moments and step counts (one GPU, NCCL). First
+measures the run-to-run spread of the same training without a checkpoint (two fresh engines)."""
 import sys
 import tempfile
 from pathlib import Path
@@ -33,7 +34,23 @@ def diff(a, b):
     return max((x - y).abs().max().item() for x, y in zip(a, b)) if a else 0.0
 
 
+def repeat_spread():
+    """Run-to-run spread without any checkpoint: two fresh engines, same seed and batches, 6 steps each."""
+    from megatron.core import parallel_state as ps
+
+    runs = []
+    for _ in range(2):
+        e = make(cfg_for())
+        runs.append([e.train_step(step_batches(s), 3e-3, 0.1).loss for s in range(6)])
+        del e
+        ps.destroy_model_parallel()
+    rel = [abs(a - b) / abs(b) for a, b in zip(*runs)]
+    print(f"[repeat] run1={runs[0]} run2={runs[1]} max_rel={max(rel):.3g} per_step_rel={[f'{r:.2g}' for r in rel]}",
+          flush=True)
+
+
 def main():
+    repeat_spread()
     for distopt in (True, False):
         cfg = cfg_for(distributed_optimizer=distopt)
         e = make(cfg)
