@@ -320,6 +320,15 @@ def _load_tile(P, tb, r, col, cmask, T, stride, BM: tl.constexpr, NB: tl.constex
 
 
 @triton.jit
+def _block_rows(tb, r, cmask, T, BM: tl.constexpr, NB: tl.constexpr):
+    """Token block ``tb``: its token indices [BM] and their mask, the token of each tile row [BM * NB] and the
+    tile's element mask."""
+    toks = tb * BM + tl.arange(0, BM)
+    trow = tb * BM + r // NB
+    return toks, toks < T, trow, (trow < T)[:, None] & cmask
+
+
+@triton.jit
 def _hadamard_rows(v, Hm, R: tl.constexpr, HBD: tl.constexpr, HB: tl.constexpr, PREC: tl.constexpr,
                    EXACT_BF16: tl.constexpr, HMODE: tl.constexpr):
     """Unnormalized Walsh-Hadamard of every HB-block of v [R, HBD] (fp32)."""
@@ -361,10 +370,7 @@ def _fwd_flat_kernel(X, G, HM, Q, SCALE, RSTD, SS, STAT, T, D, stride_x, stride_
     if PREFETCH:
         x_next = _load_tile(X, pid, r, col, cmask, T, stride_x, BM, NB)
     for tb in range(pid, nblocks, nprog):
-        toks = tb * BM + tl.arange(0, BM)
-        tmask = toks < T
-        trow = tb * BM + r // NB
-        m = (trow < T)[:, None] & cmask
+        toks, tmask, trow, m = _block_rows(tb, r, cmask, T, BM, NB)
         if PREFETCH:
             # Register double buffering: the next tile's load is in flight while this one is computed.
             x = x_next
@@ -441,10 +447,7 @@ def _bwd_flat_kernel(GU, X, G, HM, RSTD, DOT, GX, GGP, T, D, stride_gu, stride_x
     if PREFETCH:
         gu_next = _load_tile(GU, pid, r, col, cmask, T, stride_gu, BM, NB)
     for tb in range(pid, nblocks, nprog):
-        toks = tb * BM + tl.arange(0, BM)
-        tmask = toks < T
-        trow = tb * BM + r // NB
-        m = (trow < T)[:, None] & cmask
+        toks, tmask, trow, m = _block_rows(tb, r, cmask, T, BM, NB)
         if PREFETCH:
             gu = gu_next.to(tl.float32)
             gu_next = _load_tile(GU, tb + nprog, r, col, cmask, T, stride_gu, BM, NB)
