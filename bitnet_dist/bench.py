@@ -98,7 +98,7 @@ def bench_copy(args, shape=(16384, 8192)):
 
 
 def bench_fused(args, copy_tbs: float):
-    from bitnet_dist.kernels.norm_hadamard_quant import launch_config, norm_hadamard_quant
+    from bitnet_dist.kernels.norm_hadamard_quant import flat_config, launch_config, norm_hadamard_quant
 
     rows = []
     dims = sorted({d for h, f in MODELS.values() for d in (h, f)})
@@ -110,7 +110,8 @@ def bench_fused(args, copy_tbs: float):
             for bits in (8, 4):
                 fp8 = bits == 4
                 nbytes = T * D * 2 + T * D + 8 * T + 2 * D
-                variants = [("default", None, None)]
+                # the default (the warp-shuffle kernel on CUDA) and the tensor-core flat kernel it replaced
+                variants = [("default", None, None), ("tensor_core_flat", None, flat_config(D, HB))]
                 if args.sweep and T == max(args.tokens) and bits == 8:
                     for prec in (0, 1, 2):
                         for elems in (2048, 4096, 8192, 16384):
@@ -264,13 +265,18 @@ def to_markdown(res) -> str:
            f"## Fused RMSNorm + Hadamard (block {res.get('hadamard_block', HB)}) + quantize (default launch config)\n",
            "`% of copy`: against the large copy above; `% same-size copy`: against a copy of the kernel's own "
            "input shape in the same run (same L2 effects). `1 call`: one call between two events, host included.\n",
-           "| tokens | dim | act bits | GPU ms | TB/s | % of copy | % same-size copy | 1 call ms |",
-           "|---|---|---|---|---|---|---|---|"]
+           "`tensor-core kernel`: the flat kernel with the Hadamard as tensor-core products (the default before the "
+           "warp-shuffle kernel), same run.\n",
+           "| tokens | dim | act bits | GPU ms | TB/s | % of copy | % same-size copy | 1 call ms | tensor-core kernel, % of copy |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    tc = {(r["tokens"], r["dim"], r["act_bits"]): r for r in res["fused"]
+          if r.get("variant") == "tensor_core_flat" and "ms" in r}
     for r in res["fused"]:
         if r.get("variant") == "default" and "ms" in r:
+            t = tc.get((r["tokens"], r["dim"], r["act_bits"]), {})
             out.append(f"| {r['tokens']} | {r['dim']} | {r['act_bits']} | {r['ms']:.3f} | {r['tb_s']:.2f} | "
                        f"{r['pct_copy']:.0f}% | {r.get('pct_same_size_copy', float('nan')):.0f}% | "
-                       f"{r.get('single_call_ms', float('nan')):.3f} |")
+                       f"{r.get('single_call_ms', float('nan')):.3f} | {t.get('pct_copy', float('nan')):.0f}% |")
     out += ["\n## Forward GEMM (TFLOP/s, GPU time; ratios against cuBLAS bf16 in the same run)\n",
             "| model | layer | tokens | K | N | bf16 | int8 Triton (A8) | torch._int_mm | FP8 (A4) | A8/bf16 | A4/bf16 |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]

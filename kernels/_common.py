@@ -231,6 +231,67 @@ def block_fwht_rows(v, R: tl.constexpr, HBD: tl.constexpr, HB: tl.constexpr, PRE
     return out
 
 
+# ------------------------------------------------------------------------- warp-shuffle Walsh-Hadamard
+# In the natural [BM, C] layout (C the contiguous axis) Triton gives each thread VEC consecutive features, the
+# 16-byte vector of the kernel's narrowest store (16 one-byte codes, 8 bf16 gradients; fewer where the tile
+# has fewer elements per thread), and the lanes of a warp consecutive VEC-groups, so feature-index bit
+# k < log2(VEC) is a register bit and bit log2(VEC) + j is lane bit j. A butterfly over a register bit is a
+# split / join of registers; over a lane bit it is one ``shfl.sync.bfly`` per element. The launchers take this
+# path only for 16-byte aligned rows and check it once per configuration against the tensor-core kernels
+# (norm_hadamard_quant.py: ``_shuffle_verified``, ``_default_shuffle_bwd``).
+if interpreting():
+    @triton.jit
+    def lane_partner(v, BM: tl.constexpr, C: tl.constexpr, BIT: tl.constexpr, MASK: tl.constexpr):
+        """The element whose feature index differs in bit BIT (interpreter: by reshaping)."""
+        a, b = tl.split(tl.permute(tl.reshape(v, (BM, C // (2 * BIT), 2, BIT)), (0, 1, 3, 2)))
+        return tl.reshape(tl.permute(tl.join(b, a), (0, 1, 3, 2)), (BM, C))
+else:
+    @triton.jit
+    def lane_partner(v, BM: tl.constexpr, C: tl.constexpr, BIT: tl.constexpr, MASK: tl.constexpr):
+        """The element whose feature index differs in bit BIT = lane bit MASK: a butterfly lane shuffle."""
+        r = tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, $2, 0x1f, 0xffffffff;", "=r,r,r",
+                                      [v.to(tl.int32, bitcast=True), tl.full(v.shape, MASK, tl.int32)],
+                                      dtype=tl.int32, is_pure=True, pack=1)
+        return r.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _wht_stage(v, cols, BM: tl.constexpr, C: tl.constexpr, BIT: tl.constexpr, VEC: tl.constexpr):
+    """One butterfly over feature-index bit BIT of v [BM, C] fp32 (pairs BIT apart: sum low, difference high)."""
+    if BIT < VEC:
+        a, b = tl.split(tl.permute(tl.reshape(v, (BM, C // (2 * BIT), 2, BIT)), (0, 1, 3, 2)))
+        out = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), (BM, C))
+    else:
+        p = lane_partner(v, BM, C, BIT, BIT // VEC)
+        # p + v for the low element, p - v for the high one: one FMA with a per-lane sign (exact: s = +-1).
+        sgn = tl.where((cols & BIT) != 0, -1.0, 1.0)
+        out = tl.fma(sgn[None, :] + tl.zeros_like(v), v, p)
+    return out
+
+
+@triton.jit
+def fwht_shuffle(v, cols, BM: tl.constexpr, C: tl.constexpr, HB: tl.constexpr, VEC: tl.constexpr):
+    """Unnormalized Walsh-Hadamard of every HB-block (HB <= 256) of the rows of v [BM, C] (fp32): log2(HB)
+    butterflies in fp32 adds, in the order of ``bitnet_dist.hadamard`` (bit 0 first)."""
+    if HB >= 2:
+        v = _wht_stage(v, cols, BM, C, 1, VEC)
+    if HB >= 4:
+        v = _wht_stage(v, cols, BM, C, 2, VEC)
+    if HB >= 8:
+        v = _wht_stage(v, cols, BM, C, 4, VEC)
+    if HB >= 16:
+        v = _wht_stage(v, cols, BM, C, 8, VEC)
+    if HB >= 32:
+        v = _wht_stage(v, cols, BM, C, 16, VEC)
+    if HB >= 64:
+        v = _wht_stage(v, cols, BM, C, 32, VEC)
+    if HB >= 128:
+        v = _wht_stage(v, cols, BM, C, 64, VEC)
+    if HB >= 256:
+        v = _wht_stage(v, cols, BM, C, 128, VEC)
+    return v
+
+
 # ------------------------------------------------------------------------------------------ launching
 # On by default; BITNET_TRITON_FAST_LAUNCH=0 turns it off (every launch then goes through Triton's JIT path).
 # GPU evidence (H100, 2026-11-24, docs/benchmarks/raw/gpu_next_2026-11-24c): the kernel GPU tests and the megatron

@@ -29,6 +29,8 @@ Only x (the layer input, usually kept alive by the producer anyway), rstd and th
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from typing import Optional
 
 import torch
@@ -36,7 +38,8 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from ._common import FastLaunch, block_fwht, block_fwht_rows, default_prec, dot16, next_pow2, num_sms, quotient, rint, round_to
+from ._common import (FastLaunch, block_fwht, block_fwht_rows, default_prec, dot16, fwht_shuffle, next_pow2,
+                      num_sms, quotient, rint, round_to)
 
 # One definition of the quantizers' constants: the reference numerics (bitnet_dist.quant).
 from bitnet_dist.quant import _QRANGE, SCALE_EPS, SQRT7, _group_size  # noqa: E402,F401
@@ -476,9 +479,103 @@ def _bwd_flat_kernel(GU, X, G, HM, RSTD, DOT, GX, GGP, T, D, stride_gu, stride_x
         tl.store(GGP + pid * D + c2, gsum, mask=c2 < D)
 
 
+
+@triton.jit
+def _fwd_shfl_kernel(X, G, Q, SCALE, RSTD, T, D, stride_x, stride_q, eps, full_dim_f, inv_sqrt_hb,
+                     BITS: tl.constexpr, HB: tl.constexpr, HAS_NORM: tl.constexpr, BM: tl.constexpr,
+                     C: tl.constexpr, ROUND: tl.constexpr, X_BF16: tl.constexpr, Q_FP8: tl.constexpr,
+                     VEC: tl.constexpr):
+    """The whole forward chain (no TP reduction, whole rows: D <= C) for BM tokens in the natural [BM, C]
+    layout, the Hadamard as warp-shuffle butterflies (``fwht_shuffle``): no tensor cores, no shared memory."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.arange(0, C)
+    rmask = rows < T
+    m = rmask[:, None] & (cols < D)[None, :]
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0)
+    xdt = x.dtype
+    xf = x.to(tl.float32)
+    rstd = _rstd_of(tl.sum(xf * xf, axis=1), full_dim_f, eps, HAS_NORM)
+    if HAS_NORM:
+        g = tl.load(G + cols, mask=cols < D, other=0.0)
+        G_SAME: tl.constexpr = G.dtype.element_ty == X.dtype.element_ty  # then g needs no rounding to x.dtype
+        if ROUND and not G_SAME:
+            g = round_to(g.to(tl.float32), xdt, X_BF16)
+        g = g.to(tl.float32)
+        if ROUND:
+            n = round_to(round_to(xf * rstd[:, None], xdt, X_BF16) * g[None, :], xdt, X_BF16)
+        else:
+            n = xf * rstd[:, None] * g[None, :]
+    else:
+        n = xf
+    # For a block of 4**k features the normalization 1 / sqrt(HB) = 2**-k is exact, so it moves from every
+    # element to the per-token scale: u and the scale are both SQ = 2**k times larger (the 1e-5 floor too),
+    # which leaves every rounding, the quotient and so the codes unchanged (outside the subnormal range).
+    SQ: tl.constexpr = (1 if HB == 1 else 2 if HB == 4 else 4 if HB == 16 else 8 if HB == 64
+                        else 16 if HB == 256 else 0)
+    u = fwht_shuffle(n, cols, BM, C, HB, VEC)
+    if SQ == 0:
+        u = u * inv_sqrt_hb
+    if ROUND:
+        u = round_to(u, xdt, X_BF16)
+    stat = _stat_of(u, BITS)
+    SQF: tl.constexpr = 1.0 if SQ == 0 else SQ * 1.0
+    if BITS == 8:
+        scale = tl.math.div_rn(tl.maximum(stat, 1e-5 * SQF), 127.0)
+    else:
+        scale = tl.math.div_rn(tl.maximum(tl.math.div_rn(stat, full_dim_f), 1e-5 * SQF), 2.6457513110645907)
+    inv = tl.math.div_rn(1.0, scale)
+    qv = rint(quotient(u, scale, inv))
+    if SQ != 0:
+        scale = scale * (1.0 / SQF)
+    if BITS == 4:
+        qv = tl.minimum(tl.maximum(qv, -8.0), 7.0)
+    # INT8 absmax needs no clamp: |u| <= max |u| and scale >= max |u| / 127 (rounded up by at most an ulp, or
+    # the 1e-5 floor), so |u / scale| <= 127 (1 + 2^-23) rounds into [-127, 127].
+    if Q_FP8:
+        qc = qv.to(tl.float8e4nv)
+    else:
+        qc = qv.to(tl.int8)
+    tl.store(Q + rows[:, None] * stride_q + cols[None, :], qc, mask=m)
+    tl.store(SCALE + rows, scale, mask=rmask)
+    tl.store(RSTD + rows, rstd, mask=rmask)
+
+
+@triton.jit
+def _bwd_shfl_kernel(GU, X, G, RSTD, GX, GGP, T, D, stride_gu, stride_x, stride_gx, inv_full, inv_sqrt_hb,
+                     HB: tl.constexpr, HAS_NORM: tl.constexpr, BM: tl.constexpr, C: tl.constexpr,
+                     VEC: tl.constexpr):
+    """The backward (no TP reduction, whole rows) in the natural layout with the warp-shuffle Hadamard:
+    persistent over token blocks, writes GX and the per-program partial norm-weight gradient GGP[pid, :]."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    cols = tl.arange(0, C)
+    cmask = cols < D
+    if HAS_NORM:
+        g = tl.load(G + cols, mask=cmask, other=0.0).to(tl.float32)
+    gacc = tl.zeros([BM, C], tl.float32)
+    for tb in range(pid, tl.cdiv(T, BM), nprog):
+        rows = tb * BM + tl.arange(0, BM)
+        rmask = rows < T
+        m = rmask[:, None] & cmask[None, :]
+        gu = tl.load(GU + rows[:, None] * stride_gu + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        gn = fwht_shuffle(gu, cols, BM, C, HB, VEC) * inv_sqrt_hb
+        if HAS_NORM:
+            rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
+            xh = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32) * rstd[:, None]
+            a = gn * g[None, :]
+            dot = tl.sum(a * xh, axis=1)
+            gacc += gn * xh
+            gx = rstd[:, None] * (a - xh * (dot * inv_full)[:, None])
+        else:
+            gx = gn
+        tl.store(GX + rows[:, None] * stride_gx + cols[None, :], gx.to(GX.dtype.element_ty), mask=m)
+    if HAS_NORM:
+        tl.store(GGP + pid * D + cols, tl.sum(gacc, axis=0), mask=cmask)
+
 # ---------------------------------------------------------------------------------------- launchers
 _FWD, _FWD_FLAT = FastLaunch(_fwd_kernel), FastLaunch(_fwd_flat_kernel)
 _BWD, _BWD_FLAT = FastLaunch(_bwd_kernel), FastLaunch(_bwd_flat_kernel)
+_FWD_SHFL, _BWD_SHFL = FastLaunch(_fwd_shfl_kernel), FastLaunch(_bwd_shfl_kernel)
 
 def launch_config(D: int, hadamard_block: int, *, max_chunk: int = 16384, elems: int = 4096):
     """(BM tokens, CHUNK features, num_warps) for a row length D; CHUNK is a power of two >= the block.
@@ -594,6 +691,14 @@ def norm_hadamard_quant(x2: torch.Tensor, norm_weight: Optional[torch.Tensor], *
     has_norm = norm_weight is not None
     g = norm_weight if has_norm else x2
     prec = default_prec() if prec is None else prec
+    checked = False
+    if config is None and SHUFFLE_FWD and x2.is_cuda and hb > 1 and not reduce_tp:
+        config = _default_shuffle(x2, g, act_bits=act_bits, hb=hb, has_norm=has_norm, eps=eps, fp8_codes=fp8_codes)
+        checked = config is not None
+    if config is not None and config[0] == "shfl":
+        _nhq_shfl(x2, g, q, scale, rstd, config, act_bits=act_bits, hb=hb, has_norm=has_norm, eps=eps,
+                  full=full, reduce_tp=reduce_tp, fp8_codes=fp8_codes, checked=checked)
+        return q, scale, rstd
     if _use_flat(config, D, hb):
         return _nhq_flat(x2, g, q, scale, rstd, config or flat_config(D, hb), act_bits=act_bits, hb=hb,
                          has_norm=has_norm, eps=eps, full=full, reduce_tp=reduce_tp, tp_group=tp_group,
@@ -618,6 +723,112 @@ def norm_hadamard_quant(x2: torch.Tensor, norm_weight: Optional[torch.Tensor], *
     dist.all_reduce(stat, op=dist.ReduceOp.MAX if act_bits == 8 else dist.ReduceOp.SUM, group=tp_group)
     _FWD[grid](*args(ss, stat), MODE=3, **common)
     return q, scale, rstd
+
+
+# The forward and backward default on CUDA without TP-reduced statistics (BITNET_SHUFFLE_HADAMARD=0 turns both
+# off): the warp-shuffle kernels, H100 sweeps docs/benchmarks/raw/round9_2026-11-24 (tools/kernels/hlab.py).
+SHUFFLE_FWD = os.environ.get("BITNET_SHUFFLE_HADAMARD", "1") != "0"
+
+
+def shuffle_config(D: int, *, elems: int = 4096, warps: Optional[int] = None):
+    """("shfl", BM tokens, num_warps) for the warp-shuffle forward kernel: whole rows, ~``elems`` per tile;
+    4 warps up to 8192 features, 8 above (the H100 sweep's best)."""
+    C = max(16, next_pow2(D))
+    bm = max(1, elems // C)
+    return ("shfl", bm, warps or (4 if C <= 8192 else 8))
+
+
+def shuffle_vec(bm: int, C: int, warps: int) -> int:
+    """Consecutive features per thread in the layout Triton builds for the warp-shuffle kernel: the 1-byte
+    code store's 16-byte vector, fewer where the tile has fewer elements per thread (seen in the TTGIR of
+    Triton 3.6 / 3.9; checked at run time by ``_shuffle_verified``)."""
+    return min(16, bm * C // (32 * warps))
+
+
+def shuffle_layout_ok(x2: torch.Tensor, config, hb: int) -> Optional[str]:
+    """None where the warp-shuffle kernel's layout assumption can hold for x2 (see ``fwht_shuffle``), else why not."""
+    _, bm, warps = config[:3]
+    T, D = x2.shape
+    C = max(16, next_pow2(D))
+    if C > FLAT_MAX_FEATURES:
+        return f"{D} features > {FLAT_MAX_FEATURES} (one tile holds whole rows)"
+    if D % 16 or x2.stride(0) % 8 or x2.data_ptr() % 16:
+        return "rows not 16-byte aligned or features not a multiple of 16"
+    if bm & (bm - 1) or warps & (warps - 1):
+        return f"BM={bm} and num_warps={warps} must be powers of two"
+    if shuffle_vec(bm, C, warps) < 2:
+        return f"tile BM={bm} x {C} too small for {warps} warps"
+    if hb > 256:
+        return "hadamard_block > 256"
+    return None
+
+
+_SHFL_CHECKED: dict = {}
+
+
+def _shuffle_verified(x2, g, config, *, act_bits, hb, has_norm, eps, fp8_codes) -> bool:
+    """Once per configuration: the warp-shuffle kernel against the tensor-core flat kernel on random rows of
+    the same width. A layout other than the one ``fwht_shuffle`` assumes pairs the wrong features and changes
+    almost every code, so a mismatch above 1e-3 (or scales off beyond float rounding on over 1% of tokens) turns the
+    shuffle path off for that configuration, with a warning."""
+    key = (x2.device.index, x2.dtype, g.dtype, x2.shape[1], tuple(config), act_bits, hb, has_norm, fp8_codes)
+    ok = _SHFL_CHECKED.get(key)
+    if ok is None:
+        D = x2.shape[1]
+        n = max(64, config[1] * 8)
+        gen = torch.Generator(device=x2.device).manual_seed(0)
+        xs = (torch.randn(n, D, device=x2.device, generator=gen) * 2).to(x2.dtype)
+        gs = (1 + 0.1 * torch.randn(D, device=x2.device, generator=gen)).to(g.dtype) if has_norm else None
+        kw = dict(act_bits=act_bits, hadamard_block=hb, eps=eps, fp8_codes=fp8_codes)
+        q1, s1, _ = norm_hadamard_quant(xs, gs, config=config, **kw)
+        q0, s0, _ = norm_hadamard_quant(xs, gs, config=flat_config(D, hb) if D <= FLAT_MAX_FEATURES
+                                        else launch_config(D, hb), **kw)
+        mism = float((q1.float() != q0.float()).float().mean())
+        # Scales may differ where one bf16 rounding of the largest |u| flips (the two Hadamards sum in another
+        # order) or by float summation order: allow it on 1% of tokens.
+        off = float(((s1 - s0).abs() > 1e-5 * s0.abs()).float().mean())
+        ok = mism <= 1e-3 and off <= 0.01
+        if not ok:
+            warnings.warn(f"bitnet_dist.kernels: warp-shuffle Hadamard kernel disagrees with the tensor-core kernel "
+                          f"for {config} ({mism:.3g} of codes differ; this Triton builds another register layout): "
+                          "using the tensor-core kernel for this shape")
+        _SHFL_CHECKED[key] = ok
+    return ok
+
+
+_SHFL_DEFAULT: dict = {}
+
+
+def _default_shuffle(x2, g, *, act_bits, hb, has_norm, eps, fp8_codes):
+    """The warp-shuffle config for x2 where it applies and passed its check, else None (cached per shape and
+    alignment: this runs on every forward call, and small layers are bound by host time)."""
+    key = (x2.device.index, x2.dtype, g.dtype, x2.shape[1], x2.stride(0) % 8 == 0 and x2.data_ptr() % 16 == 0,
+           act_bits, hb, has_norm, fp8_codes)
+    cfg = _SHFL_DEFAULT.get(key, False)
+    if cfg is False:
+        cfg = shuffle_config(x2.shape[1])
+        if shuffle_layout_ok(x2, cfg, hb) is not None or not _shuffle_verified(
+                x2, g, cfg, act_bits=act_bits, hb=hb, has_norm=has_norm, eps=eps, fp8_codes=fp8_codes):
+            cfg = None
+        _SHFL_DEFAULT[key] = cfg
+    return cfg
+
+
+def _nhq_shfl(x2, g, q, scale, rstd, config, *, act_bits, hb, has_norm, eps, full, reduce_tp, fp8_codes,
+              checked=False):
+    T, D = x2.shape
+    why = None if checked else "TP-reduced statistics" if reduce_tp else shuffle_layout_ok(x2, config, hb)
+    if why:
+        raise ValueError(f"launch config {config}: the warp-shuffle kernel does not apply here ({why}); "
+                         "use config=None (the default)")
+    _, bm, warps = config[:3]
+    C = max(16, next_pow2(D))
+    vec = config[3] if len(config) > 3 else shuffle_vec(bm, C, warps)  # explicit VEC: layout experiments only
+    return _FWD_SHFL[(triton.cdiv(T, bm),)](
+        x2, g, q, scale, rstd, T, D, x2.stride(0), q.stride(0), float(eps), float(full), 1.0 / math.sqrt(hb),
+        BITS=act_bits, HB=hb, HAS_NORM=has_norm, BM=bm, C=C,
+        ROUND=x2.dtype != torch.float32, X_BF16=x2.dtype == torch.bfloat16, Q_FP8=fp8_codes,
+        VEC=vec, num_warps=warps)
 
 
 def _nhq_flat(x2, g, q, scale, rstd, config, *, act_bits, hb, has_norm, eps, full, reduce_tp, tp_group,
@@ -660,6 +871,14 @@ def norm_hadamard_backward(grad_u: torch.Tensor, x2: torch.Tensor, norm_weight: 
     if T == 0:
         return gx, (torch.zeros(D, device=x2.device) if has_norm else None)
     prec = default_prec() if prec is None else prec
+    checked = False
+    if (config is None and SHUFFLE_FWD and x2.is_cuda and hb > 1 and not reduce_tp
+            and grad_u.dtype == x2.dtype and x2.element_size() == 2):
+        config = _default_shuffle_bwd(grad_u, x2, norm_weight, rstd, hb=hb)
+        checked = config is not None
+    if config is not None and config[0] == "shfl":
+        return _nhb_shfl(grad_u, x2, norm_weight, rstd, gx, config, hb=hb, full=full, reduce_tp=reduce_tp,
+                         checked=checked)
     if _use_flat(config, D, hb, min_features=BWD_FLAT_MIN_FEATURES):
         return _nhb_flat(grad_u, x2, norm_weight, rstd, gx,
                          config or flat_config(D, hb, elems=2048, hmode=1, warps=8, prefetch=False), hb=hb,
@@ -682,6 +901,79 @@ def norm_hadamard_backward(grad_u: torch.Tensor, x2: torch.Tensor, norm_weight: 
         _BWD[(nprog,)](*args, MODE=2, **common)
     else:
         _BWD[(nprog,)](*args, MODE=0, **common)
+    return gx, (ggp.sum(0) if has_norm else None)
+
+
+def shuffle_bwd_config(D: int, *, elems: int = 4096, warps: Optional[int] = None, programs_per_sm: int = 2):
+    """("shfl", BM tokens, num_warps, programs per SM) for the warp-shuffle backward (persistent). Defaults
+    from the H100 sweep (raw/round9_2026-11-24/lab7.jsonl): ~4096 features per tile, 2 programs per SM, 8 warps
+    (4 at 8192 features): 65-75% of copy bandwidth against 46-60% for the tensor-core kernels."""
+    C = max(16, next_pow2(D))
+    return ("shfl", max(1, elems // C), warps or (4 if C == 8192 else 8), programs_per_sm)
+
+
+def _bwd_layout_why(grad_u, x2, config, hb) -> Optional[str]:
+    if grad_u.dtype != x2.dtype:
+        return "grad_u and x must share a dtype"
+    for t in (grad_u, x2):
+        why = shuffle_layout_ok(t, config, hb)
+        if why:
+            return why
+    return None
+
+
+_SHFL_BWD_DEFAULT: dict = {}
+
+
+def _default_shuffle_bwd(grad_u, x2, norm_weight, rstd, *, hb):
+    """The backward's warp-shuffle config where it applies and passed a one-time check against the
+    tensor-core kernels (gradients within bf16 rounding; a wrong register layout gives O(1) errors), else None."""
+    D = x2.shape[1]
+    aligned = all(t.stride(0) % 8 == 0 and t.data_ptr() % 16 == 0 for t in (grad_u, x2))
+    key = (x2.device.index, x2.dtype, None if norm_weight is None else norm_weight.dtype, D, aligned, hb)
+    cfg = _SHFL_BWD_DEFAULT.get(key, False)
+    if cfg is False:
+        cfg = shuffle_bwd_config(D)
+        if _bwd_layout_why(grad_u, x2, cfg, hb) is not None:
+            cfg = None
+        else:
+            gen = torch.Generator(device=x2.device).manual_seed(0)
+            n = max(64, cfg[1] * 8)
+            xs = torch.randn(n, D, device=x2.device, generator=gen).to(x2.dtype)
+            gus = torch.randn(n, D, device=x2.device, generator=gen).to(x2.dtype)
+            gs = None if norm_weight is None else \
+                (1 + 0.1 * torch.randn(D, device=x2.device, generator=gen)).to(norm_weight.dtype)
+            rs = torch.rsqrt(xs.float().pow(2).mean(1) + 1e-5)
+            g1, gg1 = norm_hadamard_backward(gus, xs, gs, rs, hadamard_block=hb, config=cfg)
+            g0, gg0 = norm_hadamard_backward(gus, xs, gs, rs, hadamard_block=hb,
+                                             config=flat_config(D, hb, elems=2048, hmode=1, warps=8, prefetch=False))
+            err = float((g1.float() - g0.float()).abs().max()) / max(float(g0.float().abs().max()), 1e-30)
+            if gs is not None:
+                err = max(err, float((gg1 - gg0).abs().max()) / max(float(gg0.abs().max()), 1e-30))
+            if err > 2e-2:
+                warnings.warn(f"bitnet_dist.kernels: warp-shuffle backward disagrees with the tensor-core kernel for "
+                              f"{cfg} (relative error {err:.3g}; this Triton builds another register layout): "
+                              "using the tensor-core kernel for this shape")
+                cfg = None
+        _SHFL_BWD_DEFAULT[key] = cfg
+    return cfg
+
+
+def _nhb_shfl(grad_u, x2, norm_weight, rstd, gx, config, *, hb, full, reduce_tp, checked=False):
+    T, D = x2.shape
+    why = None if checked else "TP-reduced statistics" if reduce_tp else _bwd_layout_why(grad_u, x2, config, hb)
+    if why:
+        raise ValueError(f"launch config {config}: the warp-shuffle backward does not apply here ({why}); "
+                         "use config=None (the default)")
+    _, bm, warps, per_sm = config[:4]
+    C = max(16, next_pow2(D))
+    vec = config[4] if len(config) > 4 else min(16 // x2.element_size(), bm * C // (32 * warps))  # 16-byte vectors
+    has_norm = norm_weight is not None
+    nprog = max(1, min(triton.cdiv(T, bm), per_sm * num_sms(x2.device)))
+    ggp = torch.empty((nprog, D), device=x2.device, dtype=torch.float32) if has_norm else gx
+    g = norm_weight if has_norm else x2
+    _BWD_SHFL[(nprog,)](grad_u, x2, g, rstd, gx, ggp, T, D, grad_u.stride(0), x2.stride(0), gx.stride(0), 1.0 / full,
+                        1.0 / math.sqrt(hb), HB=hb, HAS_NORM=has_norm, BM=bm, C=C, VEC=vec, num_warps=warps)
     return gx, (ggp.sum(0) if has_norm else None)
 
 

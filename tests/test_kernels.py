@@ -384,3 +384,81 @@ def test_flat_kernels_all_hadamard_modes(hmode, prefetch, hb):
     hadamard.fwht(rms_norm(xr, gr, 1e-5), hb).backward(gu)
     torch.testing.assert_close(gx, xr.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gg, gr.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("T,D,hb,bits,cfg", [(37, 512, 256, 8, ("shfl", 1, 1)), (19, 384, 128, 4, ("shfl", 2, 1)),
+                                             (33, 256, 64, 8, ("shfl", 4, 2)), (9, 64, 8, 4, ("shfl", 8, 1)),
+                                             (16, 128, 16, 8, ("shfl", 2, 1))])
+def test_warp_shuffle_kernel_codes_equal_reference(T, D, hb, bits, cfg):
+    """The warp-shuffle forward kernel (its lane exchange emulated by reshapes in the interpreter): codes
+    and scales equal the torch path's, with a power-of-4 block (normalization folded into the scale), a
+    block of 128 and 8 (explicit normalization), masked columns (384 features in a 512 tile), odd T."""
+    torch.manual_seed(11)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (torch.randn(T, D) * torch.rand(T, 1) * 3).to(dtype)
+        x[3] = 0  # an all-zero token: the 1e-5 scale floor
+        g = (1 + 0.2 * torch.randn(D)).to(dtype)
+        rc, rs, u = reference_codes(x, g, bits, hb)
+        q, scale, rstd = norm_hadamard_quant(x, g, act_bits=bits, hadamard_block=hb, eps=1e-5, config=cfg)
+        torch.testing.assert_close(scale, rs, rtol=2e-6, atol=0)
+        assert_codes_equal(q, rc, u, rs)
+        _, _, rstd0 = norm_hadamard_quant(x, g, act_bits=bits, hadamard_block=hb, eps=1e-5)
+        torch.testing.assert_close(rstd, rstd0, rtol=1e-6, atol=0)  # sum of squares in another order
+        q0, s0, _ = norm_hadamard_quant(x, None, act_bits=bits, hadamard_block=hb, eps=1e-5, config=cfg)
+        rc0, rs0, u0 = reference_codes(x, None, bits, hb)
+        torch.testing.assert_close(s0, rs0, rtol=2e-6, atol=0)
+        assert_codes_equal(q0, rc0, u0, rs0)
+
+
+def test_warp_shuffle_verifier_and_limits(monkeypatch):
+    """The one-time check turns the shuffle path off (with a warning) when its codes disagree with the
+    tensor-core kernel's, as they would under another register layout; unusable layouts fail clearly."""
+    import bitnet_dist.kernels.norm_hadamard_quant as nhq
+    torch.manual_seed(2)
+    x, g = torch.randn(8, 256), 1 + 0.1 * torch.randn(256)
+    kw = dict(act_bits=8, hb=64, has_norm=True, eps=1e-5, fp8_codes=False)
+    monkeypatch.setattr(nhq, "_SHFL_CHECKED", {})
+    monkeypatch.setattr(nhq, "_SHFL_DEFAULT", {})
+    assert nhq._shuffle_verified(x, g, ("shfl", 4, 2), **kw)
+    assert nhq._default_shuffle(x, g, **kw) == nhq.shuffle_config(256) == ("shfl", 16, 4)
+    assert len(nhq._SHFL_DEFAULT) == 1
+    real = nhq._nhq_shfl
+
+    def wrong_pairs(x2, g, q, scale, rstd, config, **k):  # stands in for a kernel pairing the wrong lanes
+        real(x2, g, q, scale, rstd, config, **k)
+        q.copy_(q.roll(1, dims=1))
+    monkeypatch.setattr(nhq, "_nhq_shfl", wrong_pairs)
+    with pytest.warns(UserWarning, match="disagrees"):
+        assert not nhq._shuffle_verified(x, g, ("shfl", 2, 2), **kw)
+    with pytest.warns(UserWarning, match="disagrees"):  # the default path then keeps the tensor-core kernel
+        assert nhq._default_shuffle(x, g, **{**kw, "act_bits": 4}) is None
+    assert nhq._SHFL_CHECKED[(None, torch.float32, torch.float32, 256, ("shfl", 2, 2), 8, 64, True, False)] is False
+    assert "16-byte" in nhq.shuffle_layout_ok(torch.randn(4, 260)[:, :256], ("shfl", 1, 1), 64)
+    assert "too small" in nhq.shuffle_layout_ok(x, ("shfl", 1, 8), 64)
+    assert nhq.shuffle_layout_ok(torch.randn(4, 32768), ("shfl", 1, 8), 256).startswith("32768 features")
+    with pytest.raises(ValueError, match="warp-shuffle kernel does not apply"):
+        norm_hadamard_quant(torch.randn(4, 32768), None, act_bits=8, hadamard_block=256, eps=1e-5,
+                            config=("shfl", 1, 8))
+
+
+@pytest.mark.parametrize("T,D,hb,cfg", [(37, 512, 256, ("shfl", 1, 1, 1)), (19, 384, 128, ("shfl", 2, 1, 2)),
+                                        (33, 256, 16, ("shfl", 4, 2, 1))])
+def test_warp_shuffle_backward_matches_autograd(T, D, hb, cfg):
+    """The warp-shuffle backward (persistent: more token blocks than programs) against autograd through the
+    torch path, with and without the norm weight; and its one-time check keeps it for a correct kernel."""
+    import bitnet_dist.kernels.norm_hadamard_quant as nhq
+    torch.manual_seed(4)
+    x, g, gu = torch.randn(T, D), 1 + 0.1 * torch.randn(D), torch.randn(T, D)
+    _, _, rstd = norm_hadamard_quant(x, g, act_bits=8, hadamard_block=hb, eps=1e-5)
+    gx, gg = norm_hadamard_backward(gu, x, g, rstd, hadamard_block=hb, config=cfg)
+    xr, gr = x.clone().requires_grad_(), g.clone().requires_grad_()
+    hadamard.fwht(rms_norm(xr, gr, 1e-5), hb).backward(gu)
+    torch.testing.assert_close(gx, xr.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gg, gr.grad, rtol=1e-5, atol=1e-5)
+    gx0, none = norm_hadamard_backward(gu, x, None, rstd, hadamard_block=hb, config=cfg)
+    assert none is None
+    torch.testing.assert_close(gx0, hadamard.fwht(gu, hb), rtol=1e-5, atol=1e-5)
+    xb, gub = x.bfloat16(), gu.bfloat16()
+    assert nhq._default_shuffle_bwd(gub, xb, g.bfloat16(), rstd, hb=hb) == nhq.shuffle_bwd_config(D)
+    with pytest.raises(ValueError, match="share a dtype"):
+        norm_hadamard_backward(gu, xb, g, rstd, hadamard_block=hb, config=cfg)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What the next session with GPU time should run first (state at the end of session 4, 2026-11-24):
+# What the next session with GPU time should run first (state at the end of session 5, 2026-11-24):
 #   2 GPUs:     bash tools/megatron/gpu_pp2_verify.sh   (PP2 x VP2 after the p2p fix; TP2 -> TP1 resume)
 #   4 / 8 GPUs: bash tools/megatron/gpu_multi.sh        (TP2 x PP2 (x DP2) with SP and the interleaved schedule)
 #   1 GPU :     bash tools/gpu_next.sh                  (this file: the one-GPU checks after any kernel change)

@@ -23,6 +23,10 @@ NOTES = [
     "default (session 4; raw outputs: docs/benchmarks/raw/round{5,6,7,8}_2026-11-24). At 2 x 2048 the host-bound "
     "v2 rows move with the host's speed from run to run (v2_a4 0.76x in r5, 0.88x in r7, 0.73x in r8 with v2_a8 at "
     "0.85x in r8): they are host-bound, not settled.",
+    "* `r9` (session 5): the warp-shuffle Hadamard kernels (forward and backward, docs/kernels.md) as the default; "
+    "raw docs/benchmarks/raw/round9_2026-11-24/e2e. The 2 x 2048 rows ran with the forward kernel only (before the "
+    "warp-shuffle backward); so did a first 4 x 2048 run (v2_a8 1.11x, v2_a4 1.12x, e2e_mbs4_first.jsonl). The elementwise kernels are a few percent of the step, so the "
+    "4 x 2048 ratios stay within the run-to-run spread of r5 / r8.",
     "* The 2026-11-24 morning rows (docs/benchmarks/raw/e2e_bench_2026-11-24.jsonl: 1.3B 1.00x, 400M 0.64-0.69x) "
     "ran with the stale ternary-code cache (codes computed once per run) and the older kernels; superseded.",
     "* 1.3B v2_a4 at 8 x 2048 ran out of memory in r6 after bf16 and v2_a8 had run in the same process (62-64 GiB "
