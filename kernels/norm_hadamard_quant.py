@@ -799,12 +799,18 @@ def _shuffle_verified(x2, g, config, *, act_bits, hb, has_norm, eps, fp8_codes) 
 _SHFL_DEFAULT: dict = {}
 
 
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def _default_shuffle(x2, g, *, act_bits, hb, has_norm, eps, fp8_codes):
     """The warp-shuffle config for x2 where it applies and passed its check, else None (cached per shape and
     alignment: this runs on every forward call, and small layers are bound by host time)."""
     key = (x2.device.index, x2.dtype, g.dtype, x2.shape[1], x2.stride(0) % 8 == 0 and x2.data_ptr() % 16 == 0,
            act_bits, hb, has_norm, fp8_codes)
     cfg = _SHFL_DEFAULT.get(key, False)
+    if cfg is False and _capturing():
+        return None  # the one-time check syncs: not inside CUDA-graph capture (the tensor-core kernel runs)
     if cfg is False:
         cfg = shuffle_config(x2.shape[1])
         if shuffle_layout_ok(x2, cfg, hb) is not None or not _shuffle_verified(
@@ -932,6 +938,8 @@ def _default_shuffle_bwd(grad_u, x2, norm_weight, rstd, *, hb):
     aligned = all(t.stride(0) % 8 == 0 and t.data_ptr() % 16 == 0 for t in (grad_u, x2))
     key = (x2.device.index, x2.dtype, None if norm_weight is None else norm_weight.dtype, D, aligned, hb)
     cfg = _SHFL_BWD_DEFAULT.get(key, False)
+    if cfg is False and _capturing():
+        return None
     if cfg is False:
         cfg = shuffle_bwd_config(D)
         if _bwd_layout_why(grad_u, x2, cfg, hb) is not None:

@@ -419,6 +419,9 @@ def test_warp_shuffle_verifier_and_limits(monkeypatch):
     kw = dict(act_bits=8, hb=64, has_norm=True, eps=1e-5, fp8_codes=False)
     monkeypatch.setattr(nhq, "_SHFL_CHECKED", {})
     monkeypatch.setattr(nhq, "_SHFL_DEFAULT", {})
+    monkeypatch.setattr(nhq, "_capturing", lambda: True)  # first use inside CUDA-graph capture: no check, no cache
+    assert nhq._default_shuffle(x, g, **kw) is None and not nhq._SHFL_DEFAULT and not nhq._SHFL_CHECKED
+    monkeypatch.setattr(nhq, "_capturing", lambda: False)
     assert nhq._shuffle_verified(x, g, ("shfl", 4, 2), **kw)
     assert nhq._default_shuffle(x, g, **kw) == nhq.shuffle_config(256) == ("shfl", 16, 4)
     assert len(nhq._SHFL_DEFAULT) == 1
