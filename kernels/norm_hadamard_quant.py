@@ -479,7 +479,6 @@ def _bwd_flat_kernel(GU, X, G, HM, RSTD, DOT, GX, GGP, T, D, stride_gu, stride_x
         tl.store(GGP + pid * D + c2, gsum, mask=c2 < D)
 
 
-
 @triton.jit
 def _fwd_shfl_kernel(X, G, Q, SCALE, RSTD, T, D, stride_x, stride_q, eps, full_dim_f, inv_sqrt_hb,
                      BITS: tl.constexpr, HB: tl.constexpr, HAS_NORM: tl.constexpr, BM: tl.constexpr,
@@ -529,8 +528,8 @@ def _fwd_shfl_kernel(X, G, Q, SCALE, RSTD, T, D, stride_x, stride_q, eps, full_d
         scale = scale * (1.0 / SQF)
     if BITS == 4:
         qv = tl.minimum(tl.maximum(qv, -8.0), 7.0)
-    # INT8 absmax needs no clamp: |u| <= max |u| and scale >= max |u| / 127 (rounded up by at most an ulp, or
-    # the 1e-5 floor), so |u / scale| <= 127 (1 + 2^-23) rounds into [-127, 127].
+    # INT8 absmax needs no clamp: |u| <= max |u| and scale is max |u| / 127 rounded to nearest (or the larger
+    # 1e-5 floor), so |u / scale| <= 127 (1 + 2^-23) rounds into [-127, 127].
     if Q_FP8:
         qc = qv.to(tl.float8e4nv)
     else:
@@ -571,6 +570,7 @@ def _bwd_shfl_kernel(GU, X, G, RSTD, GX, GGP, T, D, stride_gu, stride_x, stride_
         tl.store(GX + rows[:, None] * stride_gx + cols[None, :], gx.to(GX.dtype.element_ty), mask=m)
     if HAS_NORM:
         tl.store(GGP + pid * D + cols, tl.sum(gacc, axis=0), mask=cmask)
+
 
 # ---------------------------------------------------------------------------------------- launchers
 _FWD, _FWD_FLAT = FastLaunch(_fwd_kernel), FastLaunch(_fwd_flat_kernel)
