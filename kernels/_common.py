@@ -292,6 +292,81 @@ def fwht_shuffle(v, cols, BM: tl.constexpr, C: tl.constexpr, HB: tl.constexpr, V
     return v
 
 
+# ------------------------------------------------------------------ packed bf16 / int8 helpers (sm_90)
+# LLVM lowers bf16 <-> fp32 one element at a time (extract, shift: 1.5 instructions per element) and an int8
+# store as a 16-bit convert, a mask and two byte permutes per element. The warp-shuffle forward is issue-bound
+# (docs/kernels.md), so on sm_90 it works on bf16 pairs in one 32-bit register instead: a shift and a mask
+# unpack a pair, one cvt.rn.bf16x2.f32 rounds two values, one mul.rn.bf16x2 multiplies two exact bf16 products
+# with one rounding each, and cvt.rni + cvt.pack.sat turn four quotients into four int8 codes in one register
+# (ptxas: F2IP, two per instruction). Each gives the same bits as the element-wise form (the interpreter
+# versions below, which the CPU tests run): the product of two bf16 values is exact in fp32 and the rounding
+# is round-to-nearest-even in both. SASS per element of the INT8 forward at 8192 features: 32.6 -> 26.8.
+# Measured slower and dropped: an absmax over packed pairs (max.xorsign.abs.bf16x2 in a tl.reduce), 62-67% of
+# copy against 69-80% without (H100, docs/benchmarks/raw/round10_2026-11-24/lab_pk.jsonl, pk=3/7).
+if interpreting():
+    @triton.jit
+    def bf16_to_f32(x):
+        return x.to(tl.float32)
+
+    @triton.jit
+    def bf16_norm_mul(a, g):
+        """round_bf16(round_bf16(a) * g) for fp32 a and bf16 g."""
+        return round_bf16(round_bf16(a) * g.to(tl.float32))
+
+    @triton.jit
+    def round_bf16_pair(a, b):
+        return round_bf16(a), round_bf16(b)
+
+    @triton.jit
+    def int8_rn(q):
+        """Round half to even and convert to int8 (|q| <= 127 here)."""
+        return rint(q).to(tl.int8)
+else:
+    @triton.jit
+    def bf16_to_f32(x):
+        """bf16 -> fp32, a pair per register: shift the low half up, mask the high half."""
+        return tl.inline_asm_elementwise("shl.b32 $0, $2, 16;\n\tand.b32 $1, $2, 0xffff0000;", "=r,=r,r", [x],
+                                         dtype=tl.float32, is_pure=True, pack=2)
+
+    @triton.jit
+    def bf16_norm_mul(a, g):
+        """round_bf16(round_bf16(a) * g) for fp32 a and bf16 g: cvt.rn.bf16x2.f32 then mul.rn.bf16x2, a pair at a
+        time, unpacked to fp32."""
+        return tl.inline_asm_elementwise(
+            "{\n\t.reg .b32 t;\n\tcvt.rn.bf16x2.f32 t, $3, $2;\n\tmul.rn.bf16x2 t, t, $4;\n\t"
+            "shl.b32 $0, t, 16;\n\tand.b32 $1, t, 0xffff0000;\n\t}", "=r,=r,r,r,r", [a, g],
+            dtype=tl.float32, is_pure=True, pack=2)
+
+    @triton.jit
+    def round_bf16_pair(a, b):
+        """(round_bf16(a), round_bf16(b)) with one cvt.rn.bf16x2.f32 (a over the pair split of the feature axis:
+        the two values share a thread)."""
+        return tl.inline_asm_elementwise(
+            "{\n\t.reg .b32 t;\n\tcvt.rn.bf16x2.f32 t, $3, $2;\n\tshl.b32 $0, t, 16;\n\t"
+            "and.b32 $1, t, 0xffff0000;\n\t}", "=r,=r,r,r", [a, b], dtype=(tl.float32, tl.float32),
+            is_pure=True, pack=1)
+
+    @triton.jit
+    def int8_rn(q):
+        """Round half to even and convert to int8 with saturation, four per register (cvt.rni.s32.f32,
+        cvt.pack.sat.s8.s32.b32: byte i holds element i)."""
+        return tl.inline_asm_elementwise(
+            "{\n\t.reg .s32 a, b, c, d, h;\n\tcvt.rni.s32.f32 a, $1;\n\tcvt.rni.s32.f32 b, $2;\n\t"
+            "cvt.rni.s32.f32 c, $3;\n\tcvt.rni.s32.f32 d, $4;\n\tcvt.pack.sat.s8.s32.b32 h, d, c, 0;\n\t"
+            "cvt.pack.sat.s8.s32.b32 $0, b, a, h;\n\t}", "=r,r,r,r,r", [q], dtype=tl.int8, is_pure=True, pack=4)
+
+
+@triton.jit
+def pair_split(v, BM: tl.constexpr, C: tl.constexpr):
+    """v [BM, C] -> (even, odd) features [BM, C // 2] (a register split where feature bit 0 is a register bit)."""
+    return tl.split(tl.reshape(v, (BM, C // 2, 2)))
+
+
+@triton.jit
+def pair_join(a, b, BM: tl.constexpr, C: tl.constexpr):
+    return tl.reshape(tl.join(a, b), (BM, C))
+
+
 # ------------------------------------------------------------------------------------------ launching
 # On by default; BITNET_TRITON_FAST_LAUNCH=0 turns it off (every launch then goes through Triton's JIT path).
 # GPU evidence (H100, 2026-11-24, docs/benchmarks/raw/gpu_next_2026-11-24c): the kernel GPU tests and the megatron

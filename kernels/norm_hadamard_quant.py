@@ -38,7 +38,8 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from ._common import (FastLaunch, block_fwht, block_fwht_rows, default_prec, dot16, fwht_shuffle, next_pow2,
+from ._common import (FastLaunch, bf16_norm_mul, bf16_to_f32, device_capability, int8_rn, pair_join,
+                      pair_split, round_bf16_pair, block_fwht, block_fwht_rows, default_prec, dot16, fwht_shuffle, next_pow2,
                       num_sms, quotient, rint, round_to)
 
 # One definition of the quantizers' constants: the reference numerics (bitnet_dist.quant).
@@ -483,27 +484,44 @@ def _bwd_flat_kernel(GU, X, G, HM, RSTD, DOT, GX, GGP, T, D, stride_gu, stride_x
 def _fwd_shfl_kernel(X, G, Q, SCALE, RSTD, T, D, stride_x, stride_q, eps, full_dim_f, inv_sqrt_hb,
                      BITS: tl.constexpr, HB: tl.constexpr, HAS_NORM: tl.constexpr, BM: tl.constexpr,
                      C: tl.constexpr, ROUND: tl.constexpr, X_BF16: tl.constexpr, Q_FP8: tl.constexpr,
-                     VEC: tl.constexpr):
+                     VEC: tl.constexpr, PACKED: tl.constexpr = 0, EVEN: tl.constexpr = False):
     """The whole forward chain (no TP reduction, whole rows: D <= C) for BM tokens in the natural [BM, C]
-    layout, the Hadamard as warp-shuffle butterflies (``fwht_shuffle``): no tensor cores, no shared memory."""
+    layout, the Hadamard as warp-shuffle butterflies (``fwht_shuffle``): no tensor cores, no shared memory.
+    PACKED (sm_90, ``_common``'s packed helpers), a bit mask: 1 = bf16 pairs in one register (unpacking, the
+    norm-weight product, the rounding of u; bf16 activations only), 4 = the int8 codes four per register.
+    EVEN (D == C): no column mask, and rows past T load nothing (their values are never stored)."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.arange(0, C)
     rmask = rows < T
-    m = rmask[:, None] & (cols < D)[None, :]
-    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0)
+    if EVEN:
+        m = rmask[:, None] & (cols < C)[None, :]
+        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=m)
+    else:
+        m = rmask[:, None] & (cols < D)[None, :]
+        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0)
     xdt = x.dtype
-    xf = x.to(tl.float32)
+    PK: tl.constexpr = (PACKED & 1) != 0 and ROUND and X_BF16
+    if PK:
+        xf = bf16_to_f32(x)
+    else:
+        xf = x.to(tl.float32)
     rstd = _rstd_of(tl.sum(xf * xf, axis=1), full_dim_f, eps, HAS_NORM)
     if HAS_NORM:
-        g = tl.load(G + cols, mask=cols < D, other=0.0)
+        if EVEN:
+            g = tl.load(G + cols)
+        else:
+            g = tl.load(G + cols, mask=cols < D, other=0.0)
         G_SAME: tl.constexpr = G.dtype.element_ty == X.dtype.element_ty  # then g needs no rounding to x.dtype
         if ROUND and not G_SAME:
             g = round_to(g.to(tl.float32), xdt, X_BF16)
-        g = g.to(tl.float32)
-        if ROUND:
-            n = round_to(round_to(xf * rstd[:, None], xdt, X_BF16) * g[None, :], xdt, X_BF16)
+        if PK:
+            n = bf16_norm_mul(xf * rstd[:, None], tl.broadcast_to(g.to(tl.bfloat16)[None, :], (BM, C)))
         else:
-            n = xf * rstd[:, None] * g[None, :]
+            g = g.to(tl.float32)
+            if ROUND:
+                n = round_to(round_to(xf * rstd[:, None], xdt, X_BF16) * g[None, :], xdt, X_BF16)
+            else:
+                n = xf * rstd[:, None] * g[None, :]
     else:
         n = xf
     # For a block of 4**k features the normalization 1 / sqrt(HB) = 2**-k is exact, so it moves from every
@@ -514,26 +532,38 @@ def _fwd_shfl_kernel(X, G, Q, SCALE, RSTD, T, D, stride_x, stride_q, eps, full_d
     u = fwht_shuffle(n, cols, BM, C, HB, VEC)
     if SQ == 0:
         u = u * inv_sqrt_hb
-    if ROUND:
-        u = round_to(u, xdt, X_BF16)
-    stat = _stat_of(u, BITS)
+    if PK:
+        u = pair_join(*round_bf16_pair(*pair_split(u, BM, C)), BM, C)
+        stat = _stat_of(u, BITS)
+    else:
+        if ROUND:
+            u = round_to(u, xdt, X_BF16)
+        stat = _stat_of(u, BITS)
     SQF: tl.constexpr = 1.0 if SQ == 0 else SQ * 1.0
     if BITS == 8:
         scale = tl.math.div_rn(tl.maximum(stat, 1e-5 * SQF), 127.0)
     else:
         scale = tl.math.div_rn(tl.maximum(tl.math.div_rn(stat, full_dim_f), 1e-5 * SQF), 2.6457513110645907)
     inv = tl.math.div_rn(1.0, scale)
-    qv = rint(quotient(u, scale, inv))
     if SQ != 0:
-        scale = scale * (1.0 / SQF)
-    if BITS == 4:
-        qv = tl.minimum(tl.maximum(qv, -8.0), 7.0)
+        scale_out = scale * (1.0 / SQF)
+    else:
+        scale_out = scale
     # INT8 absmax needs no clamp: |u| <= max |u| and scale is max |u| / 127 rounded to nearest (or the larger
     # 1e-5 floor), so |u / scale| <= 127 (1 + 2^-23) rounds into [-127, 127].
-    if Q_FP8:
-        qc = qv.to(tl.float8e4nv)
+    if (PACKED & 4) != 0 and BITS == 8:
+        qc = int8_rn(quotient(u, scale, inv))
+    elif (PACKED & 4) != 0 and not Q_FP8:
+        qc = int8_rn(tl.minimum(tl.maximum(quotient(u, scale, inv), -8.0), 7.0))  # = clamp(rint(q), -8, 7)
     else:
-        qc = qv.to(tl.int8)
+        qv = rint(quotient(u, scale, inv))
+        if BITS == 4:
+            qv = tl.minimum(tl.maximum(qv, -8.0), 7.0)
+        if Q_FP8:
+            qc = qv.to(tl.float8e4nv)
+        else:
+            qc = qv.to(tl.int8)
+    scale = scale_out
     tl.store(Q + rows[:, None] * stride_q + cols[None, :], qc, mask=m)
     tl.store(SCALE + rows, scale, mask=rmask)
     tl.store(RSTD + rows, rstd, mask=rmask)
@@ -730,12 +760,30 @@ def norm_hadamard_quant(x2: torch.Tensor, norm_weight: Optional[torch.Tensor], *
 SHUFFLE_FWD = os.environ.get("BITNET_SHUFFLE_HADAMARD", "1") != "0"
 
 
-def shuffle_config(D: int, *, elems: int = 4096, warps: Optional[int] = None):
-    """("shfl", BM tokens, num_warps) for the warp-shuffle forward kernel: whole rows, ~``elems`` per tile;
-    4 warps up to 8192 features, 8 above (the H100 sweep's best)."""
+# The packed-register forward (``_fwd_shfl_kernel`` PACKED: bf16x2 and int8x4 PTX) on sm_90 and newer;
+# BITNET_PACKED_PTX=0 turns it off. The interpreter runs the same kernel structure with element-wise helpers.
+_PACKED_PTX = os.environ.get("BITNET_PACKED_PTX", "1") != "0"
+
+
+PACKED_ALL = 5  # bit 1: bf16 pairs (unpack, norm product, rounding of u); bit 4: int8 codes four per register
+
+
+def packed_default(device: torch.device) -> int:
+    return PACKED_ALL if _PACKED_PTX and device.type == "cuda" and device_capability(device) >= (9, 0) else 0
+
+
+def shuffle_config(D: int, *, elems: Optional[int] = None, warps: Optional[int] = None):
+    """("shfl", BM tokens, num_warps) for the warp-shuffle forward kernel: whole rows. Default from the H100
+    sweep of the packed-register kernel (docs/benchmarks/raw/round10_2026-11-24/lab_pk2.jsonl): one token per
+    program and 64 features per thread from 2048 features (2 warps at 2048 and 4096, 4 at 8192, 8 at 16384);
+    ~4096 features per tile with 4 warps below."""
     C = max(16, next_pow2(D))
+    if elems is None:
+        elems = C if C >= 2048 else 4096
     bm = max(1, elems // C)
-    return ("shfl", bm, warps or (4 if C <= 8192 else 8))
+    if warps is None:
+        warps = max(2, min(8, C // 2048)) if bm == 1 and C >= 2048 else 4
+    return ("shfl", bm, warps)
 
 
 def shuffle_vec(bm: int, C: int, warps: int) -> int:
@@ -829,12 +877,13 @@ def _nhq_shfl(x2, g, q, scale, rstd, config, *, act_bits, hb, has_norm, eps, ful
                          "use config=None (the default)")
     _, bm, warps = config[:3]
     C = max(16, next_pow2(D))
-    vec = config[3] if len(config) > 3 else shuffle_vec(bm, C, warps)  # explicit VEC: layout experiments only
+    vec = config[3] if len(config) > 3 and config[3] else shuffle_vec(bm, C, warps)  # explicit: experiments only
+    packed = config[4] if len(config) > 4 else packed_default(x2.device)
     return _FWD_SHFL[(triton.cdiv(T, bm),)](
         x2, g, q, scale, rstd, T, D, x2.stride(0), q.stride(0), float(eps), float(full), 1.0 / math.sqrt(hb),
         BITS=act_bits, HB=hb, HAS_NORM=has_norm, BM=bm, C=C,
         ROUND=x2.dtype != torch.float32, X_BF16=x2.dtype == torch.bfloat16, Q_FP8=fp8_codes,
-        VEC=vec, num_warps=warps)
+        VEC=vec, PACKED=int(packed), EVEN=D == C, num_warps=warps)
 
 
 def _nhq_flat(x2, g, q, scale, rstd, config, *, act_bits, hb, has_norm, eps, full, reduce_tp, tp_group,
@@ -975,7 +1024,7 @@ def _nhb_shfl(grad_u, x2, norm_weight, rstd, gx, config, *, hb, full, reduce_tp,
                          "use config=None (the default)")
     _, bm, warps, per_sm = config[:4]
     C = max(16, next_pow2(D))
-    vec = config[4] if len(config) > 4 else min(16 // x2.element_size(), bm * C // (32 * warps))  # 16-byte vectors
+    vec = config[4] if len(config) > 4 and config[4] else min(16 // x2.element_size(), bm * C // (32 * warps))
     has_norm = norm_weight is not None
     nprog = max(1, min(triton.cdiv(T, bm), per_sm * num_sms(x2.device)))
     ggp = torch.empty((nprog, D), device=x2.device, dtype=torch.float32) if has_norm else gx

@@ -388,7 +388,11 @@ def test_flat_kernels_all_hadamard_modes(hmode, prefetch, hb):
 
 @pytest.mark.parametrize("T,D,hb,bits,cfg", [(37, 512, 256, 8, ("shfl", 1, 1)), (19, 384, 128, 4, ("shfl", 2, 1)),
                                              (33, 256, 64, 8, ("shfl", 4, 2)), (9, 64, 8, 4, ("shfl", 8, 1)),
-                                             (16, 128, 16, 8, ("shfl", 2, 1))])
+                                             (16, 128, 16, 8, ("shfl", 2, 1)),
+                                             # the packed-register form (sm_90 PTX on the GPU, element-wise here)
+                                             (37, 512, 256, 8, ("shfl", 1, 1, None, 5)),
+                                             (19, 384, 128, 4, ("shfl", 2, 1, None, 5)),
+                                             (16, 128, 16, 4, ("shfl", 2, 1, None, 5))])
 def test_warp_shuffle_kernel_codes_equal_reference(T, D, hb, bits, cfg):
     """The warp-shuffle forward kernel (its lane exchange emulated by reshapes in the interpreter): codes
     and scales equal the torch path's, with a power-of-4 block (normalization folded into the scale), a
@@ -442,6 +446,23 @@ def test_warp_shuffle_verifier_and_limits(monkeypatch):
     with pytest.raises(ValueError, match="warp-shuffle kernel does not apply"):
         norm_hadamard_quant(torch.randn(4, 32768), None, act_bits=8, hadamard_block=256, eps=1e-5,
                             config=("shfl", 1, 8))
+
+
+def test_warp_shuffle_packed_form_equals_plain_bf16():
+    """The packed-register forward (sm_90 PTX on the GPU; the same kernel structure with element-wise helpers
+    here) gives bit-identical codes and scales to the plain form for bf16 activations, INT8 and INT4; and the
+    default configs take one token per program from 2048 features."""
+    import bitnet_dist.kernels.norm_hadamard_quant as nhq
+    torch.manual_seed(6)
+    T, D, hb = 21, 512, 64
+    x, g = (torch.randn(T, D) * 2).bfloat16(), (1 + 0.1 * torch.randn(D)).bfloat16()
+    for bits in (8, 4):
+        plain = norm_hadamard_quant(x, g, act_bits=bits, hadamard_block=hb, eps=1e-5, config=("shfl", 2, 1, None, 0))
+        packed = norm_hadamard_quant(x, g, act_bits=bits, hadamard_block=hb, eps=1e-5, config=("shfl", 2, 1, None, 5))
+        for a, b in zip(plain, packed):
+            assert torch.equal(a, b)
+    assert [nhq.shuffle_config(d) for d in (256, 1024, 2048, 4096, 8192, 16384)] == [
+        ("shfl", 16, 4), ("shfl", 4, 4), ("shfl", 1, 2), ("shfl", 1, 2), ("shfl", 1, 4), ("shfl", 1, 8)]
 
 
 @pytest.mark.parametrize("T,D,hb,cfg", [(37, 512, 256, ("shfl", 1, 1, 1)), (19, 384, 128, ("shfl", 2, 1, 2)),

@@ -108,6 +108,8 @@ def main():
         g = (1 + 0.1 * torch.randn(D, device="cuda")).bfloat16()
         gu = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
         ref = norm_hadamard_quant(x, g, act_bits=8, hadamard_block=HB, eps=1e-5, config=launch_config(D, HB))
+        ref4 = norm_hadamard_quant(x, g, act_bits=4, hadamard_block=HB, eps=1e-5, fp8_codes=True,
+                                   config=launch_config(D, HB))
         gref = norm_hadamard_backward(gu, x, g, ref[2], hadamard_block=HB,
                                       config=launch_config(D, HB, max_chunk=4096, elems=2048))
         jobs = [("fwd", v, bits) for s in a.fwd for v in grid(s) for bits in a.bits] if "fwd" in a.only else []
@@ -118,9 +120,13 @@ def main():
                 return
             if "shfl" in v and kind == "bwd":
                 cfg = shuffle_bwd_config(D, elems=v["elems"], warps=v["warps"], programs_per_sm=v["sm"])
+                cfg = cfg + ((None, v["pk"]) if "pk" in v else ())
             elif "shfl" in v:
                 cfg = shuffle_config(D, elems=v["elems"], warps=v["warps"])
-                cfg = cfg + ((v["vec"],) if "vec" in v else ())
+                if "pk" in v:  # pk: the packed-register forward's parts (bit mask, 7 = all) (vec=0: Triton's layout)
+                    cfg = cfg + (v.get("vec") or None, v["pk"])
+                else:
+                    cfg = cfg + ((v["vec"],) if "vec" in v else ())
             else:
                 cfg = (*flat_config(D, HB, elems=v["elems"], hmode=v["hmode"], warps=v["warps"],
                                     programs_per_sm=v["sm"])[:5], v["pf"])
@@ -131,7 +137,8 @@ def main():
                     fn = lambda: norm_hadamard_quant(x, g, act_bits=bits, hadamard_block=HB, eps=1e-5,  # noqa: E731
                                                      fp8_codes=bits == 4, config=cfg)
                     out = fn()
-                    row["mismatch"] = float((out[0] != ref[0]).float().mean()) if bits == 8 else None
+                    r0 = ref[0] if bits == 8 else ref4[0]
+                    row["mismatch"] = float((out[0].view(torch.int8) != r0.view(torch.int8)).float().mean())
                     nbytes = T * D * 3 + 8 * T + 2 * D
                 else:
                     fn = lambda: norm_hadamard_backward(gu, x, g, ref[2], hadamard_block=HB, config=cfg)  # noqa: E731
@@ -150,7 +157,7 @@ def main():
             f.write(json.dumps(row) + "\n")
             f.flush()
             print(f"{kind} D={D} bits={bits} {cfg}: {row['pct_copy']:.0f}% "
-                  f"{'mism %.2g' % row['mismatch'] if kind == 'fwd' and bits == 8 else ''}"
+                  f"{'mism %.2g' % row['mismatch'] if kind == 'fwd' else ''}"
                   f"{'err %.2g' % row['max_err'] if kind == 'bwd' else ''} (first call {row['compile_s']} s)",
                   flush=True)
         del x, gu
