@@ -29,7 +29,7 @@ tests)
 mtests)
   timeout 120 python -m pytest -q -p no:warnings -m gpu tests/test_megatron_gpu.py 2>&1 | tail -3 | tee $OUT/megatron_gpu_tests.txt ;;
 overhead)
-  timeout 120 python tools/kernels/overhead.py --out $OUT/overhead.json 2>&1 | tail -60 > $OUT/overhead.txt; head -30 $OUT/overhead.txt ;;
+  timeout 150 python tools/kernels/overhead.py --out $OUT/overhead.json > $OUT/overhead.txt 2>&1; head -22 $OUT/overhead.txt; grep -A40 "Self CPU %" $OUT/overhead.txt | cut -c1-160 ;;
 bench)
   timeout 300 python -m bitnet_dist.bench --out $OUT/bench 2>&1 | grep -E "^copy|wrote|error|Error" | tail -8 ;;
 e2e)
