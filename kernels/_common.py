@@ -256,70 +256,40 @@ else:
 
 
 @triton.jit
-def _reg_stage(v, BM: tl.constexpr, C: tl.constexpr, TB: tl.constexpr):
-    """Butterfly over tile-position bit TB, a register bit (both elements of every pair in one thread)."""
-    a, b = tl.split(tl.permute(tl.reshape(v, (BM, C // (2 * TB), 2, TB)), (0, 1, 3, 2)))
-    return tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), (BM, C))
-
-
-@triton.jit
-def _wht_stage(v, cols, BM: tl.constexpr, C: tl.constexpr, BIT: tl.constexpr, VEC: tl.constexpr,
-               SWAP: tl.constexpr = 0):
-    """One butterfly over feature-index bit BIT of v [BM, C] fp32 (pairs BIT apart: sum low, difference high).
-    SWAP > 0: the tile holds the features permuted by ``swap_cols`` (the lowest SWAP lane bits exchanged
-    with the top SWAP tile bits, which are register repeats), so those stages are register stages too."""
+def _wht_stage(v, cols, BM: tl.constexpr, C: tl.constexpr, BIT: tl.constexpr, VEC: tl.constexpr):
+    """One butterfly over feature-index bit BIT of v [BM, C] fp32 (pairs BIT apart: sum low, difference high)."""
     if BIT < VEC:
-        out = _reg_stage(v, BM, C, BIT)
-    elif SWAP > 0 and BIT < VEC * (1 << SWAP):
-        out = _reg_stage(v, BM, C, (C >> SWAP) * (BIT // VEC))  # a swapped lane bit: now a register bit
+        a, b = tl.split(tl.permute(tl.reshape(v, (BM, C // (2 * BIT), 2, BIT)), (0, 1, 3, 2)))
+        out = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), (BM, C))
     else:
-        # the tile bit that holds feature bit BIT: itself, or a swapped lane bit for the top SWAP bits
-        TB: tl.constexpr = VEC * (BIT // (C >> SWAP)) if SWAP > 0 and BIT >= (C >> SWAP) else BIT
-        p = lane_partner(v, BM, C, TB, TB // VEC)
+        p = lane_partner(v, BM, C, BIT, BIT // VEC)
         # p + v for the low element, p - v for the high one: one FMA with a per-lane sign (exact: s = +-1).
-        sgn = tl.where((tl.arange(0, C) & TB) != 0, -1.0, 1.0)
+        sgn = tl.where((cols & BIT) != 0, -1.0, 1.0)
         out = tl.fma(sgn[None, :] + tl.zeros_like(v), v, p)
     return out
 
 
 @triton.jit
-def fwht_shuffle(v, cols, BM: tl.constexpr, C: tl.constexpr, HB: tl.constexpr, VEC: tl.constexpr,
-                 SWAP: tl.constexpr = 0):
+def fwht_shuffle(v, cols, BM: tl.constexpr, C: tl.constexpr, HB: tl.constexpr, VEC: tl.constexpr):
     """Unnormalized Walsh-Hadamard of every HB-block (HB <= 256) of the rows of v [BM, C] (fp32): log2(HB)
-    butterflies in fp32 adds, in the order of ``bitnet_dist.hadamard`` (bit 0 first). ``cols``: the feature
-    index of every tile position (``swap_cols`` where SWAP > 0)."""
+    butterflies in fp32 adds, in the order of ``bitnet_dist.hadamard`` (bit 0 first)."""
     if HB >= 2:
-        v = _wht_stage(v, cols, BM, C, 1, VEC, SWAP)
+        v = _wht_stage(v, cols, BM, C, 1, VEC)
     if HB >= 4:
-        v = _wht_stage(v, cols, BM, C, 2, VEC, SWAP)
+        v = _wht_stage(v, cols, BM, C, 2, VEC)
     if HB >= 8:
-        v = _wht_stage(v, cols, BM, C, 4, VEC, SWAP)
+        v = _wht_stage(v, cols, BM, C, 4, VEC)
     if HB >= 16:
-        v = _wht_stage(v, cols, BM, C, 8, VEC, SWAP)
+        v = _wht_stage(v, cols, BM, C, 8, VEC)
     if HB >= 32:
-        v = _wht_stage(v, cols, BM, C, 16, VEC, SWAP)
+        v = _wht_stage(v, cols, BM, C, 16, VEC)
     if HB >= 64:
-        v = _wht_stage(v, cols, BM, C, 32, VEC, SWAP)
+        v = _wht_stage(v, cols, BM, C, 32, VEC)
     if HB >= 128:
-        v = _wht_stage(v, cols, BM, C, 64, VEC, SWAP)
+        v = _wht_stage(v, cols, BM, C, 64, VEC)
     if HB >= 256:
-        v = _wht_stage(v, cols, BM, C, 128, VEC, SWAP)
+        v = _wht_stage(v, cols, BM, C, 128, VEC)
     return v
-
-
-@triton.jit
-def swap_cols(C: tl.constexpr, VEC: tl.constexpr, SWAP: tl.constexpr):
-    """Feature index of every tile position [C] when the lowest SWAP lane bits (tile bits log2(VEC)..) and the
-    top SWAP tile bits trade places: each thread still holds runs of VEC consecutive features (16-byte vectors),
-    and feature bits log2(VEC) .. log2(VEC) + SWAP - 1 become register bits."""
-    t = tl.arange(0, C)
-    if SWAP > 0:
-        TOP: tl.constexpr = C >> SWAP
-        lo = (t // VEC) % (1 << SWAP)
-        hi = t // TOP
-        t = t + (hi - lo) * VEC + (lo - hi) * TOP
-        t = tl.max_contiguous(tl.multiple_of(t, VEC), VEC)
-    return t
 
 
 # ------------------------------------------------------------------ packed bf16 / int8 helpers (sm_90)

@@ -39,8 +39,7 @@ import triton
 import triton.language as tl
 
 from ._common import (FastLaunch, bf16_norm_mul, bf16_to_f32, device_capability, int8_rn, pair_join,
-                      pair_split, round_bf16_pair, swap_cols, block_fwht, block_fwht_rows, default_prec, dot16,
-                      fwht_shuffle, next_pow2,
+                      pair_split, round_bf16_pair, block_fwht, block_fwht_rows, default_prec, dot16, fwht_shuffle, next_pow2,
                       num_sms, quotient, rint, round_to)
 
 # One definition of the quantizers' constants: the reference numerics (bitnet_dist.quant).
@@ -485,16 +484,14 @@ def _bwd_flat_kernel(GU, X, G, HM, RSTD, DOT, GX, GGP, T, D, stride_gu, stride_x
 def _fwd_shfl_kernel(X, G, Q, SCALE, RSTD, T, D, stride_x, stride_q, eps, full_dim_f, inv_sqrt_hb,
                      BITS: tl.constexpr, HB: tl.constexpr, HAS_NORM: tl.constexpr, BM: tl.constexpr,
                      C: tl.constexpr, ROUND: tl.constexpr, X_BF16: tl.constexpr, Q_FP8: tl.constexpr,
-                     VEC: tl.constexpr, PACKED: tl.constexpr = 0, EVEN: tl.constexpr = False,
-                     SWAP: tl.constexpr = 0):
+                     VEC: tl.constexpr, PACKED: tl.constexpr = 0, EVEN: tl.constexpr = False):
     """The whole forward chain (no TP reduction, whole rows: D <= C) for BM tokens in the natural [BM, C]
     layout, the Hadamard as warp-shuffle butterflies (``fwht_shuffle``): no tensor cores, no shared memory.
     PACKED (sm_90, ``_common``'s packed helpers), a bit mask: 1 = bf16 pairs in one register (unpacking, the
     norm-weight product, the rounding of u; bf16 activations only), 4 = the int8 codes four per register.
-    EVEN (D == C): no column mask, and rows past T load nothing (their values are never stored).
-    SWAP: the tile holds the row's features permuted by ``swap_cols`` (fewer shuffle stages; EVEN rows only)."""
+    EVEN (D == C): no column mask, and rows past T load nothing (their values are never stored)."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    cols = swap_cols(C, VEC, SWAP)
+    cols = tl.arange(0, C)
     rmask = rows < T
     if EVEN:
         m = rmask[:, None] & (cols < C)[None, :]
@@ -532,7 +529,7 @@ def _fwd_shfl_kernel(X, G, Q, SCALE, RSTD, T, D, stride_x, stride_q, eps, full_d
     # which leaves every rounding, the quotient and so the codes unchanged (outside the subnormal range).
     SQ: tl.constexpr = (1 if HB == 1 else 2 if HB == 4 else 4 if HB == 16 else 8 if HB == 64
                         else 16 if HB == 256 else 0)
-    u = fwht_shuffle(n, cols, BM, C, HB, VEC, SWAP)
+    u = fwht_shuffle(n, cols, BM, C, HB, VEC)
     if SQ == 0:
         u = u * inv_sqrt_hb
     if PK:
@@ -796,16 +793,6 @@ def shuffle_vec(bm: int, C: int, warps: int) -> int:
     return min(16, bm * C // (32 * warps))
 
 
-def shuffle_swap(bm: int, C: int, warps: int, vec: int, hb: int) -> int:
-    """Lane bits of the Hadamard block that trade places with register-repeat bits (``swap_cols``): with one
-    token per tile, Triton's layout is VEC registers x 32 lanes x warps, repeated C / (VEC * 32 * warps) times."""
-    if bm != 1 or hb <= vec:
-        return 0
-    reps = C // (vec * 32 * warps)
-    # gains only while the top tile bits lie outside the block (else block bits just trade lanes)
-    return max(0, min(reps.bit_length() - 1, hb.bit_length() - vec.bit_length(), C.bit_length() - hb.bit_length()))
-
-
 def shuffle_layout_ok(x2: torch.Tensor, config, hb: int) -> Optional[str]:
     """None where the warp-shuffle kernel's layout assumption can hold for x2 (see ``fwht_shuffle``), else why not."""
     _, bm, warps = config[:3]
@@ -891,13 +878,12 @@ def _nhq_shfl(x2, g, q, scale, rstd, config, *, act_bits, hb, has_norm, eps, ful
     _, bm, warps = config[:3]
     C = max(16, next_pow2(D))
     vec = config[3] if len(config) > 3 and config[3] else shuffle_vec(bm, C, warps)  # explicit: experiments only
-    packed = config[4] if len(config) > 4 and config[4] is not None else packed_default(x2.device)
-    swap = config[5] if len(config) > 5 and config[5] is not None else shuffle_swap(bm, C, warps, vec, hb)
+    packed = config[4] if len(config) > 4 else packed_default(x2.device)
     return _FWD_SHFL[(triton.cdiv(T, bm),)](
         x2, g, q, scale, rstd, T, D, x2.stride(0), q.stride(0), float(eps), float(full), 1.0 / math.sqrt(hb),
         BITS=act_bits, HB=hb, HAS_NORM=has_norm, BM=bm, C=C,
         ROUND=x2.dtype != torch.float32, X_BF16=x2.dtype == torch.bfloat16, Q_FP8=fp8_codes,
-        VEC=vec, PACKED=int(packed), EVEN=D == C, SWAP=swap, num_warps=warps)
+        VEC=vec, PACKED=int(packed), EVEN=D == C, num_warps=warps)
 
 
 def _nhq_flat(x2, g, q, scale, rstd, config, *, act_bits, hb, has_norm, eps, full, reduce_tp, tp_group,

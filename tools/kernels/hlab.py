@@ -123,9 +123,8 @@ def main():
                 cfg = cfg + ((None, v["pk"]) if "pk" in v else ())
             elif "shfl" in v:
                 cfg = shuffle_config(D, elems=v["elems"], warps=v["warps"])
-                if "pk" in v or "sw" in v:  # pk: packed parts (bit mask); sw: swapped lane bits (-1: auto)
-                    sw = v.get("sw", -1)
-                    cfg = cfg + (v.get("vec") or None, v.get("pk"), None if sw < 0 else sw)
+                if "pk" in v:  # pk: the packed-register forward's parts (bit mask, 7 = all) (vec=0: Triton's layout)
+                    cfg = cfg + (v.get("vec") or None, v["pk"])
                 else:
                     cfg = cfg + ((v["vec"],) if "vec" in v else ())
             else:
