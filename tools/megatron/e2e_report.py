@@ -27,6 +27,12 @@ NOTES = [
     "raw docs/benchmarks/raw/round9_2026-11-24/e2e. The 2 x 2048 rows ran with the forward kernel only (before the "
     "warp-shuffle backward); so did a first 4 x 2048 run (v2_a8 1.11x, v2_a4 1.12x, e2e_mbs4_first.jsonl). The elementwise kernels are a few percent of the step, so the "
     "4 x 2048 ratios stay within the run-to-run spread of r5 / r8.",
+    "* `r10` (session 6): the packed-register forward kernel (docs/kernels.md); raw "
+    "docs/benchmarks/raw/round10_2026-11-24/e2e. 4 x 2048: v2_a8 1.14x, v2_a4 1.15x. 2 x 2048: v2_a8 0.93x, v2_a4 "
+    "1.00x, the first run at parity there; the v2 step fell from 0.60-0.65 s (r9) to 0.46-0.49 s while bf16 moved "
+    "by 6% (0.488 -> 0.457 s). The kernel change saves tens of microseconds of GPU time per layer call, not 0.15 s "
+    "per step, so most of this is the host of this run (a host-bound regime, as above): one run, not a settled "
+    "figure.",
     "* The 2026-11-24 morning rows (docs/benchmarks/raw/e2e_bench_2026-11-24.jsonl: 1.3B 1.00x, 400M 0.64-0.69x) "
     "ran with the stale ternary-code cache (codes computed once per run) and the older kernels; superseded.",
     "* 1.3B v2_a4 at 8 x 2048 ran out of memory in r6 after bf16 and v2_a8 had run in the same process (62-64 GiB "
