@@ -294,7 +294,7 @@ def fwht_shuffle(v, cols, BM: tl.constexpr, C: tl.constexpr, HB: tl.constexpr, V
 
 # ------------------------------------------------------------------ packed bf16 / int8 helpers (sm_90)
 # LLVM lowers bf16 <-> fp32 one element at a time (extract, shift: 1.5 instructions per element) and an int8
-# store as a 16-bit convert, a mask and two byte permutes per element. The warp-shuffle forward is issue-bound
+# store as a 16-bit convert, a mask and two byte permutes per element. The warp-shuffle forward was issue-bound
 # (docs/kernels.md), so on sm_90 it works on bf16 pairs in one 32-bit register instead: a shift and a mask
 # unpack a pair, one cvt.rn.bf16x2.f32 rounds two values, one mul.rn.bf16x2 multiplies two exact bf16 products
 # with one rounding each, and cvt.rni + cvt.pack.sat turn four quotients into four int8 codes in one register

@@ -38,9 +38,9 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from ._common import (FastLaunch, bf16_norm_mul, bf16_to_f32, device_capability, int8_rn, pair_join,
-                      pair_split, round_bf16_pair, block_fwht, block_fwht_rows, default_prec, dot16, fwht_shuffle, next_pow2,
-                      num_sms, quotient, rint, round_to)
+from ._common import (FastLaunch, bf16_norm_mul, bf16_to_f32, block_fwht, block_fwht_rows, default_prec,
+                      device_capability, dot16, fwht_shuffle, int8_rn, next_pow2, num_sms, pair_join, pair_split,
+                      quotient, rint, round_bf16_pair, round_to)
 
 # One definition of the quantizers' constants: the reference numerics (bitnet_dist.quant).
 from bitnet_dist.quant import _QRANGE, SCALE_EPS, SQRT7, _group_size  # noqa: E402,F401
@@ -551,7 +551,7 @@ def _fwd_shfl_kernel(X, G, Q, SCALE, RSTD, T, D, stride_x, stride_q, eps, full_d
         scale_out = scale
     # INT8 absmax needs no clamp: |u| <= max |u| and scale is max |u| / 127 rounded to nearest (or the larger
     # 1e-5 floor), so |u / scale| <= 127 (1 + 2^-23) rounds into [-127, 127].
-    if (PACKED & 4) != 0 and BITS == 8:
+    if (PACKED & 4) != 0 and BITS == 8 and not Q_FP8:
         qc = int8_rn(quotient(u, scale, inv))
     elif (PACKED & 4) != 0 and not Q_FP8:
         qc = int8_rn(tl.minimum(tl.maximum(quotient(u, scale, inv), -8.0), 7.0))  # = clamp(rint(q), -8, 7)

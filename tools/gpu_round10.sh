@@ -16,6 +16,7 @@ lab2)
 lab3)
   timeout 60 python tools/kernels/hlab.py --out $OUT/lab_pk3.jsonl --only fwd --dims 2048 \
     --tokens 16384 --reps 20 --budget-s 50 --bits 8 4 --fwd "shfl=1 elems=2048 warps=1,2 pk=5"
+  # the backward pk=0,1 A/B ran with packed unpacking in the backward kernel (no gain, since removed)
   timeout 150 python tools/kernels/hlab.py --out $OUT/lab_pk3.jsonl --only bwd --dims 2048 4096 8192 16384 \
     --tokens 16384 --reps 20 --budget-s 140 --bwd "shfl=1 elems=2048,4096 warps=4,8 sm=2 pk=0,1" ;;
 lab4)

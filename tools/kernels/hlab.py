@@ -120,10 +120,9 @@ def main():
                 return
             if "shfl" in v and kind == "bwd":
                 cfg = shuffle_bwd_config(D, elems=v["elems"], warps=v["warps"], programs_per_sm=v["sm"])
-                cfg = cfg + ((None, v["pk"]) if "pk" in v else ())
             elif "shfl" in v:
                 cfg = shuffle_config(D, elems=v["elems"], warps=v["warps"])
-                if "pk" in v:  # pk: the packed-register forward's parts (bit mask, 7 = all) (vec=0: Triton's layout)
+                if "pk" in v:  # pk: the packed forward's parts (bit mask 1 | 4; vec=0: Triton's)
                     cfg = cfg + (v.get("vec") or None, v["pk"])
                 else:
                     cfg = cfg + ((v["vec"],) if "vec" in v else ())
