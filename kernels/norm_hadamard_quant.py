@@ -507,21 +507,24 @@ def _fwd_shfl_kernel(X, G, Q, SCALE, RSTD, T, D, stride_x, stride_q, eps, full_d
         xf = x.to(tl.float32)
     rstd = _rstd_of(tl.sum(xf * xf, axis=1), full_dim_f, eps, HAS_NORM)
     if HAS_NORM:
+        # g loaded straight into the tile's [BM, C] layout (each row's copy from L1): a [C] load would need a
+        # layout conversion through shared memory, with a barrier, for every tile
+        gp = G + cols[None, :] + tl.zeros([BM, 1], tl.int32)
         if EVEN:
-            g = tl.load(G + cols)
+            g = tl.load(gp)
         else:
-            g = tl.load(G + cols, mask=cols < D, other=0.0)
+            g = tl.load(gp, mask=(cols < D)[None, :], other=0.0)
         G_SAME: tl.constexpr = G.dtype.element_ty == X.dtype.element_ty  # then g needs no rounding to x.dtype
         if ROUND and not G_SAME:
             g = round_to(g.to(tl.float32), xdt, X_BF16)
         if PK:
-            n = bf16_norm_mul(xf * rstd[:, None], tl.broadcast_to(g.to(tl.bfloat16)[None, :], (BM, C)))
+            n = bf16_norm_mul(xf * rstd[:, None], g.to(tl.bfloat16))
         else:
             g = g.to(tl.float32)
             if ROUND:
-                n = round_to(round_to(xf * rstd[:, None], xdt, X_BF16) * g[None, :], xdt, X_BF16)
+                n = round_to(round_to(xf * rstd[:, None], xdt, X_BF16) * g, xdt, X_BF16)
             else:
-                n = xf * rstd[:, None] * g[None, :]
+                n = xf * rstd[:, None] * g
     else:
         n = xf
     # For a block of 4**k features the normalization 1 / sqrt(HB) = 2**-k is exact, so it moves from every

@@ -22,6 +22,10 @@ lab3)
 lab4)
   timeout 150 python tools/kernels/hlab.py --out $OUT/lab_pk4.jsonl --only fwd --dims 2048 4096 8192 16384 \
     --tokens 16384 --reps 20 --budget-s 140 --bits 8 4 --fwd "shfl=1 elems=2048 warps=2,4,8 pk=1,5" ;;
+lab7)
+  for dw in "2048 1,2" "4096 2,4" "8192 4,8" "16384 8,16"; do set -- $dw
+    timeout 100 python tools/kernels/hlab.py --out $OUT/lab_g2d.jsonl --only fwd --dims $1 --tokens 16384 --reps 20 \
+      --budget-s 90 --bits 8 4 --fwd "shfl=1 elems=1024 warps=$2 pk=5"; done ;;
 lab)
   timeout 240 python tools/kernels/hlab.py --out $OUT/lab_pk.jsonl --only fwd --dims 2048 4096 8192 16384 \
     --tokens 16384 --reps 20 --budget-s 220 --bits 8 --fwd "shfl=1 elems=4096 warps=4 pk=0,1,3,5,7" ;;
