@@ -537,21 +537,15 @@ def _fwd_shfl_kernel(X, G, Q, SCALE, RSTD, T, D, stride_x, stride_q, eps, full_d
         u = u * inv_sqrt_hb
     if PK:
         u = pair_join(*round_bf16_pair(*pair_split(u, BM, C)), BM, C)
-        stat = _stat_of(u, BITS)
-    else:
-        if ROUND:
-            u = round_to(u, xdt, X_BF16)
-        stat = _stat_of(u, BITS)
+    elif ROUND:
+        u = round_to(u, xdt, X_BF16)
+    stat = _stat_of(u, BITS)
     SQF: tl.constexpr = 1.0 if SQ == 0 else SQ * 1.0
     if BITS == 8:
         scale = tl.math.div_rn(tl.maximum(stat, 1e-5 * SQF), 127.0)
     else:
         scale = tl.math.div_rn(tl.maximum(tl.math.div_rn(stat, full_dim_f), 1e-5 * SQF), 2.6457513110645907)
     inv = tl.math.div_rn(1.0, scale)
-    if SQ != 0:
-        scale_out = scale * (1.0 / SQF)
-    else:
-        scale_out = scale
     # INT8 absmax needs no clamp: |u| <= max |u| and scale is max |u| / 127 rounded to nearest (or the larger
     # 1e-5 floor), so |u / scale| <= 127 (1 + 2^-23) rounds into [-127, 127].
     if (PACKED & 4) != 0 and BITS == 8 and not Q_FP8:
@@ -566,7 +560,8 @@ def _fwd_shfl_kernel(X, G, Q, SCALE, RSTD, T, D, stride_x, stride_q, eps, full_d
             qc = qv.to(tl.float8e4nv)
         else:
             qc = qv.to(tl.int8)
-    scale = scale_out
+    if SQ != 0:
+        scale = scale * (1.0 / SQF)
     tl.store(Q + rows[:, None] * stride_q + cols[None, :], qc, mask=m)
     tl.store(SCALE + rows, scale, mask=rmask)
     tl.store(RSTD + rows, rstd, mask=rmask)

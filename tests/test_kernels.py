@@ -45,6 +45,19 @@ def reference_codes(x, g, bits, hb, eps=1e-5):
     return codes, scale[:, 0], u.float()
 
 
+def backward_matches_autograd(T, D, hb, cfg):
+    """Random fp32 x, g, grad_u: the kernel backward with ``cfg`` against autograd through the torch path;
+    returns (x, g, grad_u, rstd) for further checks."""
+    x, g, gu = torch.randn(T, D), 1 + 0.1 * torch.randn(D), torch.randn(T, D)
+    _, _, rstd = norm_hadamard_quant(x, g, act_bits=8, hadamard_block=hb, eps=1e-5)
+    gx, gg = norm_hadamard_backward(gu, x, g, rstd, hadamard_block=hb, config=cfg)
+    xr, gr = x.clone().requires_grad_(), g.clone().requires_grad_()
+    hadamard.fwht(rms_norm(xr, gr, 1e-5), hb).backward(gu)
+    torch.testing.assert_close(gx, xr.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gg, gr.grad, rtol=1e-5, atol=1e-5)
+    return x, g, gu, rstd
+
+
 def assert_codes_equal(q, ref_codes, u, scale):
     """Exact equality, except where u / scale is within float rounding of a .5 tie (then off by one)."""
     diff = (q.to(torch.int32) - ref_codes.to(torch.int32)).abs()
@@ -377,13 +390,7 @@ def test_flat_kernels_all_hadamard_modes(hmode, prefetch, hb):
         q, scale, _ = norm_hadamard_quant(x, g, act_bits=8, hadamard_block=hb, eps=1e-5, config=cfg)
         torch.testing.assert_close(scale, rs, rtol=2e-6, atol=0)
         assert_codes_equal(q, rc, u, rs)
-    x, g, gu = torch.randn(T, D), 1 + 0.1 * torch.randn(D), torch.randn(T, D)
-    _, _, rstd = norm_hadamard_quant(x, g, act_bits=8, hadamard_block=hb, eps=1e-5)
-    gx, gg = norm_hadamard_backward(gu, x, g, rstd, hadamard_block=hb, config=cfg)
-    xr, gr = x.clone().requires_grad_(), g.clone().requires_grad_()
-    hadamard.fwht(rms_norm(xr, gr, 1e-5), hb).backward(gu)
-    torch.testing.assert_close(gx, xr.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(gg, gr.grad, rtol=1e-5, atol=1e-5)
+    backward_matches_autograd(T, D, hb, cfg)
 
 
 @pytest.mark.parametrize("T,D,hb,bits,cfg", [(37, 512, 256, 8, ("shfl", 1, 1)), (19, 384, 128, 4, ("shfl", 2, 1)),
@@ -472,13 +479,7 @@ def test_warp_shuffle_backward_matches_autograd(T, D, hb, cfg):
     torch path, with and without the norm weight; and its one-time check keeps it for a correct kernel."""
     import bitnet_dist.kernels.norm_hadamard_quant as nhq
     torch.manual_seed(4)
-    x, g, gu = torch.randn(T, D), 1 + 0.1 * torch.randn(D), torch.randn(T, D)
-    _, _, rstd = norm_hadamard_quant(x, g, act_bits=8, hadamard_block=hb, eps=1e-5)
-    gx, gg = norm_hadamard_backward(gu, x, g, rstd, hadamard_block=hb, config=cfg)
-    xr, gr = x.clone().requires_grad_(), g.clone().requires_grad_()
-    hadamard.fwht(rms_norm(xr, gr, 1e-5), hb).backward(gu)
-    torch.testing.assert_close(gx, xr.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(gg, gr.grad, rtol=1e-5, atol=1e-5)
+    x, g, gu, rstd = backward_matches_autograd(T, D, hb, cfg)
     gx0, none = norm_hadamard_backward(gu, x, None, rstd, hadamard_block=hb, config=cfg)
     assert none is None
     torch.testing.assert_close(gx0, hadamard.fwht(gu, hb), rtol=1e-5, atol=1e-5)
