@@ -481,16 +481,16 @@ def _bwd_flat_kernel(GU, X, G, HM, RSTD, DOT, GX, GGP, T, D, stride_gu, stride_x
 
 
 @triton.jit
-def _fwd_shfl_kernel(X, G, Q, SCALE, RSTD, T, D, stride_x, stride_q, eps, full_dim_f, inv_sqrt_hb,
-                     BITS: tl.constexpr, HB: tl.constexpr, HAS_NORM: tl.constexpr, BM: tl.constexpr,
-                     C: tl.constexpr, ROUND: tl.constexpr, X_BF16: tl.constexpr, Q_FP8: tl.constexpr,
-                     VEC: tl.constexpr, PACKED: tl.constexpr = 0, EVEN: tl.constexpr = False):
-    """The whole forward chain (no TP reduction, whole rows: D <= C) for BM tokens in the natural [BM, C]
-    layout, the Hadamard as warp-shuffle butterflies (``fwht_shuffle``): no tensor cores, no shared memory.
-    PACKED (sm_90, ``_common``'s packed helpers), a bit mask: 1 = bf16 pairs in one register (unpacking, the
-    norm-weight product, the rounding of u; bf16 activations only), 4 = the int8 codes four per register.
-    EVEN (D == C): no column mask, and rows past T load nothing (their values are never stored)."""
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+def _fwd_shfl_tile(X, G, Q, SCALE, RSTD, tb, T, D, stride_x, stride_q, eps, full_dim_f, inv_sqrt_hb,
+                   BITS: tl.constexpr, HB: tl.constexpr, HAS_NORM: tl.constexpr, BM: tl.constexpr,
+                   C: tl.constexpr, ROUND: tl.constexpr, X_BF16: tl.constexpr, Q_FP8: tl.constexpr,
+                   VEC: tl.constexpr, PACKED: tl.constexpr, EVEN: tl.constexpr):
+    """The whole forward chain (no TP reduction, whole rows: D <= C) for token block tb (BM tokens) in the
+    natural [BM, C] layout, the Hadamard as warp-shuffle butterflies (``fwht_shuffle``): no tensor cores, no
+    shared memory. PACKED (sm_90, ``_common``'s packed helpers), a bit mask: 1 = bf16 pairs in one register
+    (unpacking, the norm-weight product, the rounding of u; bf16 activations only), 4 = the int8 codes four
+    per register. EVEN (D == C): no column mask, and rows past T load nothing (their values are never stored)."""
+    rows = tb * BM + tl.arange(0, BM)
     cols = tl.arange(0, C)
     rmask = rows < T
     if EVEN:
@@ -565,6 +565,24 @@ def _fwd_shfl_kernel(X, G, Q, SCALE, RSTD, T, D, stride_x, stride_q, eps, full_d
     tl.store(Q + rows[:, None] * stride_q + cols[None, :], qc, mask=m)
     tl.store(SCALE + rows, scale, mask=rmask)
     tl.store(RSTD + rows, rstd, mask=rmask)
+
+
+@triton.jit
+def _fwd_shfl_kernel(X, G, Q, SCALE, RSTD, T, D, stride_x, stride_q, eps, full_dim_f, inv_sqrt_hb,
+                     BITS: tl.constexpr, HB: tl.constexpr, HAS_NORM: tl.constexpr, BM: tl.constexpr,
+                     C: tl.constexpr, ROUND: tl.constexpr, X_BF16: tl.constexpr, Q_FP8: tl.constexpr,
+                     VEC: tl.constexpr, PACKED: tl.constexpr = 0, EVEN: tl.constexpr = False,
+                     STAGES: tl.constexpr = 0):
+    """``_fwd_shfl_tile`` over token blocks. STAGES 0: one block per program. STAGES >= 1: persistent programs
+    striding over the blocks in a loop that Triton software-pipelines (the next blocks' rows stream into
+    shared memory with async copies while this block computes: the load no longer waits on the arithmetic)."""
+    if STAGES == 0:
+        _fwd_shfl_tile(X, G, Q, SCALE, RSTD, tl.program_id(0), T, D, stride_x, stride_q, eps, full_dim_f,
+                       inv_sqrt_hb, BITS, HB, HAS_NORM, BM, C, ROUND, X_BF16, Q_FP8, VEC, PACKED, EVEN)
+    else:
+        for tb in tl.range(tl.program_id(0), tl.cdiv(T, BM), tl.num_programs(0), num_stages=STAGES):
+            _fwd_shfl_tile(X, G, Q, SCALE, RSTD, tb, T, D, stride_x, stride_q, eps, full_dim_f,
+                           inv_sqrt_hb, BITS, HB, HAS_NORM, BM, C, ROUND, X_BF16, Q_FP8, VEC, PACKED, EVEN)
 
 
 @triton.jit
@@ -876,12 +894,15 @@ def _nhq_shfl(x2, g, q, scale, rstd, config, *, act_bits, hb, has_norm, eps, ful
     _, bm, warps = config[:3]
     C = max(16, next_pow2(D))
     vec = config[3] if len(config) > 3 and config[3] else shuffle_vec(bm, C, warps)  # explicit: experiments only
-    packed = config[4] if len(config) > 4 else packed_default(x2.device)
-    return _FWD_SHFL[(triton.cdiv(T, bm),)](
+    packed = config[4] if len(config) > 4 and config[4] is not None else packed_default(x2.device)
+    stages = config[5] if len(config) > 5 else 0
+    tiles = triton.cdiv(T, bm)
+    grid = (tiles if not stages else max(1, min(tiles, config[6] * num_sms(x2.device))),)
+    return _FWD_SHFL[grid](
         x2, g, q, scale, rstd, T, D, x2.stride(0), q.stride(0), float(eps), float(full), 1.0 / math.sqrt(hb),
         BITS=act_bits, HB=hb, HAS_NORM=has_norm, BM=bm, C=C,
         ROUND=x2.dtype != torch.float32, X_BF16=x2.dtype == torch.bfloat16, Q_FP8=fp8_codes,
-        VEC=vec, PACKED=int(packed), EVEN=D == C, num_warps=warps)
+        VEC=vec, PACKED=int(packed), EVEN=D == C, STAGES=stages, num_warps=warps)
 
 
 def _nhq_flat(x2, g, q, scale, rstd, config, *, act_bits, hb, has_norm, eps, full, reduce_tp, tp_group,

@@ -122,7 +122,9 @@ def main():
                 cfg = shuffle_bwd_config(D, elems=v["elems"], warps=v["warps"], programs_per_sm=v["sm"])
             elif "shfl" in v:
                 cfg = shuffle_config(D, elems=v["elems"], warps=v["warps"])
-                if "pk" in v:  # pk: the packed forward's parts (bit mask 1 | 4; vec=0: Triton's)
+                if "st" in v:  # st: software-pipelined persistent programs (STAGES), sm of them per SM
+                    cfg = cfg + (v.get("vec") or None, v.get("pk"), v["st"], v.get("sm", 4))
+                elif "pk" in v:  # pk: the packed forward's parts (bit mask 1 | 4; vec=0: Triton's)
                     cfg = cfg + (v.get("vec") or None, v["pk"])
                 else:
                     cfg = cfg + ((v["vec"],) if "vec" in v else ())
