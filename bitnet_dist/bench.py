@@ -226,6 +226,7 @@ def bench_layer(args):
                 for name, fwd in variants.items():
                     def step(fwd=fwd):
                         y = fwd()
+                        x.grad = None  # an activation's gradient is handed on, never accumulated (the weights' are)
                         y.backward(dy)
 
                     try:
@@ -259,7 +260,10 @@ def to_markdown(res) -> str:
            f"triton {res['triton']}. Median of {res['reps']} timings after {res['warmup']} warm-ups (CUDA events).\n",
            "Kernel times (copy, fused kernel, GEMMs) are GPU times: 10 calls captured in a CUDA graph and replayed, "
            "so host launch overhead is not in them. Layer times are 10 forward+backward steps queued back to back "
-           "as in training: there the host overhead counts wherever it exceeds the GPU time.\n",
+           "as in training: there the host overhead counts wherever it exceeds the GPU time. The layer input's "
+           "gradient is set to None before each backward (an activation's gradient is handed on, not accumulated; "
+           "before 2026-11-24 session 7 an accumulation kernel over x.grad was in both variants' times); the "
+           "weights' gradients accumulate as over micro-batches.\n",
            f"Device-to-device copy (16384 x 8192 bf16): {res['copy']['tb_s']:.2f} TB/s (bytes read + written).\n",
            f"## Fused RMSNorm + Hadamard (block {res.get('hadamard_block', HB)}) + quantize (default launch config)\n",
            "`% of copy`: against the large copy above; `% same-size copy`: against a copy of the kernel's own "

@@ -212,7 +212,7 @@ def _rowwise_fp8_kernel(X, COLSCALE, Q, S, T, N, stride_x, BM: tl.constexpr, BN:
         v = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
         v = v * tl.load(COLSCALE + cols, mask=cols < N, other=0.0)[None, :]
         amax = tl.maximum(amax, tl.max(tl.abs(v), axis=1))
-    s = tl.maximum(amax, 1e-30) / 448.0
+    s = tl.math.div_rn(tl.maximum(amax, 1e-30), 448.0)
     for c in range(NUM_CHUNKS):
         cols = c * BN + tl.arange(0, BN)
         m = rmask[:, None] & (cols < N)[None, :]
@@ -233,16 +233,18 @@ def _colmax_kernel(X, ROWSCALE, AMAX, T, N, stride_x, BT: tl.constexpr, BN: tl.c
 
 
 @triton.jit
-def _colwise_fp8_t_kernel(X, ROWSCALE, AMAX, Q, T, N, stride_x, BT: tl.constexpr, BN: tl.constexpr):
+def _colwise_fp8_t_kernel(X, ROWSCALE, AMAX, Q, S, T, N, stride_x, BT: tl.constexpr, BN: tl.constexpr):
     """Q[n, t] = e4m3(X[t, n] * rowscale[t] / S[n]), S[n] = AMAX[n] / 448 (transposed output)."""
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     m = (rows < T)[:, None] & (cols < N)[None, :]
     v = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
     v = v * tl.load(ROWSCALE + rows, mask=rows < T, other=0.0)[:, None]
-    s = tl.maximum(tl.load(AMAX + cols, mask=cols < N, other=1.0), 1e-30) / 448.0
+    s = tl.math.div_rn(tl.maximum(tl.load(AMAX + cols, mask=cols < N, other=1.0), 1e-30), 448.0)
     q = (v / s[None, :]).to(tl.float8e4nv)
     tl.store(Q + cols[None, :] * T + rows[:, None], q, mask=m)
+    if tl.program_id(0) == 0:
+        tl.store(S + cols, s, mask=cols < N)
 
 
 @triton.jit
@@ -255,6 +257,75 @@ def _fp8_t_kernel(X, Q, T, K, BT: tl.constexpr, BK: tl.constexpr):
     tl.store(Q + cols[None, :] * T + rows[:, None], v.to(tl.float8e4nv), mask=m)
 
 
+@triton.jit
+def _dy_amax_kernel(X, COLSCALE, ROWSCALE, RAMAX, CAMAX, T, N, stride_x, BT: tl.constexpr, BN: tl.constexpr,
+                    R: tl.constexpr):
+    """One read of dy for both backward GEMMs' scales, R row tiles of [BT, BN] per program:
+    RAMAX[t] = max |X[t, n] * colscale[n]| (grad_x's per-token scale) and CAMAX[n] = max |X[t, n] * rowscale[t]|
+    (grad_W's per-channel scale); the column maxima gathered over the R tiles before one atomic."""
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    cm = cols < N
+    cs = tl.load(COLSCALE + cols, mask=cm, other=0.0)
+    cmax = tl.zeros([BN], tl.float32)
+    for r in range(R):
+        rows = (tl.program_id(0) * R + r) * BT + tl.arange(0, BT)
+        rm = rows < T
+        v = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=rm[:, None] & cm[None, :], other=0.0)
+        v = tl.abs(v.to(tl.float32))
+        rs = tl.load(ROWSCALE + rows, mask=rm, other=0.0)
+        tl.atomic_max(RAMAX + rows, tl.max(v * cs[None, :], axis=1), mask=rm)
+        cmax = tl.maximum(cmax, tl.max(v * rs[:, None], axis=0))
+    tl.atomic_max(CAMAX + cols, cmax, mask=cm)
+
+
+@triton.jit
+def _dy_fp8_kernel(X, COLSCALE, ROWSCALE, AMAX, S, QR, QC, T, N, stride_x, BT: tl.constexpr, BN: tl.constexpr):
+    """The second read of the tile: QR[t, n] = e4m3(X * colscale / SR[t]) and the transposed
+    QC[n, t] = e4m3(X * rowscale / SC[n]), with S = max(AMAX, 1e-30) / 448 rounded to nearest (AMAX / S hold
+    [T] row then [N] column values); the first column / row of programs writes S, the scales the codes used."""
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    rm, cm = rows < T, cols < N
+    m = rm[:, None] & cm[None, :]
+    v = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    cs = tl.load(COLSCALE + cols, mask=cm, other=0.0)
+    rs = tl.load(ROWSCALE + rows, mask=rm, other=0.0)
+    sr = tl.math.div_rn(tl.maximum(tl.load(AMAX + rows, mask=rm, other=1.0), 1e-30), 448.0)
+    sc = tl.math.div_rn(tl.maximum(tl.load(AMAX + T + cols, mask=cm, other=1.0), 1e-30), 448.0)
+    tl.store(QR + rows[:, None] * N + cols[None, :], (v * cs[None, :] / sr[:, None]).to(tl.float8e4nv), mask=m)
+    tl.store(QC + cols[None, :] * T + rows[:, None], (v * rs[:, None] / sc[None, :]).to(tl.float8e4nv), mask=m)
+    if tl.program_id(1) == 0:
+        tl.store(S + rows, sr, mask=rm)
+    if tl.program_id(0) == 0:
+        tl.store(S + T + cols, sc, mask=cm)
+
+
+_DY_AMAX, _DY_FP8 = FastLaunch(_dy_amax_kernel), FastLaunch(_dy_fp8_kernel)
+_ROWWISE, _COLMAX, _COLWISE, _FP8_T = (FastLaunch(k) for k in (_rowwise_fp8_kernel, _colmax_kernel,
+                                                                _colwise_fp8_t_kernel, _fp8_t_kernel))
+# (BT, BN, num_warps, row tiles per program of the amax pass), from the H100 sweep tools/kernels/dy_lab.py
+DY_TILE = (64, 128, 4, 4)
+
+
+def dy_fp8_both(dy: torch.Tensor, col_scale: torch.Tensor, row_scale: torch.Tensor, tile=None):
+    """``rowwise_fp8(dy, col_scale)`` and ``colwise_fp8_t(dy, row_scale)`` together, from two reads of dy
+    instead of four (one for both amaxes, one writing both e4m3 copies):
+    -> (e4m3 [T, N], fp32 [T], e4m3 [N, T], fp32 [N])."""
+    T, N = dy.shape
+    assert dy.stride(1) == 1
+    bt, bn, warps, r = (*(tile or DY_TILE), 1)[:4]
+    amax = torch.zeros(T + N, device=dy.device, dtype=torch.float32)
+    s = torch.empty(T + N, device=dy.device, dtype=torch.float32)
+    qr = torch.empty((T, N), device=dy.device, dtype=torch.float8_e4m3fn)
+    qc = torch.empty((N, T), device=dy.device, dtype=torch.float8_e4m3fn)
+    if T and N:
+        _DY_AMAX[(triton.cdiv(T, bt * r), triton.cdiv(N, bn))](
+            dy, col_scale, row_scale, amax, amax[T:], T, N, dy.stride(0), BT=bt, BN=bn, R=r, num_warps=warps)
+        _DY_FP8[(triton.cdiv(T, bt), triton.cdiv(N, bn))](
+            dy, col_scale, row_scale, amax, s, qr, qc, T, N, dy.stride(0), BT=bt, BN=bn, num_warps=warps)
+    return qr, s[:T], qc, s[T:]
+
+
 def rowwise_fp8(x: torch.Tensor, col_scale: torch.Tensor):
     """x [T, N] (any float, last dim contiguous) * col_scale [N] -> (e4m3 [T, N], fp32 row scale [T])."""
     T, N = x.shape
@@ -262,7 +333,7 @@ def rowwise_fp8(x: torch.Tensor, col_scale: torch.Tensor):
     s = torch.empty(T, device=x.device, dtype=torch.float32)
     BN = min(2048, triton.next_power_of_2(N))
     BM = max(1, 4096 // BN)
-    _rowwise_fp8_kernel[(triton.cdiv(T, BM),)](x, col_scale, q, s, T, N, x.stride(0), BM=BM, BN=BN,
+    _ROWWISE[(triton.cdiv(T, BM),)](x, col_scale, q, s, T, N, x.stride(0), BM=BM, BN=BN,
                                               NUM_CHUNKS=triton.cdiv(N, BN), num_warps=8)
     return q, s
 
@@ -273,10 +344,13 @@ def colwise_fp8_t(x: torch.Tensor, row_scale: torch.Tensor):
     amax = torch.zeros(N, device=x.device, dtype=torch.float32)
     BT, BN = 64, 64
     grid = (triton.cdiv(T, BT), triton.cdiv(N, BN))
-    _colmax_kernel[grid](x, row_scale, amax, T, N, x.stride(0), BT=BT, BN=BN)
+    _COLMAX[grid](x, row_scale, amax, T, N, x.stride(0), BT=BT, BN=BN)
     q = torch.empty((N, T), device=x.device, dtype=torch.float8_e4m3fn)
-    _colwise_fp8_t_kernel[grid](x, row_scale, amax, q, T, N, x.stride(0), BT=BT, BN=BN)
-    return q, amax.clamp_min(1e-30) / 448.0
+    # the scales come back from the kernel: the ones its codes used (torch's CUDA division by a scalar
+    # multiplies by the reciprocal, which can differ in the last bit)
+    s = torch.empty(N, device=x.device, dtype=torch.float32)
+    _COLWISE[grid](x, row_scale, amax, q, s, T, N, x.stride(0), BT=BT, BN=BN)
+    return q, s
 
 
 def fp8_transpose(codes: torch.Tensor) -> torch.Tensor:
@@ -285,5 +359,5 @@ def fp8_transpose(codes: torch.Tensor) -> torch.Tensor:
     T, K = codes.shape
     q = torch.empty((K, T), device=codes.device, dtype=torch.float8_e4m3fn)
     BT, BK = 64, 64
-    _fp8_t_kernel[(triton.cdiv(T, BT), triton.cdiv(K, BK))](codes, q, T, K, BT=BT, BK=BK)
+    _FP8_T[(triton.cdiv(T, BT), triton.cdiv(K, BK))](codes, q, T, K, BT=BT, BK=BK)
     return q

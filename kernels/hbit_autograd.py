@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from .gemm import colwise_fp8_t, fp8_available, fp8_gemm, fp8_transpose, int8_gemm, rowwise_fp8
+from .gemm import colwise_fp8_t, dy_fp8_both, fp8_available, fp8_gemm, fp8_transpose, int8_gemm, rowwise_fp8
 from .norm_hadamard_quant import norm_hadamard_backward, norm_hadamard_quant
 from .ternary import cached_ternary, dequantize_rows
 
@@ -66,13 +66,20 @@ class HBitLinearFunction(torch.autograd.Function):
         grad_u = grad_w = grad_x = grad_g = None
         if fp8:
             ones = torch.ones(K, device=dy.device, dtype=torch.float32)
-            if need_x:
-                # grad_u = (dy * alpha) @ codes_w: alpha varies along the contraction, so it goes into dy.
+            # grad_u = (dy * alpha) @ codes_w: alpha varies along the contraction, so it goes into dy (scaled
+            # per token); grad_W = (dy * s_a)^T @ codes_a: s_a varies along the contraction (tokens), so dy is
+            # scaled per channel and transposed. Both from two passes over dy where both are needed.
+            if dy2.stride(1) != 1:
+                dy2 = dy2.contiguous()
+            if need_x and ctx.needs_input_grad[1]:
+                d8, sd, e8, se = dy_fp8_both(dy2, tw.scale, s_a)
+            elif need_x:
                 d8, sd = rowwise_fp8(dy2, tw.scale)
+            elif ctx.needs_input_grad[1]:
+                e8, se = colwise_fp8_t(dy2, s_a)
+            if need_x:
                 grad_u = fp8_gemm(d8, tw.fp8_t(), sd, ones, out_dtype=torch.bfloat16)
             if ctx.needs_input_grad[1]:
-                # grad_W = (dy * s_a)^T @ codes_a: s_a varies along the contraction (tokens).
-                e8, se = colwise_fp8_t(dy2, s_a)
                 grad_w = fp8_gemm(e8, fp8_transpose(codes), se, ones, out_dtype=torch.bfloat16)
         else:
             if need_x:

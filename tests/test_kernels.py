@@ -207,6 +207,26 @@ def test_fp8_backward_operands():
     assert torch.equal(fp8_transpose(c).float(), c.t().float())
 
 
+@pytest.mark.parametrize("T,N", [(37, 48), (130, 200)])
+def test_dy_fp8_both_equals_the_two_passes(T, N):
+    """The fused backward operand prep (two reads of dy) gives exactly the codes and scales of rowwise_fp8 and
+    colwise_fp8_t (four reads), on shapes with partial tiles in both directions."""
+    from bitnet_dist.kernels.gemm import colwise_fp8_t, dy_fp8_both, rowwise_fp8
+
+    torch.manual_seed(7)
+    dy = (torch.randn(T, N) * torch.rand(T, 1) * 4).bfloat16()
+    dy[3] = 0  # an all-zero token: the 1e-30 floor
+    alpha, s_a = torch.rand(N) + 0.5, torch.rand(T) + 0.5
+    qr, sr, qc, sc = dy_fp8_both(dy, alpha, s_a, tile=(32, 32, 4, 2))
+    q0, s0 = rowwise_fp8(dy, alpha)
+    qt0, st0 = colwise_fp8_t(dy, s_a)
+    assert qr.shape == (T, N) and qc.shape == (N, T)
+    assert torch.equal(sr, s0) and torch.equal(sc, st0)
+    assert torch.equal(qr.view(torch.int8), q0.view(torch.int8))
+    assert torch.equal(qc.view(torch.int8), qt0.view(torch.int8))
+    torch.testing.assert_close(sr, (dy.float() * alpha).abs().amax(1).clamp_min(1e-30) / 448.0)
+
+
 def _layer_reference(x, w, g, bits, hb, segments=None):
     n = rms_norm(x, g, 1e-5)
     u = hadamard.fwht(n, hb) if hb else n

@@ -145,6 +145,12 @@ def test_fp8_backward_operands_gpu():
     assert float(((qt.float() - (v / st).t().to(torch.float8_e4m3fn).float()) != 0).float().mean()) < 1e-3
     c = torch.randint(-128, 128, (T, N), device=DEV, dtype=torch.int8)
     assert torch.equal(fp8_transpose(c).float(), c.t().float().to(torch.float8_e4m3fn).float())
+    # the fused prep (two reads of dy): the same codes and scales as the two separate functions
+    from bitnet_dist.kernels.gemm import dy_fp8_both
+    qr, sr, qc, sc = dy_fp8_both(dy, alpha, s_a)
+    assert torch.equal(sr, s) and torch.equal(sc, st)
+    assert torch.equal(qr.view(torch.int8), q.view(torch.int8))
+    assert torch.equal(qc.view(torch.int8), qt.view(torch.int8))
 
 
 def test_warp_shuffle_layout_holds_for_default_shapes():
