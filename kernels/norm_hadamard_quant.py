@@ -481,16 +481,16 @@ def _bwd_flat_kernel(GU, X, G, HM, RSTD, DOT, GX, GGP, T, D, stride_gu, stride_x
 
 
 @triton.jit
-def _fwd_shfl_tile(X, G, Q, SCALE, RSTD, tb, T, D, stride_x, stride_q, eps, full_dim_f, inv_sqrt_hb,
-                   BITS: tl.constexpr, HB: tl.constexpr, HAS_NORM: tl.constexpr, BM: tl.constexpr,
-                   C: tl.constexpr, ROUND: tl.constexpr, X_BF16: tl.constexpr, Q_FP8: tl.constexpr,
-                   VEC: tl.constexpr, PACKED: tl.constexpr, EVEN: tl.constexpr):
-    """The whole forward chain (no TP reduction, whole rows: D <= C) for token block tb (BM tokens) in the
-    natural [BM, C] layout, the Hadamard as warp-shuffle butterflies (``fwht_shuffle``): no tensor cores, no
-    shared memory. PACKED (sm_90, ``_common``'s packed helpers), a bit mask: 1 = bf16 pairs in one register
-    (unpacking, the norm-weight product, the rounding of u; bf16 activations only), 4 = the int8 codes four
-    per register. EVEN (D == C): no column mask, and rows past T load nothing (their values are never stored)."""
-    rows = tb * BM + tl.arange(0, BM)
+def _fwd_shfl_kernel(X, G, Q, SCALE, RSTD, T, D, stride_x, stride_q, eps, full_dim_f, inv_sqrt_hb,
+                     BITS: tl.constexpr, HB: tl.constexpr, HAS_NORM: tl.constexpr, BM: tl.constexpr,
+                     C: tl.constexpr, ROUND: tl.constexpr, X_BF16: tl.constexpr, Q_FP8: tl.constexpr,
+                     VEC: tl.constexpr, PACKED: tl.constexpr = 0, EVEN: tl.constexpr = False):
+    """The whole forward chain (no TP reduction, whole rows: D <= C) for BM tokens in the natural [BM, C]
+    layout, the Hadamard as warp-shuffle butterflies (``fwht_shuffle``): no tensor cores, no shared memory.
+    PACKED (sm_90, ``_common``'s packed helpers), a bit mask: 1 = bf16 pairs in one register (unpacking, the
+    norm-weight product, the rounding of u; bf16 activations only), 4 = the int8 codes four per register.
+    EVEN (D == C): no column mask, and rows past T load nothing (their values are never stored)."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.arange(0, C)
     rmask = rows < T
     if EVEN:
@@ -568,35 +568,18 @@ def _fwd_shfl_tile(X, G, Q, SCALE, RSTD, tb, T, D, stride_x, stride_q, eps, full
 
 
 @triton.jit
-def _fwd_shfl_kernel(X, G, Q, SCALE, RSTD, T, D, stride_x, stride_q, eps, full_dim_f, inv_sqrt_hb,
-                     BITS: tl.constexpr, HB: tl.constexpr, HAS_NORM: tl.constexpr, BM: tl.constexpr,
-                     C: tl.constexpr, ROUND: tl.constexpr, X_BF16: tl.constexpr, Q_FP8: tl.constexpr,
-                     VEC: tl.constexpr, PACKED: tl.constexpr = 0, EVEN: tl.constexpr = False,
-                     STAGES: tl.constexpr = 0):
-    """``_fwd_shfl_tile`` over token blocks. STAGES 0: one block per program. STAGES >= 1: persistent programs
-    striding over the blocks in a loop that Triton software-pipelines (the next blocks' rows stream into
-    shared memory with async copies while this block computes: the load no longer waits on the arithmetic)."""
-    if STAGES == 0:
-        _fwd_shfl_tile(X, G, Q, SCALE, RSTD, tl.program_id(0), T, D, stride_x, stride_q, eps, full_dim_f,
-                       inv_sqrt_hb, BITS, HB, HAS_NORM, BM, C, ROUND, X_BF16, Q_FP8, VEC, PACKED, EVEN)
-    else:
-        for tb in tl.range(tl.program_id(0), tl.cdiv(T, BM), tl.num_programs(0), num_stages=STAGES):
-            _fwd_shfl_tile(X, G, Q, SCALE, RSTD, tb, T, D, stride_x, stride_q, eps, full_dim_f,
-                           inv_sqrt_hb, BITS, HB, HAS_NORM, BM, C, ROUND, X_BF16, Q_FP8, VEC, PACKED, EVEN)
-
-
-@triton.jit
 def _bwd_shfl_kernel(GU, X, G, RSTD, GX, GGP, T, D, stride_gu, stride_x, stride_gx, inv_full, inv_sqrt_hb,
                      HB: tl.constexpr, HAS_NORM: tl.constexpr, BM: tl.constexpr, C: tl.constexpr,
-                     VEC: tl.constexpr):
+                     VEC: tl.constexpr, G_TILE: tl.constexpr = False):
     """The backward (no TP reduction, whole rows) in the natural layout with the warp-shuffle Hadamard:
-    persistent over token blocks, writes GX and the per-program partial norm-weight gradient GGP[pid, :]."""
+    persistent over token blocks, writes GX and the per-program partial norm-weight gradient GGP[pid, :].
+    G_TILE: g re-read per tile in the tile's layout instead of held in registers across the loop."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     cols = tl.arange(0, C)
     cmask = cols < D
-    if HAS_NORM:
-        g = tl.load(G + cols, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_NORM and not G_TILE:
+        g = tl.load(G + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     gacc = tl.zeros([BM, C], tl.float32)
     for tb in range(pid, tl.cdiv(T, BM), nprog):
         rows = tb * BM + tl.arange(0, BM)
@@ -607,7 +590,10 @@ def _bwd_shfl_kernel(GU, X, G, RSTD, GX, GGP, T, D, stride_gu, stride_x, stride_
         if HAS_NORM:
             rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
             xh = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32) * rstd[:, None]
-            a = gn * g[None, :]
+            if G_TILE:
+                g = tl.load(G + cols[None, :] + tl.zeros([BM, 1], tl.int32), mask=cmask[None, :],
+                            other=0.0).to(tl.float32)
+            a = gn * g
             dot = tl.sum(a * xh, axis=1)
             gacc += gn * xh
             gx = rstd[:, None] * (a - xh * (dot * inv_full)[:, None])
@@ -894,15 +880,12 @@ def _nhq_shfl(x2, g, q, scale, rstd, config, *, act_bits, hb, has_norm, eps, ful
     _, bm, warps = config[:3]
     C = max(16, next_pow2(D))
     vec = config[3] if len(config) > 3 and config[3] else shuffle_vec(bm, C, warps)  # explicit: experiments only
-    packed = config[4] if len(config) > 4 and config[4] is not None else packed_default(x2.device)
-    stages = config[5] if len(config) > 5 else 0
-    tiles = triton.cdiv(T, bm)
-    grid = (tiles if not stages else max(1, min(tiles, config[6] * num_sms(x2.device))),)
-    return _FWD_SHFL[grid](
+    packed = config[4] if len(config) > 4 else packed_default(x2.device)
+    return _FWD_SHFL[(triton.cdiv(T, bm),)](
         x2, g, q, scale, rstd, T, D, x2.stride(0), q.stride(0), float(eps), float(full), 1.0 / math.sqrt(hb),
         BITS=act_bits, HB=hb, HAS_NORM=has_norm, BM=bm, C=C,
         ROUND=x2.dtype != torch.float32, X_BF16=x2.dtype == torch.bfloat16, Q_FP8=fp8_codes,
-        VEC=vec, PACKED=int(packed), EVEN=D == C, STAGES=stages, num_warps=warps)
+        VEC=vec, PACKED=int(packed), EVEN=D == C, num_warps=warps)
 
 
 def _nhq_flat(x2, g, q, scale, rstd, config, *, act_bits, hb, has_norm, eps, full, reduce_tp, tp_group,
@@ -978,12 +961,21 @@ def norm_hadamard_backward(grad_u: torch.Tensor, x2: torch.Tensor, norm_weight: 
     return gx, (ggp.sum(0) if has_norm else None)
 
 
-def shuffle_bwd_config(D: int, *, elems: int = 4096, warps: Optional[int] = None, programs_per_sm: int = 2):
-    """("shfl", BM tokens, num_warps, programs per SM) for the warp-shuffle backward (persistent). Defaults
-    from the H100 sweep (raw/round9_2026-11-24/lab7.jsonl): ~4096 features per tile, 2 programs per SM, 8 warps
-    (4 at 8192 features): 65-75% of copy bandwidth against 46-60% for the tensor-core kernels."""
+def shuffle_bwd_config(D: int, *, elems: int = 4096, warps: Optional[int] = None,
+                       programs_per_sm: Optional[int] = None, g_tile: Optional[bool] = None):
+    """("shfl", BM tokens, num_warps, programs per SM, VEC (None: Triton's), G_TILE) for the warp-shuffle
+    backward (persistent). Defaults from the H100 sweep at 16384 tokens (raw/round11_2026-11-24/lab_bwd.jsonl,
+    % of copy): ~4096 features per tile, 8 warps, 2 programs per SM up to 4096 features (79% / 82%); one
+    token per tile with the norm weight re-read per tile (G_TILE) from 8192 features: 8 warps at 8192 (84%,
+    was 68% with 4 warps holding g in registers, which spilled), 32 warps and one program per SM at 16384
+    (88%, was 67%)."""
     C = max(16, next_pow2(D))
-    return ("shfl", max(1, elems // C), warps or (4 if C == 8192 else 8), programs_per_sm)
+    big = C >= 8192
+    if warps is None:
+        warps = 32 if C >= 16384 else 8
+    if programs_per_sm is None:
+        programs_per_sm = 1 if C >= 16384 else 2
+    return ("shfl", max(1, elems // C), warps, programs_per_sm, None, big if g_tile is None else g_tile)
 
 
 def _bwd_layout_why(grad_u, x2, config, hb) -> Optional[str]:
@@ -1044,12 +1036,14 @@ def _nhb_shfl(grad_u, x2, norm_weight, rstd, gx, config, *, hb, full, reduce_tp,
     _, bm, warps, per_sm = config[:4]
     C = max(16, next_pow2(D))
     vec = config[4] if len(config) > 4 and config[4] else min(16 // x2.element_size(), bm * C // (32 * warps))
+    g_tile = bool(config[5]) if len(config) > 5 else False
     has_norm = norm_weight is not None
     nprog = max(1, min(triton.cdiv(T, bm), per_sm * num_sms(x2.device)))
     ggp = torch.empty((nprog, D), device=x2.device, dtype=torch.float32) if has_norm else gx
     g = norm_weight if has_norm else x2
     _BWD_SHFL[(nprog,)](grad_u, x2, g, rstd, gx, ggp, T, D, grad_u.stride(0), x2.stride(0), gx.stride(0), 1.0 / full,
-                        1.0 / math.sqrt(hb), HB=hb, HAS_NORM=has_norm, BM=bm, C=C, VEC=vec, num_warps=warps)
+                        1.0 / math.sqrt(hb), HB=hb, HAS_NORM=has_norm, BM=bm, C=C, VEC=vec, G_TILE=g_tile,
+                        num_warps=warps)
     return gx, (ggp.sum(0) if has_norm else None)
 
 

@@ -490,10 +490,16 @@ def test_warp_shuffle_packed_form_equals_plain_bf16():
             assert torch.equal(a, b)
     assert [nhq.shuffle_config(d) for d in (256, 1024, 2048, 4096, 8192, 16384)] == [
         ("shfl", 16, 4), ("shfl", 4, 4), ("shfl", 1, 2), ("shfl", 1, 2), ("shfl", 1, 4), ("shfl", 1, 8)]
+    assert [nhq.shuffle_bwd_config(d) for d in (2048, 4096, 8192, 16384)] == [
+        ("shfl", 2, 8, 2, None, False), ("shfl", 1, 8, 2, None, False), ("shfl", 1, 8, 2, None, True),
+        ("shfl", 1, 32, 1, None, True)]
 
 
 @pytest.mark.parametrize("T,D,hb,cfg", [(37, 512, 256, ("shfl", 1, 1, 1)), (19, 384, 128, ("shfl", 2, 1, 2)),
-                                        (33, 256, 16, ("shfl", 4, 2, 1))])
+                                        (33, 256, 16, ("shfl", 4, 2, 1)),
+                                        # G_TILE: the norm weight re-read per tile (default from 8192 features)
+                                        (37, 512, 256, ("shfl", 1, 1, 1, None, True)),
+                                        (19, 384, 128, ("shfl", 2, 1, 2, None, True))])
 def test_warp_shuffle_backward_matches_autograd(T, D, hb, cfg):
     """The warp-shuffle backward (persistent: more token blocks than programs) against autograd through the
     torch path, with and without the norm weight; and its one-time check keeps it for a correct kernel."""

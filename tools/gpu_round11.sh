@@ -10,10 +10,22 @@ G="python tools/megatron/gpu_check.py"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > $OUT/device.txt
 for step in "$@"; do
 case "$step" in
-lab8)
+lab8)  # ran at commit f4463b7 (the STAGES kernel option, since reverted)
   for T in 8192 16384; do for dw in "2048 2" "4096 2" "8192 4" "16384 8"; do set -- $dw
     timeout 60 python tools/kernels/hlab.py --out $OUT/lab_st.jsonl --only fwd --dims $1 --tokens $T --reps 20 \
       --budget-s 50 --bits 8 4 --fwd "shfl=1 elems=$1 warps=$2 pk=5" "shfl=1 elems=$1 warps=$2 st=2,3 sm=2,4,8,16"; done; done ;;
+prof)
+  timeout 200 python tools/kernels/layer_profile.py --out $OUT/prof --shapes 7B:qkv:16384 7B:fc1:16384 7B:qkv:8192 1.3B:wo:8192 1.3B:qkv:8192 2>&1 | grep -v Warn | tail -40 ;;
+dy)
+  timeout 150 python tools/kernels/dy_lab.py --out $OUT/dy_lab.jsonl 2>&1 | grep -v Warn | tail -60 ;;
+lab9)
+  for dw in "2048 4096 4,8" "4096 4096,8192 8,16" "8192 8192 4,8,16" "16384 16384 8,16,32"; do set -- $dw
+    timeout 80 python tools/kernels/hlab.py --out $OUT/lab_bwd.jsonl --only bwd --dims $1 --tokens 16384 --reps 20 \
+      --budget-s 70 --bwd "shfl=1 elems=$2 warps=$3 sm=1,2 gt=0,1"; done ;;
+lab10)
+  for T in 8192 16384; do
+    timeout 60 python tools/kernels/hlab.py --out $OUT/lab_fwd16k.jsonl --only fwd --dims 16384 --tokens $T --reps 20 \
+      --budget-s 50 --bits 8 4 --fwd "shfl=1 elems=16384 warps=8,16,32 pk=5"; done ;;
 tests)
   timeout 300 python -m pytest -q -p no:warnings -m gpu tests/test_kernels_gpu.py 2>&1 | tail -3 | tee $OUT/kernel_gpu_tests.txt ;;
 mtests)

@@ -119,12 +119,11 @@ def main():
                 print("budget reached", flush=True)
                 return
             if "shfl" in v and kind == "bwd":
-                cfg = shuffle_bwd_config(D, elems=v["elems"], warps=v["warps"], programs_per_sm=v["sm"])
+                cfg = shuffle_bwd_config(D, elems=v["elems"], warps=v["warps"], programs_per_sm=v["sm"],
+                                         g_tile=bool(v["gt"]) if "gt" in v else None)  # gt: G_TILE
             elif "shfl" in v:
                 cfg = shuffle_config(D, elems=v["elems"], warps=v["warps"])
-                if "st" in v:  # st: software-pipelined persistent programs (STAGES), sm of them per SM
-                    cfg = cfg + (v.get("vec") or None, v.get("pk"), v["st"], v.get("sm", 4))
-                elif "pk" in v:  # pk: the packed forward's parts (bit mask 1 | 4; vec=0: Triton's)
+                if "pk" in v:  # pk: the packed forward's parts (bit mask 1 | 4; vec=0: Triton's)
                     cfg = cfg + (v.get("vec") or None, v["pk"])
                 else:
                     cfg = cfg + ((v["vec"],) if "vec" in v else ())

@@ -33,6 +33,11 @@ NOTES = [
     "by 6% (0.488 -> 0.457 s). The kernel change saves tens of microseconds of GPU time per layer call, not 0.15 s "
     "per step, so most of this is the host of this run (a host-bound regime, as above): one run, not a settled "
     "figure.",
+    "* `r11` / `r11b` (session 7): r11 with the norm weight loaded in the forward tile's layout (docs/kernels.md) "
+    "and the fused FP8 dy prep (not used by these bf16-backward runs); r11b also with the backward's new launch "
+    "configuration (32 warps at 16384 features, the norm weight re-read per tile from 8192). Raw "
+    "docs/benchmarks/raw/round11_2026-11-24/e2e. 4 x 2048: v2_a8 1.15x / 1.15x, v2_a4 1.14x / 1.17x. 2 x 2048 "
+    "(host-bound): v2_a8 0.99x / 0.98x, v2_a4 0.88x / 0.99x.",
     "* The 2026-11-24 morning rows (docs/benchmarks/raw/e2e_bench_2026-11-24.jsonl: 1.3B 1.00x, 400M 0.64-0.69x) "
     "ran with the stale ternary-code cache (codes computed once per run) and the older kernels; superseded.",
     "* 1.3B v2_a4 at 8 x 2048 ran out of memory in r6 after bf16 and v2_a8 had run in the same process (62-64 GiB "
