@@ -266,7 +266,7 @@ def _dy_amax_kernel(X, COLSCALE, ROWSCALE, RAMAX, CAMAX, T, N, stride_x, BT: tl.
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     cm = cols < N
     cs = tl.load(COLSCALE + cols, mask=cm, other=0.0)
-    cmax = tl.zeros([BN], tl.float32)
+    cacc = tl.zeros([BT, BN], tl.float32)  # element-wise maxima over the R tiles: one cross-row reduction
     for r in range(R):
         rows = (tl.program_id(0) * R + r) * BT + tl.arange(0, BT)
         rm = rows < T
@@ -274,8 +274,8 @@ def _dy_amax_kernel(X, COLSCALE, ROWSCALE, RAMAX, CAMAX, T, N, stride_x, BT: tl.
         v = tl.abs(v.to(tl.float32))
         rs = tl.load(ROWSCALE + rows, mask=rm, other=0.0)
         tl.atomic_max(RAMAX + rows, tl.max(v * cs[None, :], axis=1), mask=rm)
-        cmax = tl.maximum(cmax, tl.max(v * rs[:, None], axis=0))
-    tl.atomic_max(CAMAX + cols, cmax, mask=cm)
+        cacc = tl.maximum(cacc, v * rs[:, None])
+    tl.atomic_max(CAMAX + cols, tl.max(cacc, axis=0), mask=cm)
 
 
 @triton.jit
@@ -304,7 +304,7 @@ _DY_AMAX, _DY_FP8 = FastLaunch(_dy_amax_kernel), FastLaunch(_dy_fp8_kernel)
 _ROWWISE, _COLMAX, _COLWISE, _FP8_T = (FastLaunch(k) for k in (_rowwise_fp8_kernel, _colmax_kernel,
                                                                 _colwise_fp8_t_kernel, _fp8_t_kernel))
 # (BT, BN, num_warps, row tiles per program of the amax pass), from the H100 sweep tools/kernels/dy_lab.py
-DY_TILE = (64, 128, 4, 4)
+DY_TILE = (64, 128, 4, 8)
 
 
 def dy_fp8_both(dy: torch.Tensor, col_scale: torch.Tensor, row_scale: torch.Tensor, tile=None):
@@ -334,7 +334,7 @@ def rowwise_fp8(x: torch.Tensor, col_scale: torch.Tensor):
     BN = min(2048, triton.next_power_of_2(N))
     BM = max(1, 4096 // BN)
     _ROWWISE[(triton.cdiv(T, BM),)](x, col_scale, q, s, T, N, x.stride(0), BM=BM, BN=BN,
-                                              NUM_CHUNKS=triton.cdiv(N, BN), num_warps=8)
+                                    NUM_CHUNKS=triton.cdiv(N, BN), num_warps=8)
     return q, s
 
 

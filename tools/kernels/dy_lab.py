@@ -18,8 +18,8 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("--shapes", nargs="*", default=["8192x12288", "16384x12288", "8192x32768", "16384x4096",
                                                    "8192x6144", "8192x2048"])
-    p.add_argument("--tiles", nargs="*", default=["64,128,4,1", "64,128,4,4", "64,128,4,8", "64,64,4,4", "32,128,4,8",
-                                                  "64,256,4,2", "128,128,8,2"])
+    p.add_argument("--tiles", nargs="*", default=["64,128,4,1", "64,128,4,4", "64,128,4,8", "64,128,4,16", "32,128,4,16",
+                                                  "64,64,4,8", "32,256,4,8"])
     a = p.parse_args()
     copy = bench_copy(argparse.Namespace(warmup=5, reps=20))
     f = open(a.out, "a")
