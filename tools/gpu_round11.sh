@@ -26,6 +26,9 @@ lab10)
   for T in 8192 16384; do
     timeout 60 python tools/kernels/hlab.py --out $OUT/lab_fwd16k.jsonl --only fwd --dims 16384 --tokens $T --reps 20 \
       --budget-s 50 --bits 8 4 --fwd "shfl=1 elems=16384 warps=8,16,32 pk=5"; done ;;
+e2e8)
+  timeout 280 $G bench --model 1.3B --precision bf16 v2_a8 v2_a4 --seq 2048 --mbs 4 --gbs 16 --vocab 32000 --warmup 2 --iters 5 \
+    --fp8-backward --out $OUT/e2e_fp8.jsonl 2>&1 | grep -E "^\[bench|Error" | cut -c1-260 ;;
 tests)
   timeout 300 python -m pytest -q -p no:warnings -m gpu tests/test_kernels_gpu.py 2>&1 | tail -3 | tee $OUT/kernel_gpu_tests.txt ;;
 mtests)

@@ -37,7 +37,11 @@ NOTES = [
     "and the fused FP8 dy prep (not used by these bf16-backward runs); r11b also with the backward's new launch "
     "configuration (32 warps at 16384 features, the norm weight re-read per tile from 8192). Raw "
     "docs/benchmarks/raw/round11_2026-11-24/e2e. 4 x 2048: v2_a8 1.15x / 1.15x, v2_a4 1.14x / 1.17x. 2 x 2048 "
-    "(host-bound): v2_a8 0.99x / 0.98x, v2_a4 0.88x / 0.99x.",
+    "(host-bound): v2_a8 0.99x / 0.98x, v2_a4 0.88x / 0.99x. `r11-fp8`: the r11b code with "
+    "`precision.fp8_backward=true` (`gpu_check.py bench --fp8-backward`; the bf16 row has no H-BitLinear and is "
+    "unaffected): 4 x 2048 v2_a4 1.22x (48.8k tokens/s against 46.8k with bf16 backward GEMMs in r11b), v2_a8 1.15x "
+    "(no gain; not investigated: its backward also converts the INT8 activation codes to e4m3 and transposes them "
+    "on every call).",
     "* The 2026-11-24 morning rows (docs/benchmarks/raw/e2e_bench_2026-11-24.jsonl: 1.3B 1.00x, 400M 0.64-0.69x) "
     "ran with the stale ternary-code cache (codes computed once per run) and the older kernels; superseded.",
     "* 1.3B v2_a4 at 8 x 2048 ran out of memory in r6 after bf16 and v2_a8 had run in the same process (62-64 GiB "

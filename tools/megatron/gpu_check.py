@@ -317,7 +317,7 @@ def cmd_bench(a):
             row = {"model": a.model, "precision": prec, "kernels": cfg.precision.kernels, "seq": a.seq, "mbs": a.mbs,
                    "gbs": a.gbs, "step_s": dt, "tokens_per_s": tok / dt, "tflops": fpt * tok / dt / 1e12,
                    "mfu": fpt * tok / dt / H100_BF16_DENSE, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-                   "loss": st.loss}
+                   "loss": st.loss, "fp8_backward": bool(cfg.precision.fp8_backward)}
         except Exception as e:
             row = {"model": a.model, "precision": prec, "error": f"{type(e).__name__}: {str(e)[:400]}"}
         print("[bench]", json.dumps(row), flush=True)
