@@ -32,7 +32,7 @@ e2e8)
 tests)
   timeout 300 python -m pytest -q -p no:warnings -m gpu tests/test_kernels_gpu.py 2>&1 | tail -3 | tee $OUT/kernel_gpu_tests.txt ;;
 mtests)
-  timeout 120 python -m pytest -q -p no:warnings -m gpu tests/test_megatron_gpu.py 2>&1 | tail -3 | tee $OUT/megatron_gpu_tests.txt ;;
+  timeout 120 python -m pytest -q -p no:warnings -m gpu tests/test_megatron_gpu.py 2>&1 | tail -40 | tee $OUT/megatron_gpu_tests.txt ;;
 overhead)
   timeout 150 python tools/kernels/overhead.py --out $OUT/overhead.json > $OUT/overhead.txt 2>&1; head -22 $OUT/overhead.txt; grep -A40 "Self CPU %" $OUT/overhead.txt | cut -c1-160 ;;
 bench)
