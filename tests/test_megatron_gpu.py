@@ -108,9 +108,12 @@ def test_checkpoint_resume_continues_the_same_curve(tmp_path):
     assert first == pytest.approx(saved_eval, abs=1e-5), (first, saved_eval)
     # Training steps are not bitwise repeatable on the GPU (cuDNN attention backward, cuBLAS algorithm choice):
     # H100, 2026-11-24 (docs/megatron.md): resumed vs continued 2e-6 relative on the first step, 3.5e-5 by the
-    # third, the same order as two fresh runs of the same training (tools/megatron/resume_diag.py). The shared
-    # Adam step counter bug gave 7.6e-3 on the second step, the stale-cache bug 4e-3: 2e-4 separates them.
-    assert resumed[0] == pytest.approx(cont[0], rel=2e-5), (resumed, cont)
+    # third; two fresh runs of the same training differ by 1.7e-5 already at the first step and 6.2e-5 by the
+    # sixth (tools/megatron/resume_diag.py). The shared Adam step counter bug gave 7.6e-3 on the second step, the
+    # stale-cache bug 4e-3: 2e-4 separates them. The first step's bound was 2e-5, within 20% of that spread, and
+    # failed once in session 7 (passing twice right after on the same code): 1e-4 now. A wrong load is caught
+    # exactly above (the loaded weights' eval loss, no training step).
+    assert resumed[0] == pytest.approx(cont[0], rel=1e-4), (resumed, cont)
     assert resumed == pytest.approx(cont, rel=2e-4), (resumed, cont)
 
 
