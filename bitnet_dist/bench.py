@@ -193,9 +193,28 @@ def _saved_bytes(fn, params=()):
     return out, sum(seen.values())
 
 
+def layer_variants(x, lin, g, had: bool) -> dict:
+    """The layer benchmark's forward functions over one input x, nn.Linear ``lin`` and norm weight g: bf16
+    Linear, bf16 RMSNorm + Linear, and H-BitLinear A8 / A4 with bf16 or FP8 backward GEMMs."""
+    from bitnet_dist.kernels import hbit_linear
+
+    def rms_lin():
+        xf = x.float()
+        n = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(x.dtype) * g
+        return lin(n)
+
+    variants = {"linear_bf16": lambda: lin(x), "rmsnorm_linear_bf16": rms_lin}
+    for bits in (8, 4):
+        for fp8b in (False, True):
+            variants[f"hbit_a{bits}_{'fp8' if fp8b else 'bf16'}bwd"] = (
+                lambda bits=bits, fp8b=fp8b: hbit_linear(x, lin.weight, g, act_bits=bits,
+                                                         hadamard_block=HB if had else 0, eps=1e-5,
+                                                         fp8_backward=fp8b))
+    return variants
+
+
 def bench_layer(args):
     from bitnet_dist import step_cache
-    from bitnet_dist.kernels import hbit_linear
     from bitnet_dist.kernels.ternary import quantize_weight
 
     rows = []
@@ -207,18 +226,7 @@ def bench_layer(args):
                 g = torch.ones(K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                 dy = torch.randn(T, N, device="cuda", dtype=torch.bfloat16)
 
-                def rms_lin():
-                    xf = x.float()
-                    n = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(x.dtype) * g
-                    return lin(n)
-
-                variants = {"linear_bf16": lambda: lin(x), "rmsnorm_linear_bf16": rms_lin}
-                for bits in (8, 4):
-                    for fp8b in (False, True):
-                        variants[f"hbit_a{bits}_{'fp8' if fp8b else 'bf16'}bwd"] = (
-                            lambda bits=bits, fp8b=fp8b: hbit_linear(
-                                x, lin.weight, g, act_bits=bits, hadamard_block=HB if had else 0, eps=1e-5,
-                                fp8_backward=fp8b))
+                variants = layer_variants(x, lin, g, had)
                 r = {"model": model, "layer": kind, "tokens": T, "K": K, "N": N, "hadamard": had}
                 # once per optimizer step, amortized over the step's micro-batches (not in the times below)
                 r["weight_quant_ms"] = timed(lambda: quantize_weight(lin.weight.detach(), fp8=True), 2, 5)

@@ -481,6 +481,18 @@ def _bwd_flat_kernel(GU, X, G, HM, RSTD, DOT, GX, GGP, T, D, stride_gu, stride_x
 
 
 @triton.jit
+def _load_tile_rows(G, cols, cmask, BM: tl.constexpr, EVEN: tl.constexpr):
+    """G[cols] repeated over BM rows, loaded straight into the [BM, C] tile's layout (each row's copy from L1):
+    a [C] load would need a layout conversion through shared memory, with a barrier, on every tile. EVEN: no mask."""
+    p = G + cols[None, :] + tl.zeros([BM, 1], tl.int32)
+    if EVEN:
+        g = tl.load(p)
+    else:
+        g = tl.load(p, mask=cmask[None, :], other=0.0)
+    return g
+
+
+@triton.jit
 def _fwd_shfl_kernel(X, G, Q, SCALE, RSTD, T, D, stride_x, stride_q, eps, full_dim_f, inv_sqrt_hb,
                      BITS: tl.constexpr, HB: tl.constexpr, HAS_NORM: tl.constexpr, BM: tl.constexpr,
                      C: tl.constexpr, ROUND: tl.constexpr, X_BF16: tl.constexpr, Q_FP8: tl.constexpr,
@@ -507,13 +519,7 @@ def _fwd_shfl_kernel(X, G, Q, SCALE, RSTD, T, D, stride_x, stride_q, eps, full_d
         xf = x.to(tl.float32)
     rstd = _rstd_of(tl.sum(xf * xf, axis=1), full_dim_f, eps, HAS_NORM)
     if HAS_NORM:
-        # g loaded straight into the tile's [BM, C] layout (each row's copy from L1): a [C] load would need a
-        # layout conversion through shared memory, with a barrier, for every tile
-        gp = G + cols[None, :] + tl.zeros([BM, 1], tl.int32)
-        if EVEN:
-            g = tl.load(gp)
-        else:
-            g = tl.load(gp, mask=(cols < D)[None, :], other=0.0)
+        g = _load_tile_rows(G, cols, cols < D, BM, EVEN)
         G_SAME: tl.constexpr = G.dtype.element_ty == X.dtype.element_ty  # then g needs no rounding to x.dtype
         if ROUND and not G_SAME:
             g = round_to(g.to(tl.float32), xdt, X_BF16)
@@ -591,8 +597,7 @@ def _bwd_shfl_kernel(GU, X, G, RSTD, GX, GGP, T, D, stride_gu, stride_x, stride_
             rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
             xh = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32) * rstd[:, None]
             if G_TILE:
-                g = tl.load(G + cols[None, :] + tl.zeros([BM, 1], tl.int32), mask=cmask[None, :],
-                            other=0.0).to(tl.float32)
+                g = _load_tile_rows(G, cols, cmask, BM, False).to(tl.float32)
             a = gn * g
             dot = tl.sum(a * xh, axis=1)
             gacc += gn * xh

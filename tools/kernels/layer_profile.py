@@ -14,19 +14,7 @@ import time
 import torch
 
 from bitnet_dist import step_cache
-from bitnet_dist.bench import HB, MODELS, layer_shapes
-from bitnet_dist.kernels import hbit_linear
-
-
-def variants(x, lin, g, had):
-    v = {"linear_bf16": lambda: lin(x)}
-    for bits in (8, 4):
-        for fp8b in (False, True):
-            v[f"hbit_a{bits}_{'fp8' if fp8b else 'bf16'}bwd"] = (
-                lambda bits=bits, fp8b=fp8b: hbit_linear(x, lin.weight, g, act_bits=bits,
-                                                         hadamard_block=HB if had else 0, eps=1e-5,
-                                                         fp8_backward=fp8b))
-    return v
+from bitnet_dist.bench import MODELS, layer_shapes, layer_variants
 
 
 def profile_step(step, iters: int):
@@ -80,7 +68,9 @@ def main():
         dy = torch.randn(T, N, device="cuda", dtype=torch.bfloat16)
         step_cache.advance()
         md.append(f"\n## {model} {kind} ({T} tokens, K={K}, N={N}, hadamard={had})\n")
-        for name, fwd in variants(x, lin, g, had).items():
+        vs = layer_variants(x, lin, g, had)
+        vs.pop("rmsnorm_linear_bf16")  # the unfused torch baseline: not profiled here
+        for name, fwd in vs.items():
             def step(fwd=fwd, dy=dy, x=x):
                 y = fwd()
                 x.grad = None  # as in bitnet_dist.bench: an activation's gradient is not accumulated
