@@ -59,6 +59,10 @@ class EngineConfig:
     overlap_grad_reduce: bool = True  # megatron DDP
     overlap_param_gather: bool = False  # megatron distributed optimizer
     grad_reduce_in_fp32: bool = True
+    # megatron on CUDA: replay each training step's forward + backward (all micro-batches) as one CUDA graph,
+    # captured after cuda_graph_warmup eager steps (megatron-core's FullCudaGraphWrapper; docs/training.md)
+    cuda_graph: bool = False
+    cuda_graph_warmup: int = 2
     ds_config_overrides: dict = field(default_factory=dict)  # merged into the generated DeepSpeed JSON
 
 

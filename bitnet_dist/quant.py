@@ -75,6 +75,15 @@ def check_act_bits(bits: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------- weights
+def segment_sums(v: torch.Tensor, segments: torch.Tensor, n: int) -> torch.Tensor:
+    """[n] sums of v [rows] over the rows of each segment id (ids in [0, n)), in one fixed order on every run:
+    ``index_add_`` on CUDA accumulates with atomics, whose order (and so the fp32 sum's last bits) changes from
+    run to run, and a different last bit of a weight scale can flip a ternary code and move the whole curve
+    (measured on the H100: two fresh v2_a8 runs of the tiny model apart from the second step on)."""
+    onehot = segments[None, :] == torch.arange(n, device=v.device)[:, None]
+    return torch.where(onehot, v[None, :], torch.zeros((), dtype=v.dtype, device=v.device)).sum(dim=1)
+
+
 @torch.no_grad()
 def weight_absmean(w: torch.Tensor, segments: Optional[torch.Tensor] = None, num_segments: Optional[int] = None,
                    group=None) -> torch.Tensor:
@@ -90,9 +99,8 @@ def weight_absmean(w: torch.Tensor, segments: Optional[torch.Tensor] = None, num
         _all_reduce_(stat, group, dist.ReduceOp.SUM)
         return (stat[0] / stat[1]).clamp_min(SCALE_EPS).expand(rows, 1)
     n = num_segments if num_segments is not None else int(segments.max().item()) + 1
-    stat = torch.zeros(2, n, device=a.device, dtype=a.dtype)
-    stat[0].index_add_(0, segments, a.sum(dim=1))
-    stat[1].index_add_(0, segments, torch.full((rows,), float(cols), device=a.device, dtype=a.dtype))
+    stat = torch.stack([segment_sums(a.sum(dim=1), segments, n),
+                        segment_sums(torch.full((rows,), float(cols), device=a.device, dtype=a.dtype), segments, n)])
     _all_reduce_(stat, group, dist.ReduceOp.SUM)
     alpha = (stat[0] / stat[1].clamp_min(1.0)).clamp_min(SCALE_EPS)
     return alpha[segments].unsqueeze(1)

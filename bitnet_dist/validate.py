@@ -181,6 +181,10 @@ def check_train(cfg, world_size: int, engine_name: str | None = None) -> None:
     if par.zero_stage not in (0, 1, 2, 3):
         raise ConfigError("parallel.zero_stage", par.zero_stage, "0, 1, 2 or 3")
     if name == "deepspeed":
+        if getattr(eng, "cuda_graph", False):
+            raise ConfigError("engine.cuda_graph", True,
+                              "false with engine=deepspeed (the full-step CUDA graph is megatron-core's; use "
+                              "engine=megatron)")
         if pp > 1 or par.virtual_pipeline is not None:
             raise ConfigError("parallel.pipeline", pp,
                               "1 with engine=deepspeed (pipeline parallel needs engine=megatron)")

@@ -26,6 +26,8 @@ import triton.language as tl
 
 from ._common import FastLaunch, next_pow2, rint
 
+from bitnet_dist.quant import segment_sums  # noqa: E402  (one deterministic segmented sum)
+
 SCALE_EPS = 1e-5
 
 
@@ -109,9 +111,8 @@ def weight_scales(w: torch.Tensor, segments: Optional[torch.Tensor] = None, num_
         seg = torch.zeros(rows, dtype=torch.long, device=w.device)
     else:
         n = num_segments if num_segments is not None else _num_segments(segments)
-        stat = torch.zeros(2, n, device=w.device, dtype=torch.float32)
-        stat[0].index_add_(0, segments, abssum)
-        stat[1].index_add_(0, segments, torch.full((rows,), float(K), device=w.device))
+        stat = torch.stack([segment_sums(abssum, segments, n),  # fixed order (index_add_ is atomic on CUDA)
+                            segment_sums(torch.full((rows,), float(K), device=w.device), segments, n)])
         seg = segments
     if _group_size(group) > 1:
         dist.all_reduce(stat, op=dist.ReduceOp.SUM, group=group)
@@ -256,8 +257,8 @@ def quantize_weight_reference(w: torch.Tensor, segments: Optional[torch.Tensor] 
         alpha = a.mean().clamp_min(SCALE_EPS).expand(w.shape[0])
     else:
         n = int(segments.max()) + 1
-        sums = torch.zeros(n).index_add_(0, segments.cpu(), a.sum(1).cpu())
-        cnt = torch.zeros(n).index_add_(0, segments.cpu(), torch.full((w.shape[0],), float(w.shape[1])))
+        sums = segment_sums(a.sum(1).cpu(), segments.cpu(), n)
+        cnt = segment_sums(torch.full((w.shape[0],), float(w.shape[1])), segments.cpu(), n)
         alpha = (sums / cnt.clamp_min(1)).clamp_min(SCALE_EPS).to(w.device)[segments]
     codes = torch.round(w.float() / alpha[:, None]).clamp_(-1, 1).to(torch.int8)
     return codes, alpha

@@ -66,6 +66,10 @@ def test_engine_refuses_cpu_training_with_the_fix():
     (lambda c: setattr(c.parallel, "sequence", True), "parallel.sequence"),  # SP needs TP > 1
     (lambda c: setattr(c.trainer, "seq_length", 4096), "trainer.seq_length"),
     (lambda c: setattr(c.parallel, "tensor", 3), "parallel.tensor"),
+    (lambda c: (setattr(c.engine, "cuda_graph", True), setattr(c.engine, "overlap_param_gather", True)),
+     "engine.cuda_graph"),
+    (lambda c: (setattr(c.engine, "cuda_graph", True), setattr(c.engine, "cuda_graph_warmup", 0)),
+     "engine.cuda_graph_warmup"),
 ])
 def test_config_errors_name_the_key(mutate, key):
     cfg = tiny_cfg()
@@ -335,3 +339,62 @@ def test_adam_steps_unshared_after_a_megatron_style_load():
     opt.step()
     assert [float(opt.state[p]["step"]) for p in params] == [4.0] * 3
     assert unshare_adam_steps(opt) == 0  # already one counter per parameter
+
+
+def _graph_logic_worker(rank, world, cfg):
+    """What decides between the captured step and an eager one, on CPU (the capture itself needs CUDA)."""
+    from megatron.core.full_cuda_graph import FullCudaGraphWrapper
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from bitnet_dist.telemetry import _StatsProbe
+
+    eng = MegatronEngine(cfg, model_only=True)
+    eng.init_parallel()
+    eng.build(VOCAB)
+    out = {"plain_eval": eng._forward_backward_func(True) is get_forward_backward_func(),
+           "hooks0": eng._hooks_installed()}
+    probe = _StatsProbe(eng.model_chunks())
+    probe.install()
+    out["probe"] = eng._hooks_installed()
+    out["probe_plain"] = eng._forward_backward_func(False) is get_forward_backward_func()
+    probe.remove()
+    h = eng.model_chunks()[0].decoder.layers[0].register_forward_hook(lambda *a: None)
+    out["hook"] = eng._hooks_installed()
+    h.remove()
+    out["hooks1"] = eng._hooks_installed()
+    # a captured step is dropped when the activation bits change, kept when they do not
+    sentinel = object()
+    eng._graph = sentinel
+    FullCudaGraphWrapper.curr_iteration["training"] = 7
+    eng.set_act_bits(8)
+    out["kept"] = eng._graph is sentinel and FullCudaGraphWrapper.curr_iteration["training"] == 7
+    eng.set_act_bits(4)
+    out["dropped"] = eng._graph is None and FullCudaGraphWrapper.curr_iteration["training"] == 0
+    return out
+
+
+def test_cuda_graph_decisions_on_cpu():
+    """engine.cuda_graph: evaluation and steps with statistics probes or forward hooks run eagerly (a replay
+    would skip their Python); an act-bits change drops the captured step. The capture and replay
+    themselves run in test_megatron_gpu.py."""
+    from dist_utils import run_ranks
+
+    cfg = tiny_cfg()
+    cfg.engine.cuda_graph = True
+    (out,) = run_ranks(_graph_logic_worker, 1, cfg)
+    assert out == {"plain_eval": True, "hooks0": False, "probe": True, "probe_plain": True, "hook": True,
+                   "hooks1": False, "kept": True, "dropped": True}, out
+
+
+def test_deepspeed_refuses_cuda_graph():
+    from bitnet_dist.engines.deepspeed_engine import check_config
+    from bitnet_dist.validate import check_train
+
+    cfg = tiny_cfg()
+    cfg.engine.name = "deepspeed"
+    cfg.engine.cuda_graph = True
+    cfg.optim.warmup_steps = 10
+    for check in (lambda: check_config(cfg), lambda: check_train(cfg, 1, "deepspeed")):
+        with pytest.raises(ConfigError) as e:
+            check()
+        assert e.value.key == "engine.cuda_graph" and "engine=megatron" in str(e.value)

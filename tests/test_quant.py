@@ -170,3 +170,16 @@ def test_quant_error_int4_larger_than_int8():
     x = torch.randn(64, 256)
     e8, e4 = quant.quant_error(x, 8).item(), quant.quant_error(x, 4).item()
     assert 0 < e8 < e4 < 1
+
+
+def test_segment_sums_against_float64():
+    """Per-segment sums (the weight scales of fused QKV / gate|up) in a fixed order: against float64 sums,
+    interleaved ids as in megatron's QKV rows, an empty segment gives 0."""
+    g = torch.Generator().manual_seed(0)
+    v = torch.rand(1000, generator=g) * 3
+    seg = torch.tensor([0, 0, 1, 2] * 250)
+    got = quant.segment_sums(v, seg, 4)
+    ref = [v.double()[seg == s].sum().item() for s in range(4)]
+    assert got.dtype == v.dtype and got.shape == (4,)
+    assert np.allclose(got.double().numpy(), ref, rtol=1e-6, atol=0) and got[3] == 0
+    assert torch.equal(got, quant.segment_sums(v, seg, 4))

@@ -35,6 +35,9 @@ LAYOUT_FILE = "deepspeed_layout.json"
 def check_config(cfg) -> None:
     """DeepSpeed-specific settings; raises ConfigError before any process-group work."""
     par = cfg.parallel
+    if getattr(cfg.engine, "cuda_graph", False):
+        raise ConfigError("engine.cuda_graph", True,
+                          "false with engine=deepspeed (the full-step CUDA graph is megatron-core's; use engine=megatron)")
     if par.pipeline != 1:
         raise ConfigError("parallel.pipeline", par.pipeline,
                           "1 with engine=deepspeed; pipeline parallelism needs engine=megatron")

@@ -26,6 +26,7 @@ for tensor-parallel invariance and checkpoint resharding at the model level.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -80,6 +81,16 @@ def check_megatron_config(cfg, world_size: Optional[int] = None, cuda: Optional[
         raise ConfigError("engine.overlap_param_gather", True,
                           "false unless parallel.distributed_optimizer=true (only the distributed optimizer "
                           "gathers parameters)")
+    if getattr(eng, "cuda_graph", False):
+        if eng.overlap_param_gather:
+            raise ConfigError("engine.cuda_graph", True,
+                              "false with engine.overlap_param_gather=true, or set engine.overlap_param_gather=false "
+                              "(the distributed optimizer's all-gather is started after the optimizer step, outside "
+                              "the captured step, and waited for by forward pre-hooks inside it)")
+        if eng.cuda_graph_warmup < 1:
+            raise ConfigError("engine.cuda_graph_warmup", eng.cuda_graph_warmup,
+                              ">= 1: the first steps run eagerly (the kernels' one-time layout checks and the "
+                              "optimizer's state set-up synchronize with the host and cannot be captured)")
     if par.sequence and t.seq_length % tp:
         raise ConfigError("trainer.seq_length", t.seq_length,
                           f"a multiple of parallel.tensor={tp} with parallel.sequence=true (the sequence "
@@ -145,6 +156,8 @@ class MegatronEngine(MegatronDataParallelTopology, Engine):
         self.optimizer = None
         self.config = None  # megatron TransformerConfig
         self._vocab_size: Optional[int] = None
+        self._graph = None  # megatron-core FullCudaGraphWrapper (engine.cuda_graph)
+        self.graph_replays = 0  # training steps run by replaying the captured graph
 
     # -- process groups ------------------------------------------------------------------------------------
     def init_parallel(self) -> None:
@@ -186,7 +199,12 @@ class MegatronEngine(MegatronDataParallelTopology, Engine):
             from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
             # TP ranks get distinct dropout streams, DP/PP replicas the same: megatron's tracker.
-            model_parallel_cuda_manual_seed(self.cfg.trainer.seed)
+            if getattr(self.cfg.engine, "cuda_graph", False):
+                # the captured step registers the tracker's generators with the graph: graph-safe ones
+                model_parallel_cuda_manual_seed(self.cfg.trainer.seed, use_cudagraphable_rng=True,
+                                                force_reset_rng=True)
+            else:
+                model_parallel_cuda_manual_seed(self.cfg.trainer.seed)
 
     # -- model --------------------------------------------------------------------------------------------
     def transformer_config(self):
@@ -264,10 +282,11 @@ class MegatronEngine(MegatronDataParallelTopology, Engine):
         )
         # Only the first chunk gets buckets that overlap with backward; the others reduce as one
         # bucket each, as megatron-LM's training.get_model does.
-        self._chunks = [
-            DistributedDataParallel(config=config, ddp_config=ddp_config, module=m, disable_bucketing=i > 0)
-            for i, m in enumerate(wrapped)
-        ]
+        with self._ddp_stream_context():
+            self._chunks = [
+                DistributedDataParallel(config=config, ddp_config=ddp_config, module=m, disable_bucketing=i > 0)
+                for i, m in enumerate(wrapped)
+            ]
         for m in self._chunks:
             m.broadcast_params()  # DP replicas start identical (they already are: same CPU seed)
         self.optimizer = self._make_optimizer()
@@ -281,8 +300,32 @@ class MegatronEngine(MegatronDataParallelTopology, Engine):
         if eng.overlap_param_gather:
             fns = [m.start_param_sync for m in self._chunks]
             config.param_sync_func = fns[0] if len(fns) == 1 else fns
-        config.finalize_model_grads_func = finalize_model_grads
+        config.finalize_model_grads_func = (finalize_model_grads_capturable if getattr(eng, "cuda_graph", False)
+                                            else finalize_model_grads)
         config.grad_scale_func = self.optimizer.scale_loss
+
+    @contextlib.contextmanager
+    def _ddp_stream_context(self):
+        """engine.cuda_graph: build megatron DDP on a side stream of its own.
+
+        DDP keeps every parameter's AccumulateGrad node alive (it hooks them: ``param.expand_as(param)``), and
+        torch (2.11 on the GPU image) runs such a kept node on the stream that was current when it was created,
+        waiting there for the gradient's producer (torch warns about it: "ensure that DDP initialization is
+        performed under the same stream as subsequent forwards"). Created on the default (legacy) stream, that wait inside the captured
+        step is illegal (measured on the H100, v2_a8: cudaErrorStreamCaptureImplicit, "operation would make
+        the legacy stream depend on a capturing blocking stream", in AccumulateGrad). On a side stream the
+        wait joins that stream into the capture, and the autograd engine joins it back into the capturing
+        stream at the end of backward (its leaf-stream sync), before the gradients are finalized."""
+        if not (getattr(self.cfg.engine, "cuda_graph", False) and self._device.type == "cuda"):
+            yield
+            return
+        side = torch.cuda.Stream(device=self._device)
+        side.wait_stream(torch.cuda.current_stream(self._device))
+        with torch.cuda.stream(side):
+            yield
+        torch.cuda.current_stream(self._device).wait_stream(side)
+        torch.cuda.synchronize(self._device)
+        self._ddp_stream = side  # keep it alive with the nodes that name it
 
     def _make_optimizer(self):
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -320,16 +363,82 @@ class MegatronEngine(MegatronDataParallelTopology, Engine):
         num_tokens = loss_mask.sum().to(torch.int)
         return loss_sum, num_tokens, {"loss_sum": loss_sum.detach(), "num_tokens": num_tokens.detach()}
 
+    # -- full-step CUDA graph (engine.cuda_graph) -------------------------------------------------------------
+    def _hooks_installed(self) -> bool:
+        """Python that must run inside the step (telemetry's statistics probes: layer hooks and module
+        forward hooks): such a step runs eagerly, as a replayed graph would skip it."""
+        from bitnet_dist.layers import bit_layers
+
+        for m in self._raw:
+            if any(layer.stats_hook is not None for layer in bit_layers(m)):
+                return True
+            if any(x._forward_hooks or x._forward_pre_hooks for x in m.modules()):
+                return True
+        return False
+
+    def _forward_backward_func(self, forward_only: bool):
+        """megatron's schedule, or (engine.cuda_graph, training) megatron-core's FullCudaGraphWrapper around it:
+        the first ``cuda_graph_warmup`` steps run eagerly, the next is captured (every micro-batch's forward
+        and backward and the gradient finalization; not the optimizer step) and later steps replay it with
+        the micro-batches copied into static buffers. The weights' ternary codes are computed inside the
+        step (step_cache opens a generation per step), so a replay re-quantizes the updated weights in place.
+        Evaluation and steps with statistics probes run eagerly."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        fb = get_forward_backward_func()
+        if forward_only or not getattr(self.cfg.engine, "cuda_graph", False) or self._hooks_installed():
+            return fb
+        from megatron.core.full_cuda_graph import FullCudaGraphWrapper
+
+        if self._graph is None:
+            self._reset_graph_state()
+            self._graph = FullCudaGraphWrapper(fb, cuda_graph_warmup_steps=self.cfg.engine.cuda_graph_warmup)
+        it = self._graph.curr_iter("training")
+        if it == self.cfg.engine.cuda_graph_warmup:
+            # the capture allocates from a private pool: hand the eager steps' cached blocks back first
+            import gc
+
+            gc.collect()
+            torch.cuda.empty_cache()
+        elif it > self.cfg.engine.cuda_graph_warmup:
+            self.graph_replays += 1
+        return self._graph
+
+    @staticmethod
+    def _reset_graph_state() -> None:
+        """FullCudaGraphWrapper keeps its graph, result and step count on the class (megatron-core 0.16/0.17):
+        forget the training graph so that the next step warms up and captures afresh."""
+        try:
+            from megatron.core.full_cuda_graph import FullCudaGraphWrapper
+        except ImportError:
+            return
+        FullCudaGraphWrapper.cuda_graph["training"] = None
+        FullCudaGraphWrapper.result["training"] = None
+        FullCudaGraphWrapper.curr_iteration["training"] = 0
+
+    def drop_cuda_graph(self) -> None:
+        """Discard the captured step (the activation bits changed, a checkpoint was loaded): the next steps
+        warm up and capture again with the current settings."""
+        if self._graph is None:
+            return
+        self._graph = None
+        self._reset_graph_state()
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+
     def _run_schedule(self, batches: Sequence[Batch], forward_only: bool) -> tuple[float, int]:
         from megatron.core import parallel_state as ps
-        from megatron.core.pipeline_parallel import get_forward_backward_func
 
         step_cache.advance()  # new weights since the last call (an optimizer step, a load): derived caches
         n = len(batches)
         mbs, seq = batches[0]["tokens"].shape
         # every chunk walks the same micro-batches: the first stage reads tokens, the last labels/mask
         iters = [iter(batches) for _ in self._chunks]
-        out = get_forward_backward_func()(
+        out = self._forward_backward_func(forward_only)(
             forward_step_func=self._forward_step,
             data_iterator=iters if len(iters) > 1 else iters[0],
             model=self._chunks if len(self._chunks) > 1 else self._chunks[0],
@@ -402,12 +511,15 @@ class MegatronEngine(MegatronDataParallelTopology, Engine):
 
     # -- activation bits -------------------------------------------------------------------------------------
     def set_act_bits(self, bits: int) -> None:
-        from bitnet_dist.layers import set_act_bits
+        from bitnet_dist.layers import bit_layers, set_act_bits
 
         if bits not in (4, 8):
             raise ConfigError("precision.act_bits", bits, "4 or 8")
+        changed = any(getattr(layer, "act_bits", bits) != bits for m in self._raw for layer in bit_layers(m))
         for m in self._raw:
             set_act_bits(m, bits)
+        if changed:
+            self.drop_cuda_graph()  # the captured step ran the old bit width's kernels
 
     def model_chunks(self) -> list[torch.nn.Module]:
         return list(self._raw)
@@ -480,6 +592,7 @@ class MegatronEngine(MegatronDataParallelTopology, Engine):
             raise FileNotFoundError(f"{src} holds no megatron dist checkpoint (metadata.json missing): was "
                                     f"{ckpt_dir} written by engine=megatron?")
         self._ensure_optimizer_state()
+        self.drop_cuda_graph()
         template = self.sharded_state_dict(is_loading=True)
         loaded = dist_checkpointing.load(template, str(src))
         for i, m in enumerate(self._raw):
@@ -525,6 +638,32 @@ class MegatronEngine(MegatronDataParallelTopology, Engine):
         if self._device is None:
             raise RuntimeError("MegatronEngine.device before init_parallel()")
         return self._device
+
+
+def finalize_model_grads_capturable(model, num_tokens=None, **kwargs):
+    """megatron-core's ``finalize_model_grads`` with the per-token scaling done without a host read.
+
+    Its scaling step (finalize_model_grads.py:484-497 in 0.16.1, the same in 0.17.1) tests ``num_tokens > 0``
+    on the device tensor: a host synchronization, which invalidates a CUDA-graph capture (measured on the
+    H100: cudaErrorStreamCaptureInvalidated at the end of the captured step, bf16 and v2 alike). Here the
+    gradient sync and the other reductions run in megatron's function (num_tokens=None), then the same
+    broadcast over the pipeline group, the same all-reduce over data x context parallel ranks and the same
+    ``scale_gradients(1 / num_tokens)``, with a count of 0 clamped to 1 instead of skipped (the gradients
+    are zero then either way)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads, get_pp_last_rank
+
+    finalize_model_grads(model, None, **kwargs)
+    if num_tokens is None:
+        return
+    pg = kwargs.get("pg_collection")
+    pp_group = pg.pp if pg is not None else ps.get_pipeline_model_parallel_group()
+    dp_cp_group = pg.dp_cp if pg is not None else ps.get_data_parallel_group(with_context_parallel=True)
+    dist.broadcast(num_tokens, src=get_pp_last_rank(pp_group), group=pp_group)
+    dist.all_reduce(num_tokens, group=dp_cp_group)
+    scaling = 1.0 / num_tokens.clamp(min=1)
+    for chunk in model:
+        chunk.scale_gradients(scaling)
 
 
 def unshare_adam_steps(optimizer) -> int:

@@ -42,6 +42,16 @@ NOTES = [
     "unaffected): 4 x 2048 v2_a4 1.22x (48.8k tokens/s against 46.8k with bf16 backward GEMMs in r11b), v2_a8 1.15x "
     "(no gain; not investigated: its backward also converts the INT8 activation codes to e4m3 and transposes them "
     "on every call).",
+    "* `r12` (session 8, eager) and `r12-graph` (the same code with `engine.cuda_graph=true`: every training step's "
+    "forward and backward, all micro-batches, replayed as one CUDA graph captured after 2 eager steps; "
+    "docs/training.md), one H100 session, raw docs/benchmarks/raw/round12_2026-11-24. The graph removes the host "
+    "bound: at 2 x 2048 the v2 step falls from 0.585 s (v2_a8) / 0.452 s (v2_a4) eager to 0.404 / 0.398 s, bf16 from "
+    "0.461 to 0.447 s, so v2_a8 1.11x and v2_a4 1.12x bf16 (eager, same session: 0.79x / 1.02x). At 4 x 2048: "
+    "1.15x / 1.17x with the graph, 1.14x / 1.14x eager. Every timed step was a replay (`graph_replays` in the JSON). "
+    "`r12-graph-fp8a` / `-fp8b`: with `precision.fp8_backward=true` as well, 4 x 2048: v2_a8 1.22x, v2_a4 1.25x "
+    "(50.6k tokens/s). In fp8a v2_a4 ran out of memory: megatron-core's FullCudaGraphWrapper keeps the captured "
+    "graph (and its memory pool) on its class, so the two earlier engines' pools were still held in that process; "
+    "gpu_check.py now calls `engine.drop_cuda_graph()` between engines and fp8b measured bf16 and v2_a4 alone.",
     "* The 2026-11-24 morning rows (docs/benchmarks/raw/e2e_bench_2026-11-24.jsonl: 1.3B 1.00x, 400M 0.64-0.69x) "
     "ran with the stale ternary-code cache (codes computed once per run) and the older kernels; superseded.",
     "* 1.3B v2_a4 at 8 x 2048 ran out of memory in r6 after bf16 and v2_a8 had run in the same process (62-64 GiB "
@@ -53,8 +63,11 @@ def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("bench", nargs="+", help="bench.jsonl files, each optionally FILE:run-label")
     p.add_argument("--docs", default="docs/benchmarks")
+    p.add_argument("--keep", action="store_true", help="start from the rows already in DOCS/e2e.json")
     a = p.parse_args(argv)
     rows = []
+    if a.keep and (Path(a.docs) / "e2e.json").is_file():
+        rows = json.loads((Path(a.docs) / "e2e.json").read_text())["rows"]
     for spec in a.bench:  # FILE or FILE:run-label
         path, _, label = spec.partition(":")
         for line in Path(path).read_text().splitlines():
@@ -82,16 +95,18 @@ def main(argv=None):
         "MFU = model FLOPs per token (6 x matmul parameters + 12 L s h attention + 6 h V logits, megatron's "
         "convention; the same count for every precision) x tokens/s / 989.4 TFLOP/s (H100 SXM dense bf16).",
         "",
-        "| run | model | precision | kernels | seq | micro x global batch | step (s) | tokens/s | TFLOP/s | MFU | vs bf16 | peak mem (GiB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| run | model | precision | kernels | step | seq | micro x global batch | step (s) | tokens/s | TFLOP/s | MFU | vs bf16 | peak mem (GiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
             what = r["error"] if r["error"].startswith("not measured") else f"failed: {r['error'][:80]}"
-            lines.append(f"| {r['run']} | {r['model']} | {r['precision']} | - | - | - | {what} | | | | | |")
+            lines.append(f"| {r['run']} | {r['model']} | {r['precision']} | - | - | - | - | {what} | | | | | |")
             continue
         vs = f"{r['speed_vs_bf16']:.2f}x" if r.get("speed_vs_bf16") else "-"
-        lines.append(f"| {r['run']} | {r['model']} | {r['precision']} | {r['kernels']} | {r['seq']} | {r['mbs']} x {r['gbs']} | "
+        step = ("CUDA graph" if r.get("cuda_graph") else "eager") + (", FP8 bwd" if r.get("fp8_backward") and r["precision"] != "bf16" else "")
+        lines.append(f"| {r['run']} | {r['model']} | {r['precision']} | {r['kernels']} | {step} | {r['seq']} | "
+                     f"{r['mbs']} x {r['gbs']} | "
                      f"{r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {r['tflops']:.1f} | {100 * r['mfu']:.1f}% | {vs} | "
                      f"{r['peak_mem_gib']:.1f} |")
     lines += ["", *NOTES]

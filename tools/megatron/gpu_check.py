@@ -75,6 +75,8 @@ def make_cfg(a):
         cfg.precision.kernels = a.kernels
     if getattr(a, "fp8_backward", False):
         cfg.precision.fp8_backward = True
+    if getattr(a, "cuda_graph", False):
+        cfg.engine.cuda_graph = True
     cfg.engine.name = a.engine if getattr(a, "engine", "megatron") != "reference" else "megatron"
     cfg.parallel.tensor = getattr(a, "tensor", 1)
     cfg.parallel.pipeline = getattr(a, "pipeline", 1)
@@ -317,7 +319,8 @@ def cmd_bench(a):
             row = {"model": a.model, "precision": prec, "kernels": cfg.precision.kernels, "seq": a.seq, "mbs": a.mbs,
                    "gbs": a.gbs, "step_s": dt, "tokens_per_s": tok / dt, "tflops": fpt * tok / dt / 1e12,
                    "mfu": fpt * tok / dt / H100_BF16_DENSE, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-                   "loss": st.loss, "fp8_backward": bool(cfg.precision.fp8_backward)}
+                   "loss": st.loss, "fp8_backward": bool(cfg.precision.fp8_backward),
+                   "cuda_graph": bool(cfg.engine.cuda_graph), "graph_replays": getattr(eng, "graph_replays", 0)}
         except Exception as e:
             row = {"model": a.model, "precision": prec, "error": f"{type(e).__name__}: {str(e)[:400]}"}
         print("[bench]", json.dumps(row), flush=True)
@@ -326,6 +329,7 @@ def cmd_bench(a):
         try:
             from megatron.core import parallel_state as ps
 
+            eng.drop_cuda_graph()  # the captured step's memory pool (megatron keeps the graph on its class)
             del eng
             ps.destroy_model_parallel()
         except Exception:
@@ -350,6 +354,8 @@ def main(argv=None):
         q.add_argument("--layers", type=int, default=None)
         q.add_argument("--kernels", default=None)
         q.add_argument("--fp8-backward", dest="fp8_backward", action="store_true")
+        q.add_argument("--cuda-graph", dest="cuda_graph", action="store_true",
+                       help="engine.cuda_graph=true (megatron: the training step as one CUDA graph)")
         q.add_argument("--seq", type=int, default=seq)
         q.add_argument("--mbs", type=int, default=mbs)
         q.add_argument("--gbs", type=int, default=gbs)
