@@ -54,10 +54,10 @@ def timed(fn, warmup: int, reps: int, inner: int = 1) -> float:
     return statistics.median(times)
 
 
-def timed_gpu(fn, warmup: int, reps: int, inner: int = 10) -> float:
+def timed_gpu(fn, warmup: int, reps: int, inner: int = 10, strict: bool = False) -> float:
     """Median GPU milliseconds per fn() call: ``inner`` calls captured in one CUDA graph and replayed, so
     no host launch overhead is in the number (kernel time only). Falls back to ``timed`` (inner calls back
-    to back) where the capture fails."""
+    to back) where the capture fails, or raises there with ``strict``."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -75,6 +75,8 @@ def timed_gpu(fn, warmup: int, reps: int, inner: int = 10) -> float:
         torch.cuda.synchronize()
     except Exception:  # noqa: BLE001 - not capturable: time it unrolled instead
         torch.cuda.synchronize()
+        if strict:
+            raise
         return timed(fn, 1, reps, inner)
     times = []
     for _ in range(reps):
@@ -241,6 +243,11 @@ def bench_layer(args):
                         x.grad = g.grad = lin.weight.grad = None
                         # back to back, as in training: host overhead counts where it exceeds GPU time
                         r[f"{name}_ms"] = timed(step, args.warmup, max(3, args.reps // 5), inner=10)
+                        # the same step replayed from a CUDA graph (engine.cuda_graph=true): GPU time only
+                        try:
+                            r[f"{name}_graph_ms"] = timed_gpu(step, 2, max(3, args.reps // 5), inner=5, strict=True)
+                        except Exception as e:  # noqa: BLE001
+                            r[f"{name}_graph_error"] = repr(e)[:300]
                         x.grad = g.grad = lin.weight.grad = None
                         step()  # grads allocated, so the peak below is the step's own transient memory
                         torch.cuda.synchronize()
@@ -258,6 +265,8 @@ def bench_layer(args):
                 for name in variants:
                     if f"{name}_ms" in r:
                         r[f"{name}_speedup_vs_linear"] = r["linear_bf16_ms"] / r[f"{name}_ms"]
+                    if f"{name}_graph_ms" in r and "linear_bf16_graph_ms" in r:
+                        r[f"{name}_graph_speedup_vs_linear"] = r["linear_bf16_graph_ms"] / r[f"{name}_graph_ms"]
                 rows.append(r)
                 del x, lin, g, dy
     return rows
@@ -304,6 +313,15 @@ def to_markdown(res) -> str:
         cells = [f"{r[n + '_ms']:.2f} ({r[n + '_speedup_vs_linear']:.2f}x)" if n + "_ms" in r else "error"
                  for n in names]
         out.append(f"| {r['model']} | {r['layer']} | {r['tokens']} | " + " | ".join(cells) + " |")
+    if any(n + "_graph_ms" in r for r in res["layer"] for n in names):
+        out += ["\n## One layer forward + backward replayed from a CUDA graph (GPU ms; speed-up against nn.Linear bf16)\n",
+                "5 steps captured in one graph and replayed (as with `engine.cuda_graph=true`, docs/training.md): no "
+                "host time in either variant. The weight codes are reused from the step's first micro-batch as above.\n",
+                "| model | layer | tokens | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
+        for r in res["layer"]:
+            cells = [f"{r[n + '_graph_ms']:.2f} ({r[n + '_graph_speedup_vs_linear']:.2f}x)"
+                     if n + "_graph_speedup_vs_linear" in r else "error" for n in names]
+            out.append(f"| {r['model']} | {r['layer']} | {r['tokens']} | " + " | ".join(cells) + " |")
     out += ["\n## Memory saved for backward / step peak above the pre-step allocation (MiB)\n",
             "| model | layer | tokens | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
     for r in res["layer"]:

@@ -18,3 +18,14 @@ def test_markdown_renders_rows_and_errors():
     assert "other" not in md and "9.000" not in md  # only the default launch config is tabulated
     assert "| 1.3B | wo | 8192 | 2048 | 2048 | 700 | 1000 | nan | 1200 | 1.43 | 1.71 |" in md
     assert "0.50 (1.00x)" in md and "| error |" in md  # a variant without a number is shown as an error
+
+
+def test_markdown_graph_table_only_when_measured():
+    base = {"device": "GPU X", "date": "d", "torch": "t", "triton": "tr", "reps": 3, "warmup": 1, "copy": {"tb_s": 3.0},
+            "fused": [], "gemm": []}
+    row = {"model": "1.3B", "layer": "wo", "tokens": 8192, "linear_bf16_ms": 0.5, "linear_bf16_speedup_vs_linear": 1.0}
+    assert "replayed from a CUDA graph" not in bench.to_markdown({**base, "layer": [row]})
+    row = {**row, "linear_bf16_graph_ms": 0.4, "linear_bf16_graph_speedup_vs_linear": 1.0,
+           "hbit_a8_bf16bwd_graph_ms": 0.32, "hbit_a8_bf16bwd_graph_speedup_vs_linear": 1.25}
+    md = bench.to_markdown({**base, "layer": [row]})
+    assert "replayed from a CUDA graph" in md and "0.40 (1.00x)" in md and "0.32 (1.25x)" in md
