@@ -221,7 +221,11 @@ class Trainer:
                 self.telemetry.log(self.step, {
                     "loss": stats.loss, "lr": lr, "wd": wd, "grad_norm": stats.grad_norm,
                     "act_bits": self.act_bits, "tokens": self.step * self.tokens_per_step,
-                    "skipped": int(stats.skipped), **speed, **memory_stats(self.device)})
+                    "skipped": int(stats.skipped), **speed, **memory_stats(self.device),
+                    # engine.cuda_graph: training steps replayed from the captured graph so far (dashboards show
+                    # whether the graph is in use; probe, warm-up and evaluation steps run eagerly)
+                    **({"cuda_graph_replays": self.engine.graph_replays}
+                       if getattr(self.engine, "graph_replays", 0) else {})})
                 self.tokens_per_s = speed["tokens_per_s"]
                 window_tokens, window_time = 0, 0.0
             self.telemetry.progress(self.step, self.max_steps, loss=stats.loss, tok_s=self.tokens_per_s,

@@ -319,6 +319,9 @@ class MegatronEngine(MegatronDataParallelTopology, Engine):
         if not (getattr(self.cfg.engine, "cuda_graph", False) and self._device.type == "cuda"):
             yield
             return
+        # the eager steps' AccumulateGrad then waits on the default stream: intended, so torch's warning is off
+        if hasattr(torch.autograd.graph, "set_warn_on_accumulate_grad_stream_mismatch"):
+            torch.autograd.graph.set_warn_on_accumulate_grad_stream_mismatch(False)
         side = torch.cuda.Stream(device=self._device)
         side.wait_stream(torch.cuda.current_stream(self._device))
         with torch.cuda.stream(side):
