@@ -385,7 +385,9 @@ class MegatronEngine(MegatronDataParallelTopology, Engine):
         and backward and the gradient finalization; not the optimizer step) and later steps replay it with
         the micro-batches copied into static buffers. The weights' ternary codes are computed inside the
         step (step_cache opens a generation per step), so a replay re-quantizes the updated weights in place.
-        Evaluation and steps with statistics probes run eagerly."""
+        Evaluation and steps with statistics probes run eagerly. megatron-core 0.16.1's static-buffer loader
+        copies the next micro-batches on its own stream without waiting for the current one (0.17.1 waits):
+        safe here because ``_run_schedule`` reads the loss on the host at the end of every step."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         fb = get_forward_backward_func()
