@@ -26,7 +26,7 @@ import triton.language as tl
 
 from ._common import FastLaunch, next_pow2, rint
 
-from bitnet_dist.quant import segment_sums  # noqa: E402  (one deterministic segmented sum)
+from bitnet_dist.quant import segment_sums
 
 SCALE_EPS = 1e-5
 

@@ -370,14 +370,8 @@ class MegatronEngine(MegatronDataParallelTopology, Engine):
     def _hooks_installed(self) -> bool:
         """Python that must run inside the step (telemetry's statistics probes: layer hooks and module
         forward hooks): such a step runs eagerly, as a replayed graph would skip it."""
-        from bitnet_dist.layers import bit_layers
-
-        for m in self._raw:
-            if any(layer.stats_hook is not None for layer in bit_layers(m)):
-                return True
-            if any(x._forward_hooks or x._forward_pre_hooks for x in m.modules()):
-                return True
-        return False
+        return any(getattr(x, "stats_hook", None) is not None or x._forward_hooks or x._forward_pre_hooks
+                   for m in self._raw for x in m.modules())
 
     def _forward_backward_func(self, forward_only: bool):
         """megatron's schedule, or (engine.cuda_graph, training) megatron-core's FullCudaGraphWrapper around it:
