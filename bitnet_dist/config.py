@@ -29,6 +29,8 @@ class TrainerConfig:
     seed: int = 1234
     dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU | bf16 | fp32
     stats_interval: int = 50  # activation / weight statistics every N steps (0 = off)
+    # micro-batches of the step that the statistics probe's forward pass reads (the first N; 0 = all of them)
+    stats_micro_batches: int = 1
     progress_bar: bool = True
     wall_clock_minutes: Optional[float] = None  # save and exit cleanly after this long (clusters that send no signal)
     # Save and exit 0 after this many optimizer steps *in this process* (as on preemption); a later
@@ -107,7 +109,7 @@ class TrainConfig:
 RUN_INVARIANT_KEYS: tuple[str, ...] = (
     "experiment", "run_dir",
     "trainer.log_interval", "trainer.eval_interval", "trainer.eval_batches", "trainer.save_interval",
-    "trainer.keep_checkpoints", "trainer.stats_interval", "trainer.progress_bar",
+    "trainer.keep_checkpoints", "trainer.stats_interval", "trainer.stats_micro_batches", "trainer.progress_bar",
     "trainer.wall_clock_minutes", "trainer.exit_after_steps", "trainer.report",
     "logging", "logging.wandb", "logging.project", "logging.entity", "logging.run_name",
     "data.cache_dir", "data.num_workers",

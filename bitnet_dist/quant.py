@@ -95,7 +95,7 @@ def weight_absmean(w: torch.Tensor, segments: Optional[torch.Tensor] = None, num
     a = _stat(w).abs()
     rows, cols = a.shape
     if segments is None:
-        stat = torch.stack([a.sum(), torch.tensor(float(a.numel()), device=a.device, dtype=a.dtype)])
+        stat = torch.stack([a.sum(), a.new_full((), float(a.numel()))])
         _all_reduce_(stat, group, dist.ReduceOp.SUM)
         return (stat[0] / stat[1]).clamp_min(SCALE_EPS).expand(rows, 1)
     n = num_segments if num_segments is not None else int(segments.max().item()) + 1

@@ -126,8 +126,9 @@ def activation_moments(x: torch.Tensor) -> dict[str, torch.Tensor]:
     kurt = torch.where(pos, m4 / torch.where(pos, m2, torch.ones_like(m2)).pow(2), torch.zeros_like(m2))
     outliers = ((xf.abs() > OUTLIER_STDS * m2.sqrt().unsqueeze(-1)) & pos.unsqueeze(-1)).sum()
     return {"absmax": xf.abs().max(), "kurt_sum": kurt.sum(), "outliers": outliers.float(),
-            "tokens": torch.tensor(float(xf.shape[0]), device=xf.device),
-            "elems": torch.tensor(float(xf.numel()), device=xf.device)}
+            # device scalars by a fill kernel: torch.tensor(v, device=cuda) is a copy from pageable host memory,
+            # which synchronizes the host with the GPU (it made the probe 2-3x slower on the H100)
+            "tokens": xf.new_full((), float(xf.shape[0])), "elems": xf.new_full((), float(xf.numel()))}
 
 
 def normalized_histogram(x: torch.Tensor) -> torch.Tensor:

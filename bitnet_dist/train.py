@@ -19,7 +19,6 @@ import math
 import random
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Optional
 
@@ -204,8 +203,14 @@ class Trainer:
                                                                                      self.switch_step)))
             t0 = time.perf_counter()
             batches = self.data.train.next_step()
-            with (self.telemetry.stats_probe(self.engine.model_chunks()) if probe else nullcontext()):
-                stats = self.engine.train_step(batches, lr, wd)
+            if probe:
+                # The statistics of the weights and of this step's first trainer.stats_micro_batches
+                # micro-batches come from a forward-only pass of their own (evaluation mode, no autograd graph)
+                # before the step, so the step runs exactly as without the probe: its Triton kernels (hooked
+                # layers take the torch path), its CUDA graph (engine.cuda_graph), its memory; no loss changes.
+                with self.telemetry.stats_probe(self.engine.model_chunks()):
+                    self.engine.eval_loss(batches[:t.stats_micro_batches or len(batches)])
+            stats = self.engine.train_step(batches, lr, wd)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             window_time += time.perf_counter() - t0

@@ -139,7 +139,8 @@ def test_run_dir_from_experiment_and_overrides(hydra_ctx):
     assert c.run_dir == "runs/quickstart/model=tiny,trainer.max_steps=30"
     # run-invariant overrides (cadence, logging, chunking) keep the directory: a resubmission finds it
     c2 = make(["trainer.max_steps=30", "model=tiny", "trainer.log_interval=1", "logging.wandb=disabled",
-               "trainer.exit_after_steps=3", "trainer.wall_clock_minutes=5"], hydra_cfg=True)
+               "trainer.exit_after_steps=3", "trainer.wall_clock_minutes=5", "trainer.stats_micro_batches=2"],
+              hydra_cfg=True)
     assert c2.run_dir == c.run_dir
     c3 = make(["experiment=smoke", "precision=v2_a8"], hydra_cfg=True)
     assert c3.run_dir == "runs/smoke/precision=v2_a8"
@@ -183,6 +184,7 @@ def test_impossible_batch_arithmetic():
     (dict(parallel=dict(zero_stage=5)), "parallel.zero_stage"),
     (dict(trainer=dict(seq_length=4096)), "trainer.seq_length"),
     (dict(trainer=dict(log_interval=0)), "trainer.log_interval"),
+    (dict(trainer=dict(stats_micro_batches=-1)), "trainer.stats_micro_batches"),
     (dict(trainer=dict(dtype="fp16")), "trainer.dtype"),
     (dict(optim=dict(schedule="step")), "optim.schedule"),
     (dict(optim=dict(warmup_steps=10)), "optim.warmup_steps"),  # >= half of 20 steps

@@ -4,6 +4,7 @@
   preemption; k = the 8 -> 4 switch step, the delicate case) and relaunched with the same overrides finds its checkpoint through the derived
   run_dir and produces bitwise the losses of an uninterrupted run; with its newest checkpoint
   corrupted, a relaunch reports it, resumes from the one before and again reproduces the losses;
+* statistics probes leave the loss curve bitwise as a run without them has it;
 * a 2-configuration Hydra multirun (-m) sweep in one process.
 """
 import json
@@ -72,8 +73,16 @@ def test_resume_is_bitwise_exact_and_skips_a_corrupt_checkpoint(tmp_path):
     stop = [r for r in records(run_dir) if r.get("event") == "stop"]
     assert stop and stop[0]["step"] == 6
 
-    (_, out, _), = finish(launch(COMMON, tmp_path))  # the relaunch: same overrides, same run_dir
+    # the relaunch: same overrides, same run_dir; beside it a run without statistics probes
+    unprobed_dir = tmp_path / "unprobed"
+    (_, out, _), _ = finish(launch(COMMON, tmp_path),
+                            launch(COMMON + ["trainer.stats_interval=0", f"run_dir={unprobed_dir}"], tmp_path))
     assert "resumed from" in out and "step_00000006" in out
+    # the probes (steps 5, 6, 10: a forward-only pass of their own) leave the training curve as it is
+    assert any(k.startswith("stats/wo/") for r in records(ref_dir) for k in r)
+    assert not any(k.startswith("stats/") for r in records(unprobed_dir) for k in r)
+    for key in ("loss", "grad_norm"):
+        assert by_step(records(unprobed_dir), key) == by_step(records(ref_dir), key), key
 
     ref, got = records(ref_dir), records(run_dir)
     for key in ("loss", "grad_norm", "lr", "wd", "act_bits", "val_loss"):

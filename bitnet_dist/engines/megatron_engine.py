@@ -368,8 +368,9 @@ class MegatronEngine(MegatronDataParallelTopology, Engine):
 
     # -- full-step CUDA graph (engine.cuda_graph) -------------------------------------------------------------
     def _hooks_installed(self) -> bool:
-        """Python that must run inside the step (telemetry's statistics probes: layer hooks and module
-        forward hooks): such a step runs eagerly, as a replayed graph would skip it."""
+        """Python that must run inside the step (layer statistics hooks, module forward hooks): such a step runs
+        eagerly, as a replayed graph would skip it. The trainer's statistics probes never get here: they take
+        a forward-only pass of their own (train.py), so probed steps are replayed too."""
         return any(getattr(x, "stats_hook", None) is not None or x._forward_hooks or x._forward_pre_hooks
                    for m in self._raw for x in m.modules())
 
@@ -379,7 +380,7 @@ class MegatronEngine(MegatronDataParallelTopology, Engine):
         and backward and the gradient finalization; not the optimizer step) and later steps replay it with
         the micro-batches copied into static buffers. The weights' ternary codes are computed inside the
         step (step_cache opens a generation per step), so a replay re-quantizes the updated weights in place.
-        Evaluation and steps with statistics probes run eagerly. megatron-core 0.16.1's static-buffer loader
+        Evaluation and steps with hooks inside the model run eagerly. megatron-core 0.16.1's static-buffer loader
         copies the next micro-batches on its own stream without waiting for the current one (0.17.1 waits):
         safe here because ``_run_schedule`` reads the loss on the host at the end of every step."""
         from megatron.core.pipeline_parallel import get_forward_backward_func

@@ -282,6 +282,64 @@ def flops_per_token(mc, seq: int, vocab: int) -> float:
         return 6 * L * per_layer + 12 * L * seq * h + 6 * h * vocab
 
 
+def probe_costs(eng, steps, profile_dir=None, name_tag="") -> dict:
+    """Peak allocated memory and time of one plain step, one step probed the app's way (a forward-only pass
+    in telemetry.stats_probe over the first micro-batch, the default trainer.stats_micro_batches=1, or over
+    all, then the step) and one step run inside the probe (statistics hooks in the training step: the torch
+    path in the hooked layers, eagerly under engine.cuda_graph)."""
+    from bitnet_dist.telemetry import Telemetry
+
+    tel = Telemetry.__new__(Telemetry)  # only its statistics probe
+    tel.stats_probe_result = None
+
+    def plain():
+        eng.train_step(steps[0], 1e-4, 0.1)
+
+    def by_pass(n=None):
+        with tel.stats_probe(eng.model_chunks()):
+            eng.eval_loss(steps[0][:n])
+        eng.train_step(steps[0], 1e-4, 0.1)
+
+    def in_step():
+        with tel.stats_probe(eng.model_chunks()):
+            eng.train_step(steps[0], 1e-4, 0.1)
+
+    out = {}
+    for name, fn in (("plain", plain), ("probe_pass1_first", lambda: by_pass(1)), ("probe_pass1", lambda: by_pass(1)),
+                     ("probe_pass", by_pass), ("probe_in_step", in_step), ("after", plain)):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        try:
+            fn()
+            torch.cuda.synchronize()
+        except torch.OutOfMemoryError as e:
+            out[f"{name}_error"] = f"OutOfMemoryError: {str(e)[:160]}"
+            import gc
+
+            gc.collect()
+            torch.cuda.empty_cache()
+            continue
+        out[f"{name}_s"] = time.perf_counter() - t0
+        out[f"{name}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        out[f"{name}_above_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+        out[f"{name}_reserved_gib"] = torch.cuda.memory_reserved() / 2**30
+    out["probe_stats_keys"] = len(tel.stats_probe_result or {})
+    if profile_dir:  # where the probed step's time goes
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+            by_pass(1)
+            torch.cuda.synchronize()
+        Path(profile_dir).mkdir(parents=True, exist_ok=True)
+        (Path(profile_dir) / f"probe_{name_tag}.txt").write_text(
+            prof.key_averages().table(sort_by="cuda_time_total", row_limit=40) + "\n" +
+            prof.key_averages().table(sort_by="cpu_time_total", row_limit=25) + "\n" +
+            prof.key_averages(group_by_stack_n=6).table(sort_by="self_cpu_time_total", row_limit=12))
+    return out
+
+
 def cmd_bench(a):
     from bitnet_dist.engines import make_engine
 
@@ -305,6 +363,8 @@ def cmd_bench(a):
                 st = eng.train_step(steps[i % 2], 1e-4, 0.1)
             torch.cuda.synchronize()
             dt = (time.perf_counter() - t0) / a.iters
+            peak = torch.cuda.max_memory_allocated()
+            probe = (probe_costs(eng, steps, a.profile, f"{a.model}_{prec}_mbs{a.mbs}") if a.probe_check else {})
             if a.profile:  # one more step under the profiler: where the step's GPU time goes
                 from torch.profiler import ProfilerActivity, profile
 
@@ -318,9 +378,10 @@ def cmd_bench(a):
             fpt = flops_per_token(cfg.model, a.seq, a.vocab)
             row = {"model": a.model, "precision": prec, "kernels": cfg.precision.kernels, "seq": a.seq, "mbs": a.mbs,
                    "gbs": a.gbs, "step_s": dt, "tokens_per_s": tok / dt, "tflops": fpt * tok / dt / 1e12,
-                   "mfu": fpt * tok / dt / H100_BF16_DENSE, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+                   "mfu": fpt * tok / dt / H100_BF16_DENSE, "peak_mem_gib": peak / 2**30,
                    "loss": st.loss, "fp8_backward": bool(cfg.precision.fp8_backward),
-                   "cuda_graph": bool(cfg.engine.cuda_graph), "graph_replays": getattr(eng, "graph_replays", 0)}
+                   "cuda_graph": bool(cfg.engine.cuda_graph), "graph_replays": getattr(eng, "graph_replays", 0),
+                   **probe}
         except Exception as e:
             row = {"model": a.model, "precision": prec, "error": f"{type(e).__name__}: {str(e)[:400]}"}
         print("[bench]", json.dumps(row), flush=True)
@@ -393,6 +454,9 @@ def main(argv=None):
     q.add_argument("--warmup", type=int, default=3)
     q.add_argument("--iters", type=int, default=8)
     q.add_argument("--profile", default=None, help="folder for a torch.profiler table of one extra step")
+    q.add_argument("--probe-check", dest="probe_check", action="store_true",
+                   help="after the timed steps: memory and time of a plain, a probed (forward pass) and an "
+                        "in-step-probed training step")
     a = p.parse_args(argv)
     {"curve": cmd_curve, "compare": cmd_compare, "tp": cmd_tp, "bench": cmd_bench}[a.cmd](a)
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The train app on one GPU with and without engine.cuda_graph (tiny model, synthetic tokens, the 8 -> 4-bit switch,
-# evaluations, statistics probes, checkpoints), plus a graph run stopped at step 15 and resumed: prints the loss
-# records of each and whether they are equal. Run on the device machine after the wheel line.
+# evaluations, statistics probes, checkpoints), plus a graph run stopped at step 15 and resumed, plus a graph run
+# without statistics probes: prints the loss records of each and whether they are equal (loss / grad norm / val
+# loss; the unprobed run lacks only the probes). Run on the device machine after the wheel line.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 A="python -m bitnet_dist.train experiment=smoke precision=v2_a8_to_a4 engine=megatron trainer.max_steps=30
@@ -11,6 +12,7 @@ $A engine.cuda_graph=false run_dir=$OUT/eager > $OUT/eager.log 2>&1; echo "eager
 $A engine.cuda_graph=true run_dir=$OUT/graph > $OUT/graph.log 2>&1; echo "graph rc=$?"
 $A engine.cuda_graph=true run_dir=$OUT/resumed trainer.exit_after_steps=15 > $OUT/resumed1.log 2>&1; echo "resumed part 1 rc=$?"
 $A engine.cuda_graph=true run_dir=$OUT/resumed > $OUT/resumed2.log 2>&1; echo "resumed part 2 rc=$?"
+$A engine.cuda_graph=true run_dir=$OUT/noprobe trainer.stats_interval=0 > $OUT/noprobe.log 2>&1; echo "noprobe rc=$?"
 python - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
@@ -18,10 +20,13 @@ out = Path(sys.argv[1])
 def recs(name):
     rows = [json.loads(l) for l in (out / name / "metrics.jsonl").read_text().splitlines() if l.strip()]
     return {(r["step"], k): r[k] for r in rows for k in ("loss", "grad_norm", "val_loss") if k in r}
-e, g, r = recs("eager"), recs("graph"), recs("resumed")
-print("records:", len(e), len(g), len(r))
-for name, other in (("graph", g), ("resumed", r)):
+e, g, r, n = recs("eager"), recs("graph"), recs("resumed"), recs("noprobe")
+print("records:", len(e), len(g), len(r), len(n))
+for name, other in (("graph", g), ("resumed", r), ("noprobe", n)):
     diff = [(k, e[k], other.get(k)) for k in sorted(e) if e[k] != other.get(k)]
     print(f"{name} vs eager: {len(e) - len(diff)} of {len(e)} equal", diff[:5])
 print("last:", {k: v for k, v in e.items() if k[0] == max(s for s, _ in e)})
+rows = [json.loads(l) for l in (out / "graph" / "metrics.jsonl").read_text().splitlines() if l.strip()]
+print("graph run: cuda_graph_replays at the end", max((r.get("cuda_graph_replays", 0) for r in rows), default=0),
+      "; steps with stats", sorted(r["step"] for r in rows if any(k.startswith("stats/") for k in r)))
 PY
