@@ -29,3 +29,35 @@ def test_markdown_graph_table_only_when_measured():
            "hbit_a8_bf16bwd_graph_ms": 0.32, "hbit_a8_bf16bwd_graph_speedup_vs_linear": 1.25}
     md = bench.to_markdown({**base, "layer": [row]})
     assert "replayed from a CUDA graph" in md and "0.40 (1.00x)" in md and "0.32 (1.25x)" in md
+
+
+def test_fp8_loss_summary_pairs_runs_by_seed(tmp_path):
+    """tools/megatron/fp8_loss_summary.py: pairs bf16 / FP8-backward curves by precision and seed, detects a step-0
+    mismatch and reports the paired differences and their spread."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "fp8_loss_summary", Path(__file__).resolve().parents[1] / "tools" / "megatron" / "fp8_loss_summary.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def write(name, losses, ev):
+        rows = [{"step": i, "loss": v} for i, v in enumerate(losses)] + [{"eval_loss": ev, "eval_tokens": 8}]
+        (tmp_path / name).write_text(json.dumps({"model": "25M", "seq": 256, "gbs": 16, "lr": 1e-3, "device": "X",
+                                                 "rows": rows}))
+
+    write("v2_a8_s1_bf16bwd.json", [7.0, 5.0, 4.0, 3.0], 3.5)
+    write("v2_a8_s1_fp8bwd.json", [7.0, 5.5, 4.0, 3.2], 3.4)
+    write("v2_a8_s2_bf16bwd.json", [7.1, 5.0, 4.0, 3.0], 3.7)
+    write("v2_a8_s2_fp8bwd.json", [7.2, 5.0, 4.0, 2.8], 3.9)  # step 0 differs
+    write("v2_a4_s1_bf16bwd.json", [7.0, 6.0], 5.0)  # no FP8 partner: left out
+    res = mod.summarize(tmp_path, tail=2)
+    p = res["precisions"]["v2_a8"]
+    assert list(res["precisions"]) == ["v2_a8"]
+    assert [r["step0_equal"] for r in p["seeds"]] == [True, False] and not p["step0_all_equal"]
+    assert abs(p["seeds"][0]["tail_diff"] - 0.1) < 1e-12 and abs(p["seeds"][1]["tail_diff"] + 0.1) < 1e-12
+    assert abs(p["eval_diff_mean"] - 0.05) < 1e-12 and abs(p["eval_diff_sd"] - 0.2121320343559643) < 1e-12
+    assert abs(p["seeds"][0]["max_rel_gap"] - 0.1) < 1e-12  # (5.5 - 5.0) / 5.0
+    assert "| 2 | 4 | no |" in mod.markdown(res)
