@@ -203,24 +203,28 @@ class Trainer:
                                                                                      self.switch_step)))
             t0 = time.perf_counter()
             batches = self.data.train.next_step()
+            probe_s = 0.0
             if probe:
                 # The statistics of the weights and of this step's first trainer.stats_micro_batches
                 # micro-batches come from a forward-only pass of their own (evaluation mode, no autograd graph)
                 # before the step, so the step runs exactly as without the probe: its Triton kernels (hooked
                 # layers take the torch path), its CUDA graph (engine.cuda_graph), its memory; no loss changes.
+                tp = time.perf_counter()
                 with self.telemetry.stats_probe(self.engine.model_chunks()):
                     self.engine.eval_loss(batches[:t.stats_micro_batches or len(batches)])
+                probe_s = time.perf_counter() - tp  # the probe's exit read its sums on the host: work done
             stats = self.engine.train_step(batches, lr, wd)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            window_time += time.perf_counter() - t0
+            window_time += time.perf_counter() - t0 - probe_s
             window_tokens += self.tokens_per_step
             self.step += 1
             steps_here += 1
             if probe:
-                self.telemetry.log(self.step, dict(self.telemetry.stats_probe_result or {}))
+                self.telemetry.log(self.step, {**(self.telemetry.stats_probe_result or {}), "stats_probe_s": probe_s})
             if self.step % t.log_interval == 0 or self.step == self.max_steps:
-                # tokens/s over the train steps since the last record (evaluations and saves excluded)
+                # tokens/s over the train steps since the last record (evaluations, saves and statistics
+                # probes excluded; a probe's own time is in its record as stats_probe_s)
                 speed = throughput_metrics(window_tokens, window_time, self.flops_per_token, self.world_size,
                                            self.peak_flops)
                 self.telemetry.log(self.step, {
@@ -228,7 +232,7 @@ class Trainer:
                     "act_bits": self.act_bits, "tokens": self.step * self.tokens_per_step,
                     "skipped": int(stats.skipped), **speed, **memory_stats(self.device),
                     # engine.cuda_graph: training steps replayed from the captured graph so far (dashboards show
-                    # whether the graph is in use; probe, warm-up and evaluation steps run eagerly)
+                    # whether the graph is in use; warm-up steps and evaluation run eagerly)
                     **({"cuda_graph_replays": self.engine.graph_replays}
                        if getattr(self.engine, "graph_replays", 0) else {})})
                 self.tokens_per_s = speed["tokens_per_s"]

@@ -79,7 +79,9 @@ def test_resume_is_bitwise_exact_and_skips_a_corrupt_checkpoint(tmp_path):
                             launch(COMMON + ["trainer.stats_interval=0", f"run_dir={unprobed_dir}"], tmp_path))
     assert "resumed from" in out and "step_00000006" in out
     # the probes (steps 5, 6, 10: a forward-only pass of their own) leave the training curve as it is
-    assert any(k.startswith("stats/wo/") for r in records(ref_dir) for k in r)
+    probes = [r for r in records(ref_dir) if any(k.startswith("stats/wo/") for k in r)]
+    assert sorted(r["step"] for r in probes) == [5, 6, 7, 10]  # every 5 steps; 6, 7: the steps around the switch
+    assert all(r["stats_probe_s"] > 0 for r in probes)
     assert not any(k.startswith("stats/") for r in records(unprobed_dir) for k in r)
     for key in ("loss", "grad_norm"):
         assert by_step(records(unprobed_dir), key) == by_step(records(ref_dir), key), key

@@ -329,14 +329,13 @@ def probe_costs(eng, steps, profile_dir=None, name_tag="") -> dict:
     if profile_dir:  # where the probed step's time goes
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             by_pass(1)
             torch.cuda.synchronize()
         Path(profile_dir).mkdir(parents=True, exist_ok=True)
         (Path(profile_dir) / f"probe_{name_tag}.txt").write_text(
             prof.key_averages().table(sort_by="cuda_time_total", row_limit=40) + "\n" +
-            prof.key_averages().table(sort_by="cpu_time_total", row_limit=25) + "\n" +
-            prof.key_averages(group_by_stack_n=6).table(sort_by="self_cpu_time_total", row_limit=12))
+            prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
     return out
 
 
