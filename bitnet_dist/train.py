@@ -61,6 +61,14 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def probe_micro_batches(requested: int, available: int, multiple: int = 1) -> int:
+    """Micro-batches the statistics probe reads: trainer.stats_micro_batches (0 = all ``available``), rounded up
+    to a multiple of the engine's ``micro_batch_multiple`` (megatron's interleaved schedule: parallel.pipeline;
+    the step's own count is one), at most the step's."""
+    n = requested or available
+    return min(available, -(-n // multiple) * multiple)
+
+
 class Trainer:
     """One training run in one process (every rank builds one). ``run()`` returns the final val loss."""
 
@@ -210,8 +218,9 @@ class Trainer:
                 # before the step, so the step runs exactly as without the probe: its Triton kernels (hooked
                 # layers take the torch path), its CUDA graph (engine.cuda_graph), its memory; no loss changes.
                 tp = time.perf_counter()
+                n = probe_micro_batches(t.stats_micro_batches, len(batches), self.engine.micro_batch_multiple)
                 with self.telemetry.stats_probe(self.engine.model_chunks()):
-                    self.engine.eval_loss(batches[:t.stats_micro_batches or len(batches)])
+                    self.engine.eval_loss(batches[:n])
                 probe_s = time.perf_counter() - tp  # the probe's exit read its sums on the host: work done
             stats = self.engine.train_step(batches, lr, wd)
             if self.device.type == "cuda":

@@ -398,3 +398,15 @@ def test_deepspeed_refuses_cuda_graph():
         with pytest.raises(ConfigError) as e:
             check()
         assert e.value.key == "engine.cuda_graph" and "engine=megatron" in str(e.value)
+
+
+def test_statistics_probe_micro_batches_fit_the_schedule():
+    """The probe's forward pass reads trainer.stats_micro_batches micro-batches (0 = all of the step's), rounded up
+    to what megatron's interleaved schedule accepts (multiples of parallel.pipeline), never more than the step has."""
+    from bitnet_dist.train import probe_micro_batches
+
+    assert MegatronEngine(tiny_cfg(), model_only=True).micro_batch_multiple == 1
+    assert MegatronEngine(tiny_cfg(pp=2, layers=4), model_only=True).micro_batch_multiple == 1  # 1F1B takes any count
+    assert MegatronEngine(tiny_cfg(pp=2, vp=2, layers=4), model_only=True).micro_batch_multiple == 2
+    assert [probe_micro_batches(r, 8, 1) for r in (1, 3, 0, 20)] == [1, 3, 8, 8]
+    assert [probe_micro_batches(r, 8, 4) for r in (1, 4, 5, 0)] == [4, 4, 8, 8]

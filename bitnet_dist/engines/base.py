@@ -97,6 +97,12 @@ class Engine(abc.ABC):
     def device(self) -> torch.device: ...
 
     @property
+    def micro_batch_multiple(self) -> int:
+        """Every call's micro-batch count (train_step, eval_loss) must be a multiple of this: 1, or with megatron's
+        interleaved pipeline schedule parallel.pipeline."""
+        return 1
+
+    @property
     def is_logging_rank(self) -> bool:
         """The one rank that writes metrics and prints (global rank 0; it holds the loss on every engine)."""
         return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0

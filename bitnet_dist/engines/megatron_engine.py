@@ -634,6 +634,12 @@ class MegatronEngine(MegatronDataParallelTopology, Engine):
 
     # -- topology -------------------------------------------------------------------------------------------
     @property
+    def micro_batch_multiple(self) -> int:
+        # the interleaved schedule runs micro-batches in groups of PP (check_megatron_config)
+        par = self.cfg.parallel
+        return par.pipeline if par.virtual_pipeline is not None else 1
+
+    @property
     def device(self) -> torch.device:
         if self._device is None:
             raise RuntimeError("MegatronEngine.device before init_parallel()")
