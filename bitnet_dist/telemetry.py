@@ -192,7 +192,8 @@ class _StatsProbe:
         same = post is pre  # column layers pass one tensor: gather it once
         pre = _gather_features(pre, layer)
         post = pre if same else _gather_features(post, layer)
-        a, b = activation_moments(pre), activation_moments(post)
+        a = activation_moments(pre)
+        b = a if same else activation_moments(post)  # QKV / fc1: one tensor, its moments once
         row = torch.stack([a["tokens"], a["kurt_sum"], b["kurt_sum"], a["outliers"], b["outliers"], a["elems"],
                            quant_error_sq(post, 8), quant_error_sq(post, 4),
                            post.detach().float().pow(2).sum(), *self._weight_counts(layer, post.device)])
