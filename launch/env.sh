@@ -17,6 +17,21 @@ bitnet_pip() {
   return $rc
 }
 
+# The install needs ~2.5 GiB (torch CPU, megatron-core, DeepSpeed, Triton): say so before pip fails
+# half-way with "No space left on device". BITNET_MIN_FREE_GIB overrides the threshold (0 skips it).
+bitnet_check_disk() {
+  local need free_kib
+  need="${BITNET_MIN_FREE_GIB:-3}"
+  [ "$need" = 0 ] && return 0
+  free_kib=$(df -Pk "$1" 2>/dev/null | awk 'NR==2 {print $4}')
+  [ -n "$free_kib" ] || return 0
+  if [ "$free_kib" -lt $((need * 1024 * 1024)) ]; then
+    bitnet_env_fail "only $((free_kib / 1024)) MiB free under $1; installing .venv needs ~${need} GiB." \
+      "Free disk space (old clones, pip caches), or set BITNET_MIN_FREE_GIB=0 to try anyway."
+    return 1
+  fi
+}
+
 bitnet_setup_env() {
   local root py want stamp
   root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)" || return 1
@@ -34,6 +49,7 @@ bitnet_setup_env() {
   want="$(sha256sum "$root/pyproject.toml" | cut -c1-16) $BITNET_TORCH_SPEC"
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     rm -f "$stamp"
+    bitnet_check_disk "$root" || return 1
     bitnet_pip install -q "$BITNET_TORCH_SPEC" || { bitnet_env_fail "installing $BITNET_TORCH_SPEC failed"; return 1; }
     bitnet_pip install -q -e "$root[dev]" || { bitnet_env_fail "installing bitnet-dist failed"; return 1; }
     echo "$want" > "$stamp"
