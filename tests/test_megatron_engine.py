@@ -170,6 +170,21 @@ def _load_worker(rank, world, cfg, path):
     return ref, before, eng.eval_loss([fixed_batch(1)])[0], state
 
 
+def _rebuild_worker(rank, world, cfg, n):
+    """Build ``n`` engines one after another in the same processes: the registered process groups after each
+    init_parallel, and each engine's loss on one batch."""
+    from torch.distributed import distributed_c10d as c10d
+
+    groups, losses = [], []
+    for _ in range(n):
+        eng = MegatronEngine(cfg, model_only=True)
+        eng.init_parallel()
+        groups.append(len(c10d._world.pg_map))
+        eng.build(VOCAB)
+        losses.append(eng.eval_loss([fixed_batch(1)])[0])
+    return groups, losses
+
+
 # -- tests -----------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_tensor_parallel_invariance_through_engine():
@@ -410,3 +425,14 @@ def test_statistics_probe_micro_batches_fit_the_schedule():
     assert MegatronEngine(tiny_cfg(pp=2, vp=2, layers=4), model_only=True).micro_batch_multiple == 2
     assert [probe_micro_batches(r, 8, 1) for r in (1, 3, 0, 20)] == [1, 3, 8, 8]
     assert [probe_micro_batches(r, 8, 4) for r in (1, 4, 5, 0)] == [4, 4, 8, 8]
+
+
+@pytest.mark.slow
+def test_rebuilding_engines_does_not_accumulate_process_groups():
+    """megatron's destroy_model_parallel drops its (NCCL) groups without destroying them: a process building
+    several engines used to gain ~15 communicators per engine. init_parallel now destroys the previous ones."""
+    from dist_utils import run_ranks
+
+    for groups, losses in run_ranks(_rebuild_worker, 2, tiny_cfg(tp=2), 3):
+        assert groups[0] > 1 and groups == [groups[0]] * 3, groups  # (before the fix: 21, 38, 55)
+        assert math.isfinite(losses[0]) and losses == [losses[0]] * 3, losses  # the new groups work

@@ -77,6 +77,35 @@ def ensure_process_group(device: torch.device) -> None:
 
 
 # -- parameter groups -------------------------------------------------------------------------------------
+# megatron's process groups created by our last initialize_model_parallel call in this process
+_MODEL_PARALLEL_GROUPS: list = []
+
+
+def init_model_parallel(**layout: Any) -> None:
+    """megatron-core's ``initialize_model_parallel(**layout)``, after tearing down the groups of an earlier
+    call in this process (an engine built before: tests, tools, in-process sweeps).
+
+    megatron-core's ``destroy_model_parallel`` forgets its groups but destroys only the gloo ones, so
+    each re-initialization used to leave ~15 NCCL communicators alive (GPU memory and NCCL resources;
+    a GPU test building many engines once failed to create one). The groups that appeared in c10d's
+    registry during our call are recorded and destroyed here, in creation order, on every rank alike
+    (each rank re-initializes at the same point of the program). Groups created by anything else stay.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from torch.distributed import distributed_c10d as c10d
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    for group in _MODEL_PARALLEL_GROUPS:
+        if group in c10d._world.pg_map:  # (megatron already destroyed its gloo groups)
+            dist.destroy_process_group(group)
+    _MODEL_PARALLEL_GROUPS.clear()
+    before = set(c10d._world.pg_map)
+    ps.initialize_model_parallel(**layout)
+    _MODEL_PARALLEL_GROUPS.extend(g for g in c10d._world.pg_map if g not in before)
+
+
 def no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
     """True for parameters that never decay (module docstring); same signature as megatron's
     ``no_weight_decay_cond(name, param)``."""

@@ -105,11 +105,7 @@ class DeepSpeedEngine(MegatronDataParallelTopology, Engine):
         self._dtype = common.resolve_dtype(t.dtype, self._device)
         common.ensure_process_group(self._device)
 
-        from megatron.core import parallel_state as ps
-
-        if ps.model_parallel_is_initialized():  # a previous engine in this process (tests)
-            ps.destroy_model_parallel()
-        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=1)
+        common.init_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=1)
         self._grad_acc_steps = t.global_batch_size // (t.micro_batch_size * dp)
 
     def ds_config(self) -> dict:

@@ -43,6 +43,7 @@ from bitnet_dist.engines.common import (
     MegatronDataParallelTopology,
     batch_to_device,
     ensure_process_group,
+    init_model_parallel,
     load_trainer_state,
     no_weight_decay,
     position_ids,
@@ -161,8 +162,6 @@ class MegatronEngine(MegatronDataParallelTopology, Engine):
 
     # -- process groups ------------------------------------------------------------------------------------
     def init_parallel(self) -> None:
-        from megatron.core import parallel_state as ps
-
         for k, v in NVLS_OFF_ENV.items():  # before the first NCCL communicator is created
             os.environ.setdefault(k, v)
         device = None
@@ -188,9 +187,7 @@ class MegatronEngine(MegatronDataParallelTopology, Engine):
         par = self.cfg.parallel
         check_megatron_config(self.cfg, world_size=dist.get_world_size(), model_only=self.model_only)
         self._dtype = resolve_dtype(self.cfg.trainer.dtype, self._device)
-        if ps.model_parallel_is_initialized():
-            ps.destroy_model_parallel()
-        ps.initialize_model_parallel(
+        init_model_parallel(
             tensor_model_parallel_size=par.tensor,
             pipeline_model_parallel_size=par.pipeline,
             virtual_pipeline_model_parallel_size=par.virtual_pipeline,

@@ -104,7 +104,7 @@ start_cluster() {
   wait_for 30 bash -c 'timeout 5 sinfo -h >/dev/null 2>&1' || { log "slurmctld did not answer"; tail "$state"/slurmctld.*; return 1; }
   slurmd -D -f "$SLURM_CONF" > "$state/slurmd.out" 2>&1 &
   slurmd_pid=$!
-  if ! wait_for 60 bash -c '[ "$(timeout 5 sinfo -h -o %t 2>/dev/null)" = idle ]'; then
+  if ! wait_for 60 node_idle; then
     log "node not idle: $(sinfo 2>&1)"; tail -20 "$state"/slurmd.*; return 1
   fi
   log "cluster up: slurmctld $ctld_pid, slurmd $slurmd_pid, $(sinfo -h -o '%P %D %c %t')"
@@ -112,16 +112,24 @@ start_cluster() {
 
 job_state() { timeout 10 squeue -h -j "$1" -o %T 2>/dev/null; }
 job_gone() { [ -z "$(job_state "$1")" ]; }
+node_idle() { [ "$(timeout 10 sinfo -h -o %t 2>/dev/null)" = idle ]; }
 job_field() { timeout 10 scontrol show job "$1" 2>/dev/null | tr ' ' '\n' | sed -n "s/^$2=//p" | head -n1; }
 check() { python slurm/ci/check_metrics.py "$@"; }
-# A requeued job waits for its BeginTime (about 2 minutes); tests need not: start it as soon as it
-# is pending again. Returns when the job is pending-and-kicked, running or gone (bounded).
+# A requeued job waits for its BeginTime (about 2 minutes); tests need not: start it once it is
+# pending again, the node is idle (the old allocation's processes are gone) and the clock has moved past
+# the second of the requeue. slurmd refuses a launch whose credential is not newer than the job's
+# revocation, in whole seconds ("Job credential revoked" / "Job N already killed, do not launch batch
+# job": a kick in the same second failed the job once). Returns when the job is pending-and-kicked,
+# running or gone (bounded).
 kick_requeued() {
   local jid=$1 st
   for _ in $(seq 60); do
     st=$(job_state "$jid")
     case "$st" in
-      PENDING) scontrol update jobid="$jid" starttime=now && return 0;;
+      PENDING)
+        wait_for 60 node_idle || true
+        sleep 2
+        scontrol update jobid="$jid" starttime=now && return 0;;
       RUNNING|"") return 0;;
     esac
     sleep 1
