@@ -76,7 +76,7 @@ def ensure_process_group(device: torch.device) -> None:
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
-# -- parameter groups -------------------------------------------------------------------------------------
+# -- process groups -------------------------------------------------------------------------------------
 # megatron's process groups created by our last initialize_model_parallel call in this process
 _MODEL_PARALLEL_GROUPS: list = []
 
@@ -85,11 +85,11 @@ def init_model_parallel(**layout: Any) -> None:
     """megatron-core's ``initialize_model_parallel(**layout)``, after tearing down the groups of an earlier
     call in this process (an engine built before: tests, tools, in-process sweeps).
 
-    megatron-core's ``destroy_model_parallel`` forgets its groups but destroys only the gloo ones, so
-    each re-initialization used to leave ~15 NCCL communicators alive (GPU memory and NCCL resources;
-    a GPU test building many engines once failed to create one). The groups that appeared in c10d's
-    registry during our call are recorded and destroyed here, in creation order, on every rank alike
-    (each rank re-initializes at the same point of the program). Groups created by anything else stay.
+    megatron-core's ``destroy_model_parallel`` forgets its groups but destroys only the gloo ones, so each
+    re-initialization used to leave its NCCL communicators alive (17 groups per engine at TP=2 on 2 ranks;
+    GPU memory and NCCL resources: a GPU test building many engines once failed to create one). The groups
+    that appeared in c10d's registry during our call are recorded and destroyed here, in creation order, on
+    every rank alike (each rank re-initializes at the same point of the program). Other groups stay.
     """
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -106,6 +106,7 @@ def init_model_parallel(**layout: Any) -> None:
     _MODEL_PARALLEL_GROUPS.extend(g for g in c10d._world.pg_map if g not in before)
 
 
+# -- parameter groups -------------------------------------------------------------------------------------
 def no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
     """True for parameters that never decay (module docstring); same signature as megatron's
     ``no_weight_decay_cond(name, param)``."""
