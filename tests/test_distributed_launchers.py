@@ -14,7 +14,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SBATCH = ["slurm/train_tasks.sbatch", "slurm/train_torchrun.sbatch"]
-SCRIPTS = SBATCH + ["slurm/common.sh", "slurm/submit.sh", "slurm/ci/cluster_tests.sh", "launch/local.sh"]
+SCRIPTS = SBATCH + ["slurm/common.sh", "slurm/submit.sh", "slurm/ci/cluster_tests.sh", "launch/local.sh",
+                    "launch/env.sh", "launch/test.sh", "launch/quickstart.sh"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -94,6 +95,23 @@ def test_local_launcher_rejects_bad_nproc():
     out = subprocess.run(["bash", str(ROOT / "launch/local.sh"), "--nproc", "0"], capture_output=True, text=True,
                          timeout=60, env={**os.environ, "VIRTUAL_ENV": os.environ.get("VIRTUAL_ENV", "x")})
     assert out.returncode == 2 and "--nproc" in out.stderr
+
+
+def test_env_setup_stops_early_on_a_full_disk(tmp_path):
+    """launch/env.sh checks the free space before pip starts (CI once died half-way with ENOSPC)."""
+    import shutil
+    import sys
+
+    (tmp_path / "launch").mkdir()
+    shutil.copy(ROOT / "launch/env.sh", tmp_path / "launch/env.sh")
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    env.update(BITNET_MIN_FREE_GIB="100000000", BITNET_PYTHON=sys.executable)
+    out = subprocess.run(["bash", "-c", ". launch/env.sh"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert out.returncode != 0
+    assert "MiB free" in out.stderr and "BITNET_MIN_FREE_GIB" in out.stderr, out.stderr
+    assert not (tmp_path / ".venv/.bitnet-installed").exists()  # nothing was installed
 
 
 @pytest.mark.parametrize("name, target", [("slurm", "SlurmLauncher"), ("slurm_cpu", "SlurmLauncher"),
