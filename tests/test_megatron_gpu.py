@@ -178,3 +178,19 @@ def test_cuda_graph_replays_the_eager_curve(precision):
     assert all(math.isfinite(v) for row in graph for v in row)
     assert graph == eager, list(zip(eager, graph))
     assert graph[-1][0] < graph[0][0]
+
+
+def test_rebuilt_engines_release_their_nccl_groups():
+    """The NCCL side of test_megatron_engine's gloo test: engines built one after another in one process keep
+    the same number of registered process groups (megatron's destroy_model_parallel leaves NCCL groups alive;
+    engines.common.init_model_parallel destroys them), and each engine still trains after the teardown."""
+    from torch.distributed import distributed_c10d as c10d
+
+    counts, losses = [], []
+    for _ in range(3):
+        e = make(cfg_for())
+        counts.append(len(c10d._world.pg_map))
+        losses.append(e.train_step(step_batches(0), 3e-3, 0.1).loss)  # collectives on the new groups
+        del e
+    assert counts == [counts[0]] * 3, counts
+    assert all(math.isfinite(v) for v in losses) and losses == [losses[0]] * 3, losses

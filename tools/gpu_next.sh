@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# What the next session with GPU time should run first (state at the end of session 5, 2026-11-24):
+# What the next session with GPU time should run first (state at the end of session 10, 2026-11-25: the
+# megatron engine's NCCL group teardown, the probe's stats_probe_s / tokens_per_s and the column layers'
+# one-moments probe were CPU-tested only; the megatron GPU tests and graph_app_check.sh below cover them):
 #   2 GPUs:     bash tools/megatron/gpu_pp2_verify.sh   (PP2 x VP2 after the p2p fix; TP2 -> TP1 resume)
 #   4 / 8 GPUs: bash tools/megatron/gpu_multi.sh        (TP2 x PP2 (x DP2) with SP and the interleaved schedule)
 #   1 GPU :     bash tools/gpu_next.sh                  (this file: the one-GPU checks after any kernel change)
@@ -9,4 +11,5 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 timeout 200 python -m pytest -q -p no:warnings -p no:logging -m gpu tests/test_megatron_gpu.py --tb=line 2>&1 | grep -E "^/|passed|failed" | cut -c1-400
 timeout 240 python -m pytest -q -p no:warnings -p no:logging -m gpu tests/test_kernels_gpu.py 2>&1 | tail -3
+OUT=$OUT/app_check timeout 400 bash tools/megatron/graph_app_check.sh 2>&1 | tail -8
 timeout 450 python -m bitnet_dist.bench --out "$OUT/bench" 2>&1 | grep -E "^copy|wrote|error|Error" | tail -4
