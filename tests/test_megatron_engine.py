@@ -430,7 +430,7 @@ def test_statistics_probe_micro_batches_fit_the_schedule():
 @pytest.mark.slow
 def test_rebuilding_engines_does_not_accumulate_process_groups():
     """megatron's destroy_model_parallel drops its (NCCL) groups without destroying them: a process building
-    several engines used to gain ~15 communicators per engine. init_parallel now destroys the previous ones."""
+    several engines used to gain 17 groups per engine here. init_parallel now destroys the previous ones."""
     from dist_utils import run_ranks
 
     for groups, losses in run_ranks(_rebuild_worker, 2, tiny_cfg(tp=2), 3):
