@@ -24,9 +24,9 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from ._common import FastLaunch, next_pow2, rint
-
 from bitnet_dist.quant import segment_sums
+
+from ._common import FastLaunch, next_pow2, rint
 
 SCALE_EPS = 1e-5
 
