@@ -39,8 +39,8 @@ import triton
 import triton.language as tl
 
 from ._common import (FastLaunch, bf16_norm_mul, bf16_to_f32, block_fwht, block_fwht_rows, default_prec,
-                      device_capability, dot16, fwht_shuffle, int8_rn, next_pow2, num_sms, pair_join, pair_split,
-                      quotient, rint, round_bf16_pair, round_to)
+                      device_capability, dot16, fwht_shuffle, int8_rn, interpreting, next_pow2, num_sms, pair_join,
+                      pair_split, quotient, rint, round_bf16_pair, round_to)
 
 # One definition of the quantizers' constants: the reference numerics (bitnet_dist.quant).
 from bitnet_dist.quant import _QRANGE, SCALE_EPS, SQRT7, _group_size  # noqa: E402,F401
@@ -800,6 +800,37 @@ def shuffle_vec(bm: int, C: int, warps: int) -> int:
     return min(16, bm * C // (32 * warps))
 
 
+def shuffle_maxnreg(bm: int, C: int, warps: int, elem_bytes: int = 2) -> Optional[int]:
+    """Register cap for the warp-shuffle forward on 16-bit activations, or None (ptxas decides). Measured on the
+    H100 with Triton 3.6 (tools/kernels/reglab.py; docs/benchmarks/raw/round14_2026-11-25/, three runs):
+    * whole rows of 16384 features on 8 warps took 128 registers per thread, so two programs (16 warps) fitted on
+      an SM; capped at 80 (no spills), three fit (24 warps): 74 -> 78-80% (INT8) and 71 -> 77-78% (INT4) of copy
+      at 8192 tokens, 76 -> 81-82% and 73 -> 79-81% at 16384 tokens. 76 spilled, 84 / 88 were slower;
+    * 2048 features on 2 warps: ptxas took 56 registers; allowed 64 it schedules differently (at most 16 programs
+      per SM instead of 18), +0.6 to +2.8 points in each of three runs.
+    Elsewhere a cap spilled (8192 features) or was slower (4096). fp32 activations hold twice the registers: no
+    cap. ``BITNET_SHFL_MAXNREG=0`` turns it off."""
+    if not _SHFL_MAXNREG or elem_bytes != 2 or interpreting() or "maxnreg" not in _cuda_option_fields():
+        return None
+    return {(1, 16384, 8): 80, (1, 2048, 2): 64}.get((bm, C, warps))
+
+
+def _cuda_option_fields() -> frozenset:
+    """Launch options this Triton's CUDA backend takes (``maxnreg`` since Triton 3.0)."""
+    global _CUDA_OPTIONS
+    if _CUDA_OPTIONS is None:
+        try:
+            from triton.backends.nvidia.compiler import CUDAOptions
+            _CUDA_OPTIONS = frozenset(CUDAOptions.__dataclass_fields__)
+        except Exception:  # noqa: BLE001 - no CUDA backend: no option
+            _CUDA_OPTIONS = frozenset()
+    return _CUDA_OPTIONS
+
+
+_CUDA_OPTIONS = None
+_SHFL_MAXNREG = os.environ.get("BITNET_SHFL_MAXNREG", "1") != "0"
+
+
 def shuffle_layout_ok(x2: torch.Tensor, config, hb: int) -> Optional[str]:
     """None where the warp-shuffle kernel's layout assumption can hold for x2 (see ``fwht_shuffle``), else why not."""
     _, bm, warps = config[:3]
@@ -886,11 +917,13 @@ def _nhq_shfl(x2, g, q, scale, rstd, config, *, act_bits, hb, has_norm, eps, ful
     C = max(16, next_pow2(D))
     vec = config[3] if len(config) > 3 and config[3] else shuffle_vec(bm, C, warps)  # explicit: experiments only
     packed = config[4] if len(config) > 4 else packed_default(x2.device)
+    maxnreg = config[5] if len(config) > 5 else shuffle_maxnreg(bm, C, warps, x2.element_size())
+    opts = dict(maxnreg=maxnreg) if maxnreg else {}
     return _FWD_SHFL[(triton.cdiv(T, bm),)](
         x2, g, q, scale, rstd, T, D, x2.stride(0), q.stride(0), float(eps), float(full), 1.0 / math.sqrt(hb),
         BITS=act_bits, HB=hb, HAS_NORM=has_norm, BM=bm, C=C,
         ROUND=x2.dtype != torch.float32, X_BF16=x2.dtype == torch.bfloat16, Q_FP8=fp8_codes,
-        VEC=vec, PACKED=int(packed), EVEN=D == C, num_warps=warps)
+        VEC=vec, PACKED=int(packed), EVEN=D == C, num_warps=warps, **opts)
 
 
 def _nhq_flat(x2, g, q, scale, rstd, config, *, act_bits, hb, has_norm, eps, full, reduce_tp, tp_group,

@@ -495,6 +495,26 @@ def test_warp_shuffle_packed_form_equals_plain_bf16():
         ("shfl", 1, 32, 1, None, True)]
 
 
+def test_shuffle_register_cap_only_for_the_widest_rows(monkeypatch):
+    """The register cap (maxnreg) applies only on a compiled GPU kernel, only to the 16-bit launches it was measured
+    on (2048 and 16384 features), and BITNET_SHFL_MAXNREG=0 (read at import) turns it off; under the interpreter it
+    is never set."""
+    import bitnet_dist.kernels.norm_hadamard_quant as nhq
+    assert nhq.shuffle_maxnreg(1, 16384, 8) is None  # the interpreter: no launch options
+    monkeypatch.setattr(nhq, "interpreting", lambda: False)
+    monkeypatch.setattr(nhq, "_CUDA_OPTIONS", frozenset({"num_warps", "maxnreg"}))
+    caps = {d: nhq.shuffle_maxnreg(*nhq.shuffle_config(d)[1:2], max(16, d), nhq.shuffle_config(d)[2])
+            for d in (1024, 2048, 4096, 8192, 16384)}
+    assert caps == {1024: None, 2048: 64, 4096: None, 8192: None, 16384: 80}
+    assert nhq.shuffle_maxnreg(1, 16384, 16) is None
+    assert nhq.shuffle_maxnreg(1, 16384, 8, elem_bytes=4) is None  # fp32 activations: no cap
+    monkeypatch.setattr(nhq, "_CUDA_OPTIONS", frozenset({"num_warps"}))  # a Triton without the option
+    assert nhq.shuffle_maxnreg(1, 16384, 8) is None
+    monkeypatch.setattr(nhq, "_CUDA_OPTIONS", frozenset({"maxnreg"}))
+    monkeypatch.setattr(nhq, "_SHFL_MAXNREG", False)
+    assert nhq.shuffle_maxnreg(1, 16384, 8) is None
+
+
 @pytest.mark.parametrize("T,D,hb,cfg", [(37, 512, 256, ("shfl", 1, 1, 1)), (19, 384, 128, ("shfl", 2, 1, 2)),
                                         (33, 256, 16, ("shfl", 4, 2, 1)),
                                         # G_TILE: the norm weight re-read per tile (default from 8192 features)

@@ -189,6 +189,24 @@ def test_warp_shuffle_layout_holds_for_default_shapes():
             assert mx <= 1 and frac < 1e-3, (D, hb, bits, frac)
 
 
+def test_warp_shuffle_register_cap_does_not_spill():
+    """The bf16 forward at 2048 and 16384 features runs under its register cap (nhq.shuffle_maxnreg) and no
+    capped kernel spills: a Triton / ptxas that needs more registers there would lose the cap's gain."""
+    import bitnet_dist.kernels.norm_hadamard_quant as nhq
+    for D in (2048, 16384):
+        x = torch.randn(64, D, device=DEV).bfloat16()
+        g = (1 + 0.1 * torch.randn(D, device=DEV)).bfloat16()
+        for bits, fp8 in ((8, False), (4, False), (4, True)):
+            norm_hadamard_quant(x, g, act_bits=bits, hadamard_block=256, eps=1e-5, fp8_codes=fp8)
+    caps = {nhq.shuffle_maxnreg(1, 16384, 8), nhq.shuffle_maxnreg(1, 2048, 2)} - {None}
+    if not caps:
+        pytest.skip("no register cap on this Triton (no maxnreg launch option) or BITNET_SHFL_MAXNREG=0")
+    capped = [(dict(key[1]), k) for key, k in nhq._FWD_SHFL.cache.items() if dict(key[1]).get("maxnreg")]
+    assert {kw["C"] for kw, _ in capped} >= {2048, 16384}, "the forward did not launch with its register caps"
+    for kw, k in capped:
+        assert k.n_regs <= kw["maxnreg"] and k.n_spills == 0, (kw, k.n_regs, k.n_spills)
+
+
 def test_warp_shuffle_backward_default_bf16():
     """bf16 training shapes take the warp-shuffle backward (its one-time check passed) and match autograd
     through the torch path within bf16 rounding."""
