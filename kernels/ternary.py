@@ -251,15 +251,20 @@ def cached_ternary(weight: torch.Tensor, segments: Optional[torch.Tensor] = None
 
 # ------------------------------------------------------------------------------- torch reference twin
 def quantize_weight_reference(w: torch.Tensor, segments: Optional[torch.Tensor] = None):
-    """(int8 codes, fp32 per-row scale) in plain torch, single device."""
-    a = w.detach().float().abs()
+    """(int8 codes, fp32 per-row scale) in plain torch, single device, computed independently of the kernels and of
+    ``bitnet_dist.quant``: each segment's mean |W| in float64 over a boolean row mask (the formula), rounded once to
+    fp32. Its scale can differ from an fp32 sum's in the last bit, so a code can differ where |W| / alpha is within
+    rounding of the 0.5 tie (the tests allow exactly that)."""
+    a = w.detach().double().abs()
     if segments is None:
-        alpha = a.mean().clamp_min(SCALE_EPS).expand(w.shape[0])
+        alpha64 = a.mean().expand(w.shape[0])
     else:
-        n = int(segments.max()) + 1
-        sums = segment_sums(a.sum(1).cpu(), segments.cpu(), n)
-        cnt = segment_sums(torch.full((w.shape[0],), float(w.shape[1])), segments.cpu(), n)
-        alpha = (sums / cnt.clamp_min(1)).clamp_min(SCALE_EPS).to(w.device)[segments]
+        segments = segments.to(w.device)
+        alpha64 = torch.empty(w.shape[0], dtype=torch.float64, device=w.device)
+        for k in torch.unique(segments).tolist():
+            rows = segments == k
+            alpha64[rows] = a[rows].mean()
+    alpha = alpha64.float().clamp_min(SCALE_EPS)
     codes = torch.round(w.float() / alpha[:, None]).clamp_(-1, 1).to(torch.int8)
     return codes, alpha
 

@@ -133,8 +133,10 @@ def test_ternary_codes_scales_and_packing():
         ref_scale = quant.weight_absmean(w, s)[:, 0]
         torch.testing.assert_close(tw.scale, ref_scale, rtol=1e-6, atol=0)
         assert torch.equal(tw.codes, quant.ternary_codes(w, ref_scale[:, None]))
-        rc, ra = quantize_weight_reference(w, s)
-        assert torch.equal(tw.codes, rc)
+        rc, ra = quantize_weight_reference(w, s)  # float64 formula, independent of both
+        torch.testing.assert_close(tw.scale, ra, rtol=1e-6, atol=0)  # fp32 sums over the segment: a few ulps
+        tie = ((w.abs() / ra[:, None]) - 0.5).abs() < 1e-6  # where the scale's last bit may decide the code
+        assert torch.equal(tw.codes[~tie], rc[~tie]) and int(tie.sum()) <= 2
     for K in (45, 4, 1, 64):
         c = torch.randint(-1, 2, (7, K), dtype=torch.int8)
         p = pack2bit(c)
