@@ -917,13 +917,32 @@ def _nhq_shfl(x2, g, q, scale, rstd, config, *, act_bits, hb, has_norm, eps, ful
     C = max(16, next_pow2(D))
     vec = config[3] if len(config) > 3 and config[3] else shuffle_vec(bm, C, warps)  # explicit: experiments only
     packed = config[4] if len(config) > 4 else packed_default(x2.device)
-    maxnreg = config[5] if len(config) > 5 else shuffle_maxnreg(bm, C, warps, x2.element_size())
+    auto_cap = len(config) <= 5
+    cap_key = (x2.device.index, x2.dtype, g.dtype, bm, C, warps, act_bits, hb, has_norm, fp8_codes, int(packed))
+    if auto_cap:
+        maxnreg = None if cap_key in _CAP_SPILLED else shuffle_maxnreg(bm, C, warps, x2.element_size())
+    else:
+        maxnreg = config[5]
     opts = dict(maxnreg=maxnreg) if maxnreg else {}
-    return _FWD_SHFL[(triton.cdiv(T, bm),)](
+    k = _FWD_SHFL[(triton.cdiv(T, bm),)](
         x2, g, q, scale, rstd, T, D, x2.stride(0), q.stride(0), float(eps), float(full), 1.0 / math.sqrt(hb),
         BITS=act_bits, HB=hb, HAS_NORM=has_norm, BM=bm, C=C,
         ROUND=x2.dtype != torch.float32, X_BF16=x2.dtype == torch.bfloat16, Q_FP8=fp8_codes,
         VEC=vec, PACKED=int(packed), EVEN=D == C, num_warps=warps, **opts)
+    if auto_cap and maxnreg and cap_key not in _CAP_CHECKED:
+        # The caps were measured with Triton 3.6's ptxas; where another build spills under the cap (slower than no
+        # cap, docs/kernels.md), this launch's results are still right and later launches go uncapped.
+        _CAP_CHECKED.add(cap_key)
+        if getattr(k, "n_spills", 0):
+            _CAP_SPILLED.add(cap_key)
+            warnings.warn(f"warp-shuffle forward at {D} features: {k.n_spills} bytes spilled under the register cap "
+                          f"{maxnreg}; running it uncapped from now on", RuntimeWarning, stacklevel=3)
+    return k
+
+
+# Per (device, dtypes, launch, constexprs): the register cap's compiled kernel was checked for spills / spilled.
+_CAP_CHECKED: set = set()
+_CAP_SPILLED: set = set()
 
 
 def _nhq_flat(x2, g, q, scale, rstd, config, *, act_bits, hb, has_norm, eps, full, reduce_tp, tp_group,

@@ -517,6 +517,52 @@ def test_shuffle_register_cap_only_for_the_widest_rows(monkeypatch):
     assert nhq.shuffle_maxnreg(1, 16384, 8) is None
 
 
+def test_shuffle_register_cap_dropped_where_it_spills(monkeypatch):
+    """A ptxas that spills under the register cap (another Triton than the measured one): the first launch's
+    results stand, a warning names the shape, and later launches of that kernel go uncapped; one that does not
+    spill keeps its cap. The launches are recorded by a stand-in for the kernel (the cap is a GPU launch option)."""
+    import bitnet_dist.kernels.norm_hadamard_quant as nhq
+
+    class Compiled:
+        def __init__(self, spills):
+            self.n_spills = spills
+
+    launches = []
+
+    class Kernel:
+        def __init__(self, spills):
+            self.spills = spills
+
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                launches.append(kw.get("maxnreg"))
+                return Compiled(self.spills)
+            return launch
+
+    monkeypatch.setattr(nhq, "interpreting", lambda: False)
+    monkeypatch.setattr(nhq, "_CUDA_OPTIONS", frozenset({"maxnreg"}))
+    monkeypatch.setattr(nhq, "_CAP_CHECKED", set())
+    monkeypatch.setattr(nhq, "_CAP_SPILLED", set())
+    x = torch.zeros(4, 16384, dtype=torch.bfloat16)
+    g = torch.ones(16384, dtype=torch.bfloat16)
+    q = torch.empty(4, 16384, dtype=torch.int8)
+    s, r = torch.empty(4), torch.empty(4)
+    kw = dict(act_bits=8, hb=256, has_norm=True, eps=1e-5, full=16384, reduce_tp=False, fp8_codes=False,
+              checked=True)
+    cfg = nhq.shuffle_config(16384)
+    monkeypatch.setattr(nhq, "_FWD_SHFL", Kernel(spills=0))
+    nhq._nhq_shfl(x, g, q, s, r, cfg, **kw)
+    nhq._nhq_shfl(x, g, q, s, r, cfg, **kw)
+    assert launches == [80, 80]
+    launches.clear()
+    monkeypatch.setattr(nhq, "_FWD_SHFL", Kernel(spills=8))
+    with pytest.warns(RuntimeWarning, match="16384 features: 8 bytes spilled"):
+        nhq._nhq_shfl(x, g, q, s, r, cfg, **dict(kw, act_bits=4))
+    nhq._nhq_shfl(x, g, q, s, r, cfg, **dict(kw, act_bits=4))
+    nhq._nhq_shfl(x, g, q, s, r, cfg, **kw)  # the INT8 kernel was checked and keeps its cap
+    assert launches == [80, None, 80]
+
+
 @pytest.mark.parametrize("T,D,hb,cfg", [(37, 512, 256, ("shfl", 1, 1, 1)), (19, 384, 128, ("shfl", 2, 1, 2)),
                                         (33, 256, 16, ("shfl", 4, 2, 1)),
                                         # G_TILE: the norm weight re-read per tile (default from 8192 features)
