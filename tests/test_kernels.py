@@ -505,8 +505,10 @@ def test_shuffle_register_cap_only_for_the_widest_rows(monkeypatch):
     assert nhq.shuffle_maxnreg(1, 16384, 8) is None  # the interpreter: no launch options
     monkeypatch.setattr(nhq, "interpreting", lambda: False)
     monkeypatch.setattr(nhq, "_CUDA_OPTIONS", frozenset({"num_warps", "maxnreg"}))
-    caps = {d: nhq.shuffle_maxnreg(*nhq.shuffle_config(d)[1:2], max(16, d), nhq.shuffle_config(d)[2])
-            for d in (1024, 2048, 4096, 8192, 16384)}
+    caps = {}
+    for d in (1024, 2048, 4096, 8192, 16384):
+        _, bm, warps = nhq.shuffle_config(d)
+        caps[d] = nhq.shuffle_maxnreg(bm, max(16, d), warps)
     assert caps == {1024: None, 2048: 64, 4096: None, 8192: None, 16384: 80}
     assert nhq.shuffle_maxnreg(1, 16384, 16) is None
     assert nhq.shuffle_maxnreg(1, 16384, 8, elem_bytes=4) is None  # fp32 activations: no cap
