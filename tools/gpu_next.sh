@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # What the next session with GPU time should run first (state at the end of session 11, 2026-11-25, H100,
-# docs/benchmarks/raw/round14_2026-11-25/: the megatron GPU tests, the kernel tests and the app check passed on
-# the session's final code (final/), the benchmark with the register caps is the committed one. Run these again
-# after any kernel, engine or training-loop change; the multi-GPU checks below have never run since their fixes):
+# docs/benchmarks/raw/round14_2026-11-25/: the megatron GPU tests and the app check passed on ba69348 (final/), the
+# kernel tests on d528cb2 (final2/, the cap's spill fallback); later commits touch docs and tests only; the benchmark
+# with the register caps is the committed one. Run these again after any kernel, engine or training-loop change;
+# the multi-GPU checks below have never run since their fixes):
 #   2 GPUs:     bash tools/megatron/gpu_pp2_verify.sh   (PP2 x VP2 after the p2p fix; TP2 -> TP1 resume)
 #   4 / 8 GPUs: bash tools/megatron/gpu_multi.sh        (TP2 x PP2 (x DP2) with SP and the interleaved schedule)
 #   1 GPU :     bash tools/gpu_next.sh                  (this file: the one-GPU checks after any kernel change)
