@@ -321,11 +321,6 @@ if interpreting():
     def int8_rn(q):
         """Round half to even and convert to int8 (|q| <= 127 here)."""
         return rint(q).to(tl.int8)
-
-    @triton.jit
-    def int4_e4m3(q):
-        """clamp(rint(q), -8, 7) as e4m3 codes (the INT4 codes the FP8 GEMM reads; exact in e4m3)."""
-        return tl.minimum(tl.maximum(rint(q), -8.0), 7.0).to(tl.float8e4nv)
 else:
     @triton.jit
     def bf16_to_f32(x):
@@ -359,23 +354,6 @@ else:
             "{\n\t.reg .s32 a, b, c, d, h;\n\tcvt.rni.s32.f32 a, $1;\n\tcvt.rni.s32.f32 b, $2;\n\t"
             "cvt.rni.s32.f32 c, $3;\n\tcvt.rni.s32.f32 d, $4;\n\tcvt.pack.sat.s8.s32.b32 h, d, c, 0;\n\t"
             "cvt.pack.sat.s8.s32.b32 $0, b, a, h;\n\t}", "=r,r,r,r,r", [q], dtype=tl.int8, is_pure=True, pack=4)
-
-    @triton.jit
-    def int4_e4m3(q):
-        """clamp(rint(q), -8, 7) as e4m3 codes, four per register: cvt.rni rounds in fp32, the integers go to f16
-        pairs exactly (|values| > 65504 become inf and clamp like any large value), min / max.f16x2 clamp two at a
-        time and cvt.rn.satfinite.e4m3x2.f16x2 converts two at a time (exact: |code| <= 8). Byte i holds element i.
-        The fp32 form (rint, two fp32 min / max per element, fp32 -> e4m3) costs ~0.5-0.75 instruction more per
-        element."""
-        r = tl.inline_asm_elementwise(
-            "{\n\t.reg .b32 a, b, c, d, h0, h1, ub, lb;\n\t.reg .b16 e0, e1;\n\t"
-            "cvt.rni.f32.f32 a, $1;\n\tcvt.rni.f32.f32 b, $2;\n\tcvt.rni.f32.f32 c, $3;\n\tcvt.rni.f32.f32 d, $4;\n\t"
-            "cvt.rn.f16x2.f32 h0, b, a;\n\tcvt.rn.f16x2.f32 h1, d, c;\n\t"
-            "mov.b32 ub, 0x47004700;\n\tmov.b32 lb, 0xC800C800;\n\t"
-            "min.f16x2 h0, h0, ub;\n\tmin.f16x2 h1, h1, ub;\n\tmax.f16x2 h0, h0, lb;\n\tmax.f16x2 h1, h1, lb;\n\t"
-            "cvt.rn.satfinite.e4m3x2.f16x2 e0, h0;\n\tcvt.rn.satfinite.e4m3x2.f16x2 e1, h1;\n\t"
-            "mov.b32 $0, {e0, e1};\n\t}", "=r,r,r,r,r", [q], dtype=tl.int8, is_pure=True, pack=4)
-        return r.to(tl.float8e4nv, bitcast=True)
 
 
 @triton.jit

@@ -39,8 +39,8 @@ import triton
 import triton.language as tl
 
 from ._common import (FastLaunch, bf16_norm_mul, bf16_to_f32, block_fwht, block_fwht_rows, default_prec,
-                      device_capability, dot16, fwht_shuffle, int4_e4m3, int8_rn, interpreting, next_pow2, num_sms,
-                      pair_join, pair_split, quotient, rint, round_bf16_pair, round_to)
+                      device_capability, dot16, fwht_shuffle, int8_rn, interpreting, next_pow2, num_sms, pair_join,
+                      pair_split, quotient, rint, round_bf16_pair, round_to)
 
 # One definition of the quantizers' constants: the reference numerics (bitnet_dist.quant).
 from bitnet_dist.quant import _QRANGE, SCALE_EPS, SQRT7, _group_size  # noqa: E402,F401
@@ -558,8 +558,6 @@ def _fwd_shfl_kernel(X, G, Q, SCALE, RSTD, T, D, stride_x, stride_q, eps, full_d
         qc = int8_rn(quotient(u, scale, inv))
     elif (PACKED & 4) != 0 and not Q_FP8:
         qc = int8_rn(tl.minimum(tl.maximum(quotient(u, scale, inv), -8.0), 7.0))  # = clamp(rint(q), -8, 7)
-    elif (PACKED & 8) != 0 and BITS == 4 and Q_FP8:
-        qc = int4_e4m3(quotient(u, scale, inv))
     else:
         qv = rint(quotient(u, scale, inv))
         if BITS == 4:
@@ -774,8 +772,7 @@ SHUFFLE_FWD = os.environ.get("BITNET_SHUFFLE_HADAMARD", "1") != "0"
 _PACKED_PTX = os.environ.get("BITNET_PACKED_PTX", "1") != "0"
 
 
-PACKED_ALL = 13  # bit 1: bf16 pairs (unpack, norm product, rounding of u); bit 4: int8 codes four per register;
-# bit 8: INT4 e4m3 codes four per register (f16x2 clamp and conversion)
+PACKED_ALL = 5  # bit 1: bf16 pairs (unpack, norm product, rounding of u); bit 4: int8 codes four per register
 
 
 def packed_default(device: torch.device) -> int:

@@ -3,7 +3,7 @@ Wo / Wdown shapes under launch variants the earlier sweeps did not cover: a regi
 programs fit on an SM), tokens per program and warps. Each variant's codes, scales and rstd are compared with the
 default launch's (a variant whose layout pairs the wrong features shows up as a mismatch); registers and spills
 come from the compiled kernel. ``maxnreg`` None or 0: no cap; "auto": the launcher's choice (shuffle_maxnreg).
-Usage: python tools/kernels/reglab.py --out reglab.jsonl [--set sweep|confirm|above|bwd|int4] [--dims 2048 16384]"""
+Usage: python tools/kernels/reglab.py --out reglab.jsonl [--set sweep|confirm|above|bwd] [--dims 2048 16384]"""
 from __future__ import annotations
 
 import argparse
@@ -37,17 +37,11 @@ ABOVE = {
 }
 
 
-# Fourth: INT4 with e4m3 codes, the fp32 clamp / conversion (PACKED 5) against four codes per register (PACKED 13).
-INT4 = {d: [(*shuffle_config(d)[1:3], "auto", 5), (*shuffle_config(d)[1:3], "auto", 13)]
-        for d in (2048, 4096, 8192, 16384)}
-
-
-def launch(x, g, q, s, r, bm, warps, maxnreg, bits, packed=None):
+def launch(x, g, q, s, r, bm, warps, maxnreg, bits):
     T, D = x.shape
     C = max(16, triton.next_power_of_2(D))
     kw = dict(BITS=bits, HB=HB, HAS_NORM=True, BM=bm, C=C, ROUND=True, X_BF16=True, Q_FP8=bits == 4,
-              VEC=shuffle_vec(bm, C, warps), PACKED=int(packed_default(x.device) if packed is None else packed),
-              EVEN=D == C, num_warps=warps)
+              VEC=shuffle_vec(bm, C, warps), PACKED=int(packed_default(x.device)), EVEN=D == C, num_warps=warps)
     if maxnreg == "auto":
         maxnreg = shuffle_maxnreg(bm, C, warps)
     if maxnreg:
@@ -108,13 +102,13 @@ def bwd_lab(a, f, copy):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
-    p.add_argument("--set", choices=("sweep", "confirm", "above", "bwd", "int4"), default="sweep")
+    p.add_argument("--set", choices=("sweep", "confirm", "above", "bwd"), default="sweep")
     p.add_argument("--dims", type=int, nargs="*")
     p.add_argument("--tokens", type=int, nargs="*", default=[8192, 16384])
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--reps", type=int, default=30)
     a = p.parse_args()
-    variants = {"sweep": VARIANTS, "confirm": CONFIRM, "above": ABOVE, "bwd": {}, "int4": INT4}[a.set]
+    variants = {"sweep": VARIANTS, "confirm": CONFIRM, "above": ABOVE, "bwd": {}}[a.set]
     dims = a.dims or sorted(variants)
     copy = bench_copy(a)
     dev = torch.cuda.get_device_name()
@@ -126,25 +120,23 @@ def main():
             for D in dims:
                 x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
                 g = (1 + 0.1 * torch.randn(D, device="cuda")).to(torch.bfloat16)
-                for bits in ((4,) if a.set == "int4" else (8, 4)):
+                for bits in (8, 4):
                     ref = norm_hadamard_quant(x, g, act_bits=bits, hadamard_block=HB, eps=1e-6, fp8_codes=bits == 4)
                     qdt = ref[0].dtype
-                    for bm, warps, mr, *pk in variants[D]:
-                        pk = pk[0] if pk else None
+                    for bm, warps, mr in variants[D]:
                         q = torch.empty((T, D), device="cuda", dtype=qdt)
                         s = torch.empty(T, device="cuda")
                         r = torch.empty(T, device="cuda")
                         row = {"kind": "fwd", "T": T, "D": D, "bits": bits, "bm": bm, "warps": warps, "maxnreg": mr,
-                               "packed": pk,
                                "default": (bm, warps) == tuple(shuffle_config(D)[1:3]) and (
                                    mr == "auto" or (mr or None) == shuffle_maxnreg(bm, max(16, D), warps))}
                         try:
-                            k = launch(x, g, q, s, r, bm, warps, mr, bits, pk)
+                            k = launch(x, g, q, s, r, bm, warps, mr, bits)
                             torch.cuda.synchronize()
                             row["regs"], row["spills"] = getattr(k, "n_regs", None), getattr(k, "n_spills", None)
                             row["code_mismatch"] = int((q.view(torch.int8) != ref[0].view(torch.int8)).sum())
                             row["scale_equal"] = bool(torch.equal(s, ref[1]) and torch.equal(r, ref[2]))
-                            ms = timed_gpu(lambda: launch(x, g, q, s, r, bm, warps, mr, bits, pk), a.warmup, a.reps)
+                            ms = timed_gpu(lambda: launch(x, g, q, s, r, bm, warps, mr, bits), a.warmup, a.reps)
                             row.update(ms=ms, pct_copy=100 * (3 * T * D + 8 * T + 2 * D) / ms / 1e9 / copy["tb_s"])
                         except Exception as e:  # noqa: BLE001 - a variant that does not compile is a result too
                             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
