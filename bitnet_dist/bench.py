@@ -9,6 +9,8 @@ Measures, in one process on one GPU (every ratio compares numbers from the same 
 * ``layer``: forward + backward time of one layer: nn.Linear bf16, RMSNorm + nn.Linear bf16, and
   ``hbit_linear`` (A8 / A4, bf16 or FP8 backward); bytes saved for backward (autograd saved-tensor hooks,
   storages counted once) and the step's peak memory above what was allocated before it.
+* ``breakdown``: each kernel of one layer step timed alone, and the best speed-up over nn.Linear the design
+  allows with the measured GEMMs (``bitnet_dist.bench_breakdown``).
 Timing: CUDA events, median of ``--reps`` runs after ``--warmup`` runs. Results: DIR/kernels.json and
 DIR/kernels.md (the table in docs/benchmarks/).
 """
@@ -22,6 +24,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from bitnet_dist.bench_breakdown import to_markdown as breakdown_markdown
 
 # (name, hidden, ffn, heads) of the presets whose layer shapes we measure; MHA, SwiGLU fc1 = 2 * ffn.
 MODELS = {"1.3B": (2048, 8192), "7B": (4096, 16384)}
@@ -328,6 +332,7 @@ def to_markdown(res) -> str:
         cells = [f"{r[n + '_saved_mib']:.0f} / {r[n + '_peak_mib']:.0f}" if n + "_saved_mib" in r else "error"
                  for n in names]
         out.append(f"| {r['model']} | {r['layer']} | {r['tokens']} | " + " | ".join(cells) + " |")
+    out += breakdown_markdown(res.get("breakdown", []), res["copy"]["tb_s"])
     return "\n".join(out) + "\n"
 
 
@@ -338,7 +343,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--sweep", action="store_true", help="also sweep the fused kernel's launch configs")
-    p.add_argument("--only", nargs="+", default=["fused", "gemm", "layer"])
+    p.add_argument("--only", nargs="+", default=["fused", "gemm", "layer", "breakdown"])
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bitnet_dist.bench needs a CUDA device (none found); run it on the GPU machine.", file=sys.stderr)
@@ -360,6 +365,10 @@ def main(argv=None) -> int:
     res["layer"] = bench_layer(args) if "layer" in args.only else []
     for r in res["layer"]:
         print("layer", json.dumps(r), flush=True)
+    if "breakdown" in args.only:
+        from bitnet_dist.bench_breakdown import bench_breakdown
+        res["breakdown"] = bench_breakdown(args, res["copy"]["tb_s"], res["layer"],
+                                           lambda fn: timed_gpu(fn, args.warmup, args.reps))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "kernels.json").write_text(json.dumps(res, indent=1))
     (args.out / "kernels.md").write_text(to_markdown(res))

@@ -61,3 +61,58 @@ def test_fp8_loss_summary_pairs_runs_by_seed(tmp_path):
     assert abs(p["eval_diff_mean"] - 0.05) < 1e-12 and abs(p["eval_diff_sd"] - 0.2121320343559643) < 1e-12
     assert abs(p["seeds"][0]["max_rel_gap"] - 0.1) < 1e-12  # (5.5 - 5.0) / 5.0
     assert "| 2 | 4 | no |" in mod.markdown(res)
+
+
+def test_breakdown_bytes_are_the_kernels_minimum_traffic():
+    """Hand count for x [8, 16] -> y [8, 32]: bf16 = 2 B, codes 1 B, fp32 scales 4 B."""
+    from bitnet_dist.bench_breakdown import part_bytes, variant_parts
+
+    b = part_bytes(8, 16, 32)
+    assert b["nhq_a8"] == 8 * 16 * 2 + 8 * 16 + 8 * (4 + 4) + 16 * 2  # x in, codes + scale + rstd out, g in
+    assert b["dy_fp8"] == 2 * (8 * 32 * 2) + 2 * (8 * 32)  # dy read twice, two e4m3 copies written
+    assert b["nhb"] == 3 * 8 * 16 * 2 + 8 * 4 and b["w_accum"] == 3 * 32 * 16 * 2
+    assert b["codes_t"] == 2 * 8 * 16 and b["x_dequant"] == 8 * 16 * 3 + 8 * 4
+    assert all(b[p] is None for p in ("gemm_fwd_a8", "dgrad_fp8", "wgrad_bf16"))
+    # every part a variant names is modelled (a GEMM or a byte count), and the variants differ where they should
+    for v in ("linear_bf16", "hbit_a8_bf16bwd", "hbit_a4_fp8bwd"):
+        assert all(p in b for p in variant_parts(v)) and all(p in b for p in variant_parts(v, fast_accum=True))
+    assert variant_parts("hbit_a4_fp8bwd")[:2] == ["nhq_a4", "gemm_fwd_a4"]
+    assert "dgrad_fp8_fast" in variant_parts("hbit_a8_fp8bwd", fast_accum=True)
+    assert "w_accum" in variant_parts("linear_bf16") and "w_accum" in variant_parts("hbit_a8_bf16bwd")
+
+
+def test_breakdown_bounds_arithmetic():
+    from bitnet_dist.bench_breakdown import bounds, part_bytes
+
+    T, K, N, copy = 64, 128, 256, 2.0  # TB/s
+    nb = part_bytes(T, K, N)
+    ms = {p: (0.5 if b is None else 0.1) for p, b in nb.items()}
+    ms["dgrad_fp8_fast"] = ms["wgrad_fp8_fast"] = 0.25
+    del ms["wgrad_fp8"]  # a part that failed to run: its variant has no bound
+    b = bounds(ms, T, K, N, copy, linear_ms=2.0, measured={"hbit_a8_bf16bwd": 1.6})
+    a8 = b["hbit_a8_bf16bwd"]  # nhq, fwd GEMM, w_dequant, dgrad, x_dequant, wgrad, nhb, w_accum
+    assert abs(a8["sum_ms"] - (3 * 0.5 + 5 * 0.1)) < 1e-12 and abs(a8["gemm_ms"] - 1.5) < 1e-12
+    mem = nb["nhq_a8"] + nb["w_dequant"] + nb["x_dequant"] + nb["nhb"] + nb["w_accum"]
+    assert abs(a8["floor_ms"] - (1.5 + mem / 2e9)) < 1e-15
+    assert abs(a8["gemm_ratio"] - 2.0 / 1.5) < 1e-12 and abs(a8["measured_ratio"] - 1.25) < 1e-12
+    assert a8["gemm_ratio"] >= a8["floor_ratio"]
+    assert "hbit_a8_fp8bwd" not in b and "hbit_a4_fp8bwd" not in b  # wgrad_fp8 missing
+    fast = b["hbit_a8_fp8bwd_fast_accum"]
+    assert abs(fast["gemm_ms"] - (0.5 + 0.25 + 0.25)) < 1e-12
+    # no nn.Linear time from the layer table: the sum of its own parts (3 GEMMs + the accumulation)
+    assert abs(bounds(ms, T, K, N, copy)["linear_bf16"]["ms"] - 1.6) < 1e-12
+
+
+def test_breakdown_markdown():
+    from bitnet_dist.bench_breakdown import bounds, part_bytes, to_markdown
+
+    nb = part_bytes(64, 128, 256)
+    ms = {p: (0.5 if b is None else 0.1) for p, b in nb.items()}
+    row = {"model": "1.3B", "layer": "wo", "tokens": 64, "parts_ms": ms,
+           "parts_pct_copy": {p: 50.0 for p, b in nb.items() if b is not None},
+           "bounds": bounds(ms, 64, 128, 256, 2.0, linear_ms=2.0)}
+    md = "\n".join(to_markdown([row], 2.0))
+    assert "| 1.3B | wo | 64 | 0.100 (50%) |" in md
+    a8 = row["bounds"]["hbit_a8_bf16bwd"]
+    assert f"- / {a8['sum_ratio']:.2f} / {a8['floor_ratio']:.2f} / {a8['gemm_ratio']:.2f}" in md
+    assert to_markdown([], 2.0) == []
