@@ -5,7 +5,7 @@
 # Start with the wheel line of ../shared/device/wheels.sh; carry .whl.
 #   bench: python -m bitnet_dist.bench (docs/benchmarks/kernels.{json,md})
 #   e2e: 1.3B at 2 x 2048 and 4 x 2048 tokens per micro-batch, eager; e2eg2 / e2eg4 / e2eg8: with the CUDA graph
-#   (e2eg8 = 4 x 2048 with the FP8 backward)
+#   (e2eg8 = 4 x 2048 with the FP8 backward); clock: the fused forward after idle and after GEMM load
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -20,6 +20,8 @@ e2e)
   for mbs in 2 4; do
   timeout 280 $G bench --model 1.3B --precision bf16 v2_a8 v2_a4 --seq 2048 --mbs $mbs --gbs $((4 * mbs)) --vocab 32000 --warmup 2 --iters 5 \
     --out $OUT/e2e.jsonl 2>&1 | grep -E "^\[bench|Error" | cut -c1-260; done ;;
+clock)  # the fused forward after idle / after GEMM load, with clocks (tools/kernels/clock_probe.py)
+  timeout 150 python tools/kernels/clock_probe.py --out $OUT/clock_probe.jsonl ;;
 e2eg2|e2eg4|e2eg8)  # with the CUDA graph (engine warm-up 2 steps: bench warm-up 4 so that only replays are timed)
   mbs=${step#e2eg}; extra=""; if [ "$mbs" = 8 ]; then mbs=4; extra="--fp8-backward"; fi
   timeout 300 $G bench --model 1.3B --precision ${PRECS:-bf16 v2_a8 v2_a4} --seq 2048 --mbs $mbs --gbs $((4 * mbs)) --vocab 32000 --warmup 4 --iters 5 \
