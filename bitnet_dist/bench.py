@@ -115,20 +115,23 @@ def bench_fused(args, copy_tbs: float):
             for bits in (8, 4):
                 fp8 = bits == 4
                 nbytes = T * D * 2 + T * D + 8 * T + 2 * D
-                # the default (the warp-shuffle kernel on CUDA) and the tensor-core flat kernel it replaced
-                variants = [("default", None, None), ("tensor_core_flat", None, flat_config(D, HB))]
+                # the default (the warp-shuffle kernel on CUDA) and the tensor-core flat kernel it replaced; the
+                # same row without the Hadamard (the QKV / fc1 inputs' kernel), default and the chunked kernel
+                # that was the default there before session 12
+                variants = [("default", None, None, HB), ("tensor_core_flat", None, flat_config(D, HB), HB),
+                            ("no_hadamard", None, None, 0), ("no_hadamard_chunked", None, launch_config(D, 1), 0)]
                 if args.sweep and T == max(args.tokens) and bits == 8:
                     for prec in (0, 1, 2):
                         for elems in (2048, 4096, 8192, 16384):
                             cfg = launch_config(D, HB, max_chunk=elems, elems=elems)
                             for w in (4, 8):
-                                variants.append((f"prec{prec}_e{elems}_w{w}", prec, (*cfg[:2], w)))
-                for name, prec, cfg in variants:
+                                variants.append((f"prec{prec}_e{elems}_w{w}", prec, (*cfg[:2], w), HB))
+                for name, prec, cfg, hb in variants:
                     try:
-                        ms = timed_gpu(lambda: norm_hadamard_quant(x, g, act_bits=bits, hadamard_block=HB, eps=1e-5,
+                        ms = timed_gpu(lambda: norm_hadamard_quant(x, g, act_bits=bits, hadamard_block=hb, eps=1e-5,
                                                                    fp8_codes=fp8, prec=prec, config=cfg),
                                        args.warmup, args.reps)
-                        host_ms = timed(lambda: norm_hadamard_quant(x, g, act_bits=bits, hadamard_block=HB, eps=1e-5,
+                        host_ms = timed(lambda: norm_hadamard_quant(x, g, act_bits=bits, hadamard_block=hb, eps=1e-5,
                                                                     fp8_codes=fp8, prec=prec, config=cfg),
                                         args.warmup, args.reps)
                     except Exception as e:  # noqa: BLE001 - a sweep point that does not compile is reported
@@ -290,17 +293,23 @@ def to_markdown(res) -> str:
            "`% of copy`: against the large copy above; `% same-size copy`: against a copy of the kernel's own "
            "input shape in the same run (same L2 effects). `1 call`: one call between two events, host included.\n",
            "`tensor-core kernel`: the flat kernel with the Hadamard as tensor-core products (the default before the "
-           "warp-shuffle kernel), same run.\n",
-           "| tokens | dim | act bits | GPU ms | TB/s | % of copy | % same-size copy | 1 call ms | tensor-core kernel, % of copy |",
-           "|---|---|---|---|---|---|---|---|---|"]
-    tc = {(r["tokens"], r["dim"], r["act_bits"]): r for r in res["fused"]
-          if r.get("variant") == "tensor_core_flat" and "ms" in r}
+           "warp-shuffle kernel), same run. `no Hadamard`: the same row length without the transform (RMSNorm + "
+           "quantize, the QKV / fc1 inputs' kernel): the default (the warp-shuffle kernel, HB = 1) / the chunked "
+           "kernel that was the default there before 2026-11-25 session 12, % of copy.\n",
+           "| tokens | dim | act bits | GPU ms | TB/s | % of copy | % same-size copy | 1 call ms | tensor-core kernel, % of copy "
+           "| no Hadamard: default / chunked, % of copy |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    by = {(r["tokens"], r["dim"], r["act_bits"], r.get("variant")): r for r in res["fused"] if "ms" in r}
+    nan = float("nan")
     for r in res["fused"]:
         if r.get("variant") == "default" and "ms" in r:
-            t = tc.get((r["tokens"], r["dim"], r["act_bits"]), {})
+            k = (r["tokens"], r["dim"], r["act_bits"])
+            t = by.get((*k, "tensor_core_flat"), {})
+            nh = [by.get((*k, v), {}).get("pct_copy", nan) for v in ("no_hadamard", "no_hadamard_chunked")]
             out.append(f"| {r['tokens']} | {r['dim']} | {r['act_bits']} | {r['ms']:.3f} | {r['tb_s']:.2f} | "
-                       f"{r['pct_copy']:.0f}% | {r.get('pct_same_size_copy', float('nan')):.0f}% | "
-                       f"{r.get('single_call_ms', float('nan')):.3f} | {t.get('pct_copy', float('nan')):.0f}% |")
+                       f"{r['pct_copy']:.0f}% | {r.get('pct_same_size_copy', nan):.0f}% | "
+                       f"{r.get('single_call_ms', nan):.3f} | {t.get('pct_copy', nan):.0f}% | "
+                       f"{nh[0]:.0f}% / {nh[1]:.0f}% |")
     out += ["\n## Forward GEMM (TFLOP/s, GPU time; ratios against cuBLAS bf16 in the same run)\n",
             "| model | layer | tokens | K | N | bf16 | int8 Triton (A8) | torch._int_mm | FP8 (A4) | A8/bf16 | A4/bf16 |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]

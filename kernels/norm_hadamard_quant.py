@@ -729,7 +729,7 @@ def norm_hadamard_quant(x2: torch.Tensor, norm_weight: Optional[torch.Tensor], *
     g = norm_weight if has_norm else x2
     prec = default_prec() if prec is None else prec
     checked = False
-    if config is None and SHUFFLE_FWD and x2.is_cuda and hb > 1 and not reduce_tp:
+    if config is None and SHUFFLE_FWD and x2.is_cuda and not reduce_tp:  # with or without the Hadamard
         config = _default_shuffle(x2, g, act_bits=act_bits, hb=hb, has_norm=has_norm, eps=eps, fp8_codes=fp8_codes)
         checked = config is not None
     if config is not None and config[0] == "shfl":
@@ -764,6 +764,8 @@ def norm_hadamard_quant(x2: torch.Tensor, norm_weight: Optional[torch.Tensor], *
 
 # The forward and backward default on CUDA without TP-reduced statistics (BITNET_SHUFFLE_HADAMARD=0 turns both
 # off): the warp-shuffle kernels, H100 sweeps docs/benchmarks/raw/round9_2026-11-24 (tools/kernels/hlab.py).
+# Since 2026-11-25 (session 12) also for layers without the Hadamard (BitLinear: QKV / fc1, BitNet v1), which
+# ran the chunked kernels before: the same row-wise kernels with no butterflies (HB = 1).
 SHUFFLE_FWD = os.environ.get("BITNET_SHUFFLE_HADAMARD", "1") != "0"
 
 
@@ -867,7 +869,7 @@ def _shuffle_verified(x2, g, config, *, act_bits, hb, has_norm, eps, fp8_codes) 
         gs = (1 + 0.1 * torch.randn(D, device=x2.device, generator=gen)).to(g.dtype) if has_norm else None
         kw = dict(act_bits=act_bits, hadamard_block=hb, eps=eps, fp8_codes=fp8_codes)
         q1, s1, _ = norm_hadamard_quant(xs, gs, config=config, **kw)
-        q0, s0, _ = norm_hadamard_quant(xs, gs, config=flat_config(D, hb) if D <= FLAT_MAX_FEATURES
+        q0, s0, _ = norm_hadamard_quant(xs, gs, config=flat_config(D, hb) if hb > 1 and D <= FLAT_MAX_FEATURES
                                         else launch_config(D, hb), **kw)
         mism = float((q1.float() != q0.float()).float().mean())
         # Scales may differ where one bf16 rounding of the largest |u| flips (the two Hadamards sum in another
@@ -990,7 +992,7 @@ def norm_hadamard_backward(grad_u: torch.Tensor, x2: torch.Tensor, norm_weight: 
         return gx, (torch.zeros(D, device=x2.device) if has_norm else None)
     prec = default_prec() if prec is None else prec
     checked = False
-    if (config is None and SHUFFLE_FWD and x2.is_cuda and hb > 1 and not reduce_tp
+    if (config is None and SHUFFLE_FWD and x2.is_cuda and not reduce_tp
             and grad_u.dtype == x2.dtype and x2.element_size() == 2):
         config = _default_shuffle_bwd(grad_u, x2, norm_weight, rstd, hb=hb)
         checked = config is not None
@@ -1074,8 +1076,9 @@ def _default_shuffle_bwd(grad_u, x2, norm_weight, rstd, *, hb):
                 (1 + 0.1 * torch.randn(D, device=x2.device, generator=gen)).to(norm_weight.dtype)
             rs = torch.rsqrt(xs.float().pow(2).mean(1) + 1e-5)
             g1, gg1 = norm_hadamard_backward(gus, xs, gs, rs, hadamard_block=hb, config=cfg)
-            g0, gg0 = norm_hadamard_backward(gus, xs, gs, rs, hadamard_block=hb,
-                                             config=flat_config(D, hb, elems=2048, hmode=1, warps=8, prefetch=False))
+            ref = (flat_config(D, hb, elems=2048, hmode=1, warps=8, prefetch=False) if hb > 1
+                   else launch_config(D, hb, max_chunk=4096, elems=2048))  # no Hadamard: the chunked kernel
+            g0, gg0 = norm_hadamard_backward(gus, xs, gs, rs, hadamard_block=hb, config=ref)
             err = float((g1.float() - g0.float()).abs().max()) / max(float(g0.float().abs().max()), 1e-30)
             if gs is not None:
                 err = max(err, float((gg1 - gg0).abs().max()) / max(float(gg0.abs().max()), 1e-30))

@@ -8,13 +8,17 @@ def test_markdown_renders_rows_and_errors():
            "fused": [{"tokens": 8192, "dim": 2048, "act_bits": 8, "variant": "default", "ms": 0.05, "tb_s": 1.2,
                       "pct_copy": 40.0, "pct_same_size_copy": 41.0, "single_call_ms": 0.12},
                      {"tokens": 8192, "dim": 2048, "act_bits": 8, "variant": "other", "ms": 9.0, "tb_s": 0.1,
-                      "pct_copy": 1.0}],
+                      "pct_copy": 1.0},
+                     {"tokens": 8192, "dim": 2048, "act_bits": 8, "variant": "no_hadamard", "ms": 0.03, "tb_s": 2.1,
+                      "pct_copy": 70.0},
+                     {"tokens": 8192, "dim": 2048, "act_bits": 8, "variant": "no_hadamard_chunked", "ms": 0.05,
+                      "tb_s": 1.5, "pct_copy": 50.0}],
            "gemm": [{"model": "1.3B", "layer": "wo", "tokens": 8192, "K": 2048, "N": 2048, "bf16_tflops": 700.0,
                      "int8_tflops": 1000.0, "fp8_tflops": 1200.0, "int8_vs_bf16": 1.43, "fp8_vs_bf16": 1.71}],
            "layer": [{"model": "1.3B", "layer": "wo", "tokens": 8192, "linear_bf16_ms": 0.5,
                       "linear_bf16_speedup_vs_linear": 1.0, "linear_bf16_saved_mib": 32, "linear_bf16_peak_mib": 72}]}
     md = bench.to_markdown(res)
-    assert "| 8192 | 2048 | 8 | 0.050 | 1.20 | 40% | 41% | 0.120 |" in md
+    assert "| 8192 | 2048 | 8 | 0.050 | 1.20 | 40% | 41% | 0.120 | nan% | 70% / 50% |" in md
     assert "other" not in md and "9.000" not in md  # only the default launch config is tabulated
     assert "| 1.3B | wo | 8192 | 2048 | 2048 | 700 | 1000 | nan | 1200 | 1.43 | 1.71 |" in md
     assert "0.50 (1.00x)" in md and "| error |" in md  # a variant without a number is shown as an error

@@ -421,11 +421,16 @@ def test_flat_kernels_all_hadamard_modes(hmode, prefetch, hb):
                                              # the packed-register form (sm_90 PTX on the GPU, element-wise here)
                                              (37, 512, 256, 8, ("shfl", 1, 1, None, 5)),
                                              (19, 384, 128, 4, ("shfl", 2, 1, None, 5)),
-                                             (16, 128, 16, 4, ("shfl", 2, 1, None, 5))])
+                                             (16, 128, 16, 4, ("shfl", 2, 1, None, 5)),
+                                             # no Hadamard (BitLinear: QKV / fc1), the default there since session 12
+                                             (29, 512, 0, 8, ("shfl", 1, 1)), (33, 256, 0, 4, ("shfl", 4, 2)),
+                                             (19, 384, 1, 4, ("shfl", 2, 1, None, 5)),
+                                             (37, 512, 0, 8, ("shfl", 1, 1, None, 5))])
 def test_warp_shuffle_kernel_codes_equal_reference(T, D, hb, bits, cfg):
     """The warp-shuffle forward kernel (its lane exchange emulated by reshapes in the interpreter): codes
     and scales equal the torch path's, with a power-of-4 block (normalization folded into the scale), a
-    block of 128 and 8 (explicit normalization), masked columns (384 features in a 512 tile), odd T."""
+    block of 128 and 8 (explicit normalization), no block (0 or 1: no butterflies), masked columns (384
+    features in a 512 tile), odd T."""
     torch.manual_seed(11)
     for dtype in (torch.float32, torch.bfloat16):
         x = (torch.randn(T, D) * torch.rand(T, 1) * 3).to(dtype)
@@ -458,6 +463,8 @@ def test_warp_shuffle_verifier_and_limits(monkeypatch):
     assert nhq._shuffle_verified(x, g, ("shfl", 4, 2), **kw)
     assert nhq._default_shuffle(x, g, **kw) == nhq.shuffle_config(256) == ("shfl", 16, 4)
     assert len(nhq._SHFL_DEFAULT) == 1
+    # without the Hadamard the check compares with the chunked kernel (the flat one needs a block > 1)
+    assert nhq._default_shuffle(x, g, **{**kw, "hb": 1}) == ("shfl", 16, 4) and len(nhq._SHFL_DEFAULT) == 2
     real = nhq._nhq_shfl
 
     def wrong_pairs(x2, g, q, scale, rstd, config, **k):  # stands in for a kernel pairing the wrong lanes
@@ -569,7 +576,9 @@ def test_shuffle_register_cap_dropped_where_it_spills(monkeypatch):
                                         (33, 256, 16, ("shfl", 4, 2, 1)),
                                         # G_TILE: the norm weight re-read per tile (default from 8192 features)
                                         (37, 512, 256, ("shfl", 1, 1, 1, None, True)),
-                                        (19, 384, 128, ("shfl", 2, 1, 2, None, True))])
+                                        (19, 384, 128, ("shfl", 2, 1, 2, None, True)),
+                                        (37, 512, 1, ("shfl", 1, 1, 1)),  # no Hadamard (QKV / fc1)
+                                        (19, 384, 1, ("shfl", 2, 1, 2, None, True))])
 def test_warp_shuffle_backward_matches_autograd(T, D, hb, cfg):
     """The warp-shuffle backward (persistent: more token blocks than programs) against autograd through the
     torch path, with and without the norm weight; and its one-time check keeps it for a correct kernel."""

@@ -52,6 +52,11 @@ NOTES = [
     "(50.6k tokens/s). In fp8a v2_a4 ran out of memory: megatron-core's FullCudaGraphWrapper keeps the captured "
     "graph (and its memory pool) on its class, so the two earlier engines' pools were still held in that process; "
     "gpu_check.py now calls `engine.drop_cuda_graph()` between engines and fp8b measured bf16 and v2_a4 alone.",
+    "* `r15` (session 12 of 2026-11-25, eager), `r15-graph` (`engine.cuda_graph=true`) and `r15-graph-fp8` (with "
+    "`precision.fp8_backward=true` too): the code with the fused forward's register caps (session 11), one H100 "
+    "session, raw docs/benchmarks/raw/round15_2026-11-25/e2e. 4 x 2048: v2_a8 1.13x / v2_a4 1.14x eager, 1.15x / "
+    "1.17x with the graph, 1.21x / 1.24x with the graph and the FP8 backward; 2 x 2048 eager (host-bound) 0.82x / "
+    "0.83x, with the graph 1.12x / 1.14x. The same picture as r12: the caps change a few microseconds per layer call.",
     "* The 2026-11-24 morning rows (docs/benchmarks/raw/e2e_bench_2026-11-24.jsonl: 1.3B 1.00x, 400M 0.64-0.69x) "
     "ran with the stale ternary-code cache (codes computed once per run) and the older kernels; superseded.",
     "* 1.3B v2_a4 at 8 x 2048 ran out of memory in r6 after bf16 and v2_a8 had run in the same process (62-64 GiB "
