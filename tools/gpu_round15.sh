@@ -3,7 +3,7 @@
 # layer step timed alone, and the speed-up bounds of bitnet_dist/bench_breakdown.py), and the end-to-end 1.3B
 # throughput on the code with the forward's register caps (not re-measured since session 11's change).
 # Start with the wheel line of ../shared/device/wheels.sh; carry .whl.
-#   bench: python -m bitnet_dist.bench (docs/benchmarks/kernels.{json,md})
+#   tests: kernel GPU tests; bench: python -m bitnet_dist.bench (docs/benchmarks/kernels.{json,md})
 #   e2e: 1.3B at 2 x 2048 and 4 x 2048 tokens per micro-batch, eager; e2eg2 / e2eg4 / e2eg8: with the CUDA graph
 #   (e2eg8 = 4 x 2048 with the FP8 backward); clock: the fused forward after idle and after GEMM load
 set -u
@@ -14,6 +14,8 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > $OUT/device.t
 for step in "$@"; do
 t0=$(date +%s)
 case "$step" in
+tests)  # kernel GPU tests (the warp-shuffle kernels now also without the Hadamard)
+  timeout 300 python -m pytest -q -p no:warnings -m gpu tests/test_kernels_gpu.py 2>&1 | tail -5 | tee $OUT/kernel_gpu_tests.txt ;;
 bench)
   timeout 480 python -m bitnet_dist.bench --out "$OUT/bench" 2>&1 | grep -E "^copy|wrote|error|Error" | tail -8 ;;
 e2e)
