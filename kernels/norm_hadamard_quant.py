@@ -802,7 +802,7 @@ def shuffle_vec(bm: int, C: int, warps: int) -> int:
     return min(16, bm * C // (32 * warps))
 
 
-def shuffle_maxnreg(bm: int, C: int, warps: int, elem_bytes: int = 2) -> Optional[int]:
+def shuffle_maxnreg(bm: int, C: int, warps: int, elem_bytes: int = 2, hadamard: bool = True) -> Optional[int]:
     """Register cap for the warp-shuffle forward on 16-bit activations, or None (ptxas decides). Measured on the
     H100 with Triton 3.6 (tools/kernels/reglab.py; docs/benchmarks/raw/round14_2026-11-25/, three runs):
     * whole rows of 16384 features on 8 warps took 128 registers per thread, so two programs (16 warps) fitted on
@@ -811,8 +811,11 @@ def shuffle_maxnreg(bm: int, C: int, warps: int, elem_bytes: int = 2) -> Optiona
     * 2048 features on 2 warps: ptxas took 56 registers; allowed 64 it schedules differently (at most 16 programs
       per SM instead of 18), +0.6 to +2.8 points in each of three runs.
     Elsewhere a cap spilled (8192 features) or was slower (4096). fp32 activations hold twice the registers: no
-    cap. ``BITNET_SHFL_MAXNREG=0`` turns it off."""
-    if not _SHFL_MAXNREG or elem_bytes != 2 or interpreting() or "maxnreg" not in _cuda_option_fields():
+    cap. Rows without the Hadamard (``hadamard=False``: QKV / fc1 inputs) were not measured under a cap (and
+    their kernel, with other live ranges, spilled under one in the GPU test of session 12): no cap.
+    ``BITNET_SHFL_MAXNREG=0`` turns it off."""
+    if (not _SHFL_MAXNREG or not hadamard or elem_bytes != 2 or interpreting()
+            or "maxnreg" not in _cuda_option_fields()):
         return None
     return {(1, 16384, 8): 80, (1, 2048, 2): 64}.get((bm, C, warps))
 
@@ -923,7 +926,7 @@ def _nhq_shfl(x2, g, q, scale, rstd, config, *, act_bits, hb, has_norm, eps, ful
     if len(config) > 5:
         maxnreg = config[5]
     else:
-        maxnreg = shuffle_maxnreg(bm, C, warps, x2.element_size())
+        maxnreg = shuffle_maxnreg(bm, C, warps, x2.element_size(), hadamard=hb > 1)
         if maxnreg:
             cap_key = (x2.device.index, x2.dtype, g.dtype, bm, C, warps, act_bits, hb, has_norm, fp8_codes,
                        int(packed))

@@ -519,6 +519,7 @@ def test_shuffle_register_cap_only_for_the_widest_rows(monkeypatch):
     assert caps == {1024: None, 2048: 64, 4096: None, 8192: None, 16384: 80}
     assert nhq.shuffle_maxnreg(1, 16384, 16) is None
     assert nhq.shuffle_maxnreg(1, 16384, 8, elem_bytes=4) is None  # fp32 activations: no cap
+    assert nhq.shuffle_maxnreg(1, 16384, 8, hadamard=False) is None  # no Hadamard: not measured under a cap
     monkeypatch.setattr(nhq, "_CUDA_OPTIONS", frozenset({"num_warps"}))  # a Triton without the option
     assert nhq.shuffle_maxnreg(1, 16384, 8) is None
     monkeypatch.setattr(nhq, "_CUDA_OPTIONS", frozenset({"maxnreg"}))

@@ -205,6 +205,7 @@ def test_warp_shuffle_register_cap_does_not_spill():
         pytest.skip("no register cap on this Triton (no maxnreg launch option) or BITNET_SHFL_MAXNREG=0")
     capped = [(dict(key[1]), k) for key, k in nhq._FWD_SHFL.cache.items() if dict(key[1]).get("maxnreg")]
     assert {kw["C"] for kw, _ in capped} >= {2048, 16384}, "the forward did not launch with its register caps"
+    assert all(kw["HB"] > 1 for kw, _ in capped), "a row without the Hadamard launched under a cap"
     for kw, k in capped:
         assert k.n_regs <= kw["maxnreg"] and k.n_spills == 0, (kw, k.n_regs, k.n_spills)
 

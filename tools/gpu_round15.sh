@@ -15,7 +15,7 @@ for step in "$@"; do
 t0=$(date +%s)
 case "$step" in
 tests)  # kernel GPU tests (the warp-shuffle kernels now also without the Hadamard)
-  timeout 300 python -m pytest -q -p no:warnings -m gpu tests/test_kernels_gpu.py 2>&1 | tail -5 | tee $OUT/kernel_gpu_tests.txt ;;
+  timeout 300 python -m pytest -q -p no:warnings -m gpu tests/test_kernels_gpu.py 2>&1 | tail -60 > $OUT/kernel_gpu_tests_full.txt; tail -5 $OUT/kernel_gpu_tests_full.txt | tee $OUT/kernel_gpu_tests.txt ;;
 bench)
   timeout 480 python -m bitnet_dist.bench --out "$OUT/bench" 2>&1 | grep -E "^copy|wrote|error|Error" | tail -8 ;;
 e2e)
