@@ -3,7 +3,7 @@
 # layer step timed alone, and the speed-up bounds of bitnet_dist/bench_breakdown.py), and the end-to-end 1.3B
 # throughput on the code with the forward's register caps (not re-measured since session 11's change).
 # Start with the wheel line of ../shared/device/wheels.sh; carry .whl.
-#   tests: kernel GPU tests; bench: python -m bitnet_dist.bench (docs/benchmarks/kernels.{json,md})
+#   mtests / app: megatron GPU tests / tools/megatron/graph_app_check.sh; tests: kernel GPU tests; bench: python -m bitnet_dist.bench (docs/benchmarks/kernels.{json,md})
 #   e2e: 1.3B at 2 x 2048 and 4 x 2048 tokens per micro-batch, eager; e2eg2 / e2eg4 / e2eg8: with the CUDA graph
 #   (e2eg8 = 4 x 2048 with the FP8 backward); clock: the fused forward after idle and after GEMM load
 set -u
@@ -14,6 +14,10 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > $OUT/device.t
 for step in "$@"; do
 t0=$(date +%s)
 case "$step" in
+mtests)
+  timeout 220 python -m pytest -q -p no:warnings -m gpu tests/test_megatron_gpu.py 2>&1 | tee $OUT/megatron_gpu_full.txt | tail -40 > $OUT/megatron_gpu_tests.txt; tail -3 $OUT/megatron_gpu_tests.txt ;;
+app)  # tiny v2_a8_to_a4 run: eager vs CUDA graph vs graph stopped and resumed vs graph without probes
+  OUT=$OUT/app_check timeout 400 bash tools/megatron/graph_app_check.sh 2>&1 | tee $OUT/app_check.txt | tail -6 ;;
 tests)  # kernel GPU tests (the warp-shuffle kernels now also without the Hadamard)
   timeout 300 python -m pytest -q -p no:warnings -m gpu tests/test_kernels_gpu.py 2>&1 | tail -60 > $OUT/kernel_gpu_tests_full.txt; tail -5 $OUT/kernel_gpu_tests_full.txt | tee $OUT/kernel_gpu_tests.txt ;;
 bench)
