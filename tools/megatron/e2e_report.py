@@ -56,7 +56,10 @@ NOTES = [
     "`precision.fp8_backward=true` too): the code with the fused forward's register caps (session 11), one H100 "
     "session, raw docs/benchmarks/raw/round15_2026-11-25/e2e. 4 x 2048: v2_a8 1.13x / v2_a4 1.14x eager, 1.15x / "
     "1.17x with the graph, 1.21x / 1.24x with the graph and the FP8 backward; 2 x 2048 eager (host-bound) 0.82x / "
-    "0.83x, with the graph 1.12x / 1.14x. The same picture as r12: the caps change a few microseconds per layer call.",
+    "0.83x, with the graph 1.12x / 1.14x. The same picture as r12: the caps change a few microseconds per layer call. `r15b-graph` / "
+    "`r15b-graph-fp8`: the final code of session 12 (the warp-shuffle kernels also at the QKV / fc1 inputs), 4 x "
+    "2048 with the graph: v2_a8 1.17x, v2_a4 1.18x; with the FP8 backward 1.20x / 1.23x: within the run-to-run "
+    "spread of r15 (by the breakdown's kernel times the change saves ~2.5 ms of GPU time in a 0.68 s step, 0.4%).",
     "* The 2026-11-24 morning rows (docs/benchmarks/raw/e2e_bench_2026-11-24.jsonl: 1.3B 1.00x, 400M 0.64-0.69x) "
     "ran with the stale ternary-code cache (codes computed once per run) and the older kernels; superseded.",
     "* 1.3B v2_a4 at 8 x 2048 ran out of memory in r6 after bf16 and v2_a8 had run in the same process (62-64 GiB "
