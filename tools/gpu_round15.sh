@@ -30,6 +30,8 @@ clock)  # the fused forward after idle / after GEMM load, with clocks (tools/ker
   timeout 150 python tools/kernels/clock_probe.py --out $OUT/clock_probe.jsonl ;;
 bprobe)  # the fused forward alone / inside the breakdown (tools/kernels/breakdown_probe.py)
   timeout 200 python tools/kernels/breakdown_probe.py 2>&1 | grep -E "probe|Error" | tee $OUT/breakdown_probe.txt ;;
+abnohad)  # whole QKV / fc1 layer steps: warp-shuffle (new) vs chunked (old) kernels, alternating
+  timeout 300 python tools/kernels/ab_nohad.py --out $OUT/ab_nohad.jsonl 2>&1 | grep -E "^\[ab\]|Error" | tee $OUT/ab_nohad.txt ;;
 e2eg2|e2eg4|e2eg8)  # with the CUDA graph (engine warm-up 2 steps: bench warm-up 4 so that only replays are timed)
   mbs=${step#e2eg}; extra=""; if [ "$mbs" = 8 ]; then mbs=4; extra="--fp8-backward"; fi
   timeout 300 $G bench --model 1.3B --precision ${PRECS:-bf16 v2_a8 v2_a4} --seq 2048 --mbs $mbs --gbs $((4 * mbs)) --vocab 32000 --warmup 4 --iters 5 \
