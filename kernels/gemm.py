@@ -184,11 +184,12 @@ def fp8_available(device: torch.device) -> bool:
 
 
 def fp8_gemm(a8: torch.Tensor, b8: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor,
-             out_dtype=torch.bfloat16) -> torch.Tensor:
+             out_dtype=torch.bfloat16, fast_accum: bool = False) -> torch.Tensor:
     """a8 float8_e4m3fn [M, K] row-major, b8 float8_e4m3fn [N, K] row-major (used as the column-major
-    B = b8.T), sa fp32 [M], sb fp32 [N] -> (a8 @ b8.T) * sa * sb with fp32 accumulation."""
+    B = b8.T), sa fp32 [M], sb fp32 [N] -> (a8 @ b8.T) * sa * sb with fp32 accumulation. ``fast_accum``:
+    cuBLASLt's fast accumulation (fewer accumulator bits), for the benchmark's comparison only."""
     return torch._scaled_mm(a8, b8.t(), scale_a=sa.reshape(-1, 1).float(), scale_b=sb.reshape(1, -1).float(),
-                            out_dtype=out_dtype, use_fast_accum=False)
+                            out_dtype=out_dtype, use_fast_accum=fast_accum)
 
 
 def scaled_gemm_reference(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor,

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# What the next session with GPU time should run first (state at the end of session 11, 2026-11-25, H100,
-# docs/benchmarks/raw/round14_2026-11-25/: the megatron GPU tests and the app check passed on ba69348 (final/), the
-# kernel tests on d528cb2 (final2/, the cap's spill fallback); later commits touch docs and tests only; the benchmark
-# with the register caps is the committed one. Run these again after any kernel, engine or training-loop change;
+# What the next session with GPU time should run first (state at the end of session 12, 2026-11-25, H100,
+# docs/benchmarks/raw/round15_2026-11-25/: the kernel tests (5d3f563), the megatron GPU tests and the app check
+# (60362e8) passed on the session's final kernels (the warp-shuffle kernels also without the Hadamard); the
+# benchmark bench_final/ is the committed one. Run these again after any kernel, engine or training-loop change;
 # the multi-GPU checks below have never run since their fixes):
 #   2 GPUs:     bash tools/megatron/gpu_pp2_verify.sh   (PP2 x VP2 after the p2p fix; TP2 -> TP1 resume)
 #   4 / 8 GPUs: bash tools/megatron/gpu_multi.sh        (TP2 x PP2 (x DP2) with SP and the interleaved schedule)

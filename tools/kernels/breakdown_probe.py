@@ -24,12 +24,8 @@ def main():
         b = nhq_ms(x, g)
         c8, s8, rstd = norm_hadamard_quant(x, g, act_bits=8, hadamard_block=256, eps=1e-5)
         c = nhq_ms(x, g)
-        timer_log = {}
-
-        def timer(fn, _log=timer_log):
-            return timed_gpu(fn, 5, 30)
-
-        rows = bench_breakdown(SimpleNamespace(tokens=[T]), 3.0, [], timer, shapes=[("p", "wo", K, K, True, T)])
+        rows = bench_breakdown(SimpleNamespace(tokens=[T]), 3.0, [], lambda fn: timed_gpu(fn, 5, 30),
+                               shapes=[("p", "wo", K, K, True, T)])
         d = rows[0]["parts_ms"]["nhq_a8"]
         del others, c8, s8, rstd
         e = nhq_ms(x, g)
