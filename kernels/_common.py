@@ -292,29 +292,6 @@ def fwht_shuffle(v, cols, BM: tl.constexpr, C: tl.constexpr, HB: tl.constexpr, V
     return v
 
 
-@triton.jit
-def _transpose16x16(v, BM: tl.constexpr, C: tl.constexpr):
-    """Within every 256-block of the rows of v [BM, C]: feature (hi, lo) <-> (lo, hi) (bits 0-3 <-> 4-7)."""
-    return tl.reshape(tl.permute(tl.reshape(v, (BM, C // 256, 16, 16)), (0, 1, 3, 2)), (BM, C))
-
-
-@triton.jit
-def fwht_transposed(v, cols, BM: tl.constexpr, C: tl.constexpr, VEC: tl.constexpr):
-    """``fwht_shuffle`` for HB = 256 with VEC = 16 (bits 0-3 in registers), experiment: the four lane stages
-    become register stages between two 16 x 16 transposes of each block (Triton moves the data through shared
-    memory at the transposes) instead of four shuffles + sign FMAs per element. Same stage order (bit 0 first)."""
-    v = _wht_stage(v, cols, BM, C, 1, VEC)
-    v = _wht_stage(v, cols, BM, C, 2, VEC)
-    v = _wht_stage(v, cols, BM, C, 4, VEC)
-    v = _wht_stage(v, cols, BM, C, 8, VEC)
-    v = _transpose16x16(v, BM, C)
-    v = _wht_stage(v, cols, BM, C, 1, VEC)
-    v = _wht_stage(v, cols, BM, C, 2, VEC)
-    v = _wht_stage(v, cols, BM, C, 4, VEC)
-    v = _wht_stage(v, cols, BM, C, 8, VEC)
-    return _transpose16x16(v, BM, C)
-
-
 # ------------------------------------------------------------------ packed bf16 / int8 helpers (sm_90)
 # LLVM lowers bf16 <-> fp32 one element at a time (extract, shift: 1.5 instructions per element) and an int8
 # store as a 16-bit convert, a mask and two byte permutes per element. The warp-shuffle forward was issue-bound

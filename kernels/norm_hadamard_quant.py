@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from ._common import (FastLaunch, bf16_norm_mul, bf16_to_f32, block_fwht, block_fwht_rows, default_prec,
-                      device_capability, dot16, fwht_shuffle, fwht_transposed, int8_rn, interpreting, next_pow2, num_sms, pair_join,
+                      device_capability, dot16, fwht_shuffle, int8_rn, interpreting, next_pow2, num_sms, pair_join,
                       pair_split, quotient, rint, round_bf16_pair, round_to)
 
 # One definition of the quantizers' constants: the reference numerics (bitnet_dist.quant).
@@ -496,8 +496,7 @@ def _load_tile_rows(G, cols, cmask, BM: tl.constexpr, EVEN: tl.constexpr):
 def _fwd_shfl_kernel(X, G, Q, SCALE, RSTD, T, D, stride_x, stride_q, eps, full_dim_f, inv_sqrt_hb,
                      BITS: tl.constexpr, HB: tl.constexpr, HAS_NORM: tl.constexpr, BM: tl.constexpr,
                      C: tl.constexpr, ROUND: tl.constexpr, X_BF16: tl.constexpr, Q_FP8: tl.constexpr,
-                     VEC: tl.constexpr, PACKED: tl.constexpr = 0, EVEN: tl.constexpr = False,
-                     XPOSE: tl.constexpr = False):
+                     VEC: tl.constexpr, PACKED: tl.constexpr = 0, EVEN: tl.constexpr = False):
     """The whole forward chain (no TP reduction, whole rows: D <= C) for BM tokens in the natural [BM, C]
     layout, the Hadamard as warp-shuffle butterflies (``fwht_shuffle``): no tensor cores, no shared memory.
     PACKED (sm_90, ``_common``'s packed helpers), a bit mask: 1 = bf16 pairs in one register (unpacking, the
@@ -539,10 +538,7 @@ def _fwd_shfl_kernel(X, G, Q, SCALE, RSTD, T, D, stride_x, stride_q, eps, full_d
     # which leaves every rounding, the quotient and so the codes unchanged (outside the subnormal range).
     SQ: tl.constexpr = (1 if HB == 1 else 2 if HB == 4 else 4 if HB == 16 else 8 if HB == 64
                         else 16 if HB == 256 else 0)
-    if XPOSE and HB == 256 and VEC == 16:
-        u = fwht_transposed(n, cols, BM, C, VEC)
-    else:
-        u = fwht_shuffle(n, cols, BM, C, HB, VEC)
+    u = fwht_shuffle(n, cols, BM, C, HB, VEC)
     if SQ == 0:
         u = u * inv_sqrt_hb
     if PK:
@@ -771,7 +767,6 @@ def norm_hadamard_quant(x2: torch.Tensor, norm_weight: Optional[torch.Tensor], *
 # Since 2026-11-25 (session 12) also for layers without the Hadamard (BitLinear: QKV / fc1, BitNet v1), which
 # ran the chunked kernels before: the same row-wise kernels with no butterflies (HB = 1).
 SHUFFLE_FWD = os.environ.get("BITNET_SHUFFLE_HADAMARD", "1") != "0"
-SHFL_XPOSE = False  # experiment (tools/kernels/xpose_lab.py): the lane stages through two 16 x 16 transposes
 
 
 # The packed-register forward (``_fwd_shfl_kernel`` PACKED: bf16x2 and int8x4 PTX) on sm_90 and newer;
@@ -942,7 +937,7 @@ def _nhq_shfl(x2, g, q, scale, rstd, config, *, act_bits, hb, has_norm, eps, ful
         x2, g, q, scale, rstd, T, D, x2.stride(0), q.stride(0), float(eps), float(full), 1.0 / math.sqrt(hb),
         BITS=act_bits, HB=hb, HAS_NORM=has_norm, BM=bm, C=C,
         ROUND=x2.dtype != torch.float32, X_BF16=x2.dtype == torch.bfloat16, Q_FP8=fp8_codes,
-        VEC=vec, PACKED=int(packed), EVEN=D == C, XPOSE=SHFL_XPOSE, num_warps=warps, **opts)
+        VEC=vec, PACKED=int(packed), EVEN=D == C, num_warps=warps, **opts)
     if maxnreg and cap_key is not None and cap_key not in _CAP_CHECKED:
         # The caps were measured with Triton 3.6's ptxas; where another build spills under the cap (slower than no
         # cap, docs/kernels.md), this launch's results are still right and later launches go uncapped.
