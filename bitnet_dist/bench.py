@@ -22,6 +22,7 @@ import json
 import statistics
 import sys
 from pathlib import Path
+from typing import Callable, Dict, List, Sequence
 
 import torch
 
@@ -93,6 +94,54 @@ def timed_gpu(fn, warmup: int, reps: int, inner: int = 10, strict: bool = False)
         times.append(a.elapsed_time(b) / inner)
     del graph
     return statistics.median(times)
+
+
+def interleaved_medians(run_once: Callable[[str], float], names: Sequence[str], reps: int) -> Dict[str, float]:
+    """Median of ``reps`` timings per name, taken round-robin (rep 1 of every name, then rep 2, ...): a slow drift
+    of the GPU's clock (its power cap, docs/kernels.md) then moves every variant alike instead of whichever was
+    timed last, and ratios taken in one run compare like with like."""
+    times: Dict[str, List[float]] = {n: [] for n in names}
+    for _ in range(reps):
+        for n in names:
+            times[n].append(run_once(n))
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def timed_gpu_interleaved(fns: Dict[str, Callable], warmup: int, reps: int, inner: int = 5):
+    """GPU milliseconds per call of each fn: each captured ``inner`` times in its own CUDA graph, then the graphs
+    replayed round-robin (``interleaved_medians``). -> ({name: ms}, {name: error} for those not capturable)."""
+    graphs, errors = {}, {}
+    for name, fn in fns.items():
+        try:
+            for _ in range(warmup):
+                fn()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fn()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(inner):
+                    fn()
+            graph.replay()
+            torch.cuda.synchronize()
+            graphs[name] = graph
+        except Exception as e:  # noqa: BLE001 - reported per variant
+            torch.cuda.synchronize()
+            errors[name] = repr(e)[:300]
+
+    def run_once(name):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graphs[name].replay()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b) / inner
+
+    ms = interleaved_medians(run_once, list(graphs), reps)
+    del graphs
+    return ms, errors
 
 
 def bench_copy(args, shape=(16384, 8192)):
@@ -250,11 +299,6 @@ def bench_layer(args):
                         x.grad = g.grad = lin.weight.grad = None
                         # back to back, as in training: host overhead counts where it exceeds GPU time
                         r[f"{name}_ms"] = timed(step, args.warmup, max(3, args.reps // 5), inner=10)
-                        # the same step replayed from a CUDA graph (engine.cuda_graph=true): GPU time only
-                        try:
-                            r[f"{name}_graph_ms"] = timed_gpu(step, 2, max(3, args.reps // 5), inner=5, strict=True)
-                        except Exception as e:  # noqa: BLE001
-                            r[f"{name}_graph_error"] = repr(e)[:300]
                         x.grad = g.grad = lin.weight.grad = None
                         step()  # grads allocated, so the peak below is the step's own transient memory
                         torch.cuda.synchronize()
@@ -269,6 +313,25 @@ def bench_layer(args):
                     except Exception as e:  # noqa: BLE001 - report and go on with the other variants
                         r[f"{name}_error"] = repr(e)[:300]
                         print("layer error", name, repr(e)[:300], flush=True)
+                # the same steps replayed from CUDA graphs (engine.cuda_graph=true): GPU time only, the variants'
+                # graphs replayed round-robin so that a drift of the clock between variants does not bias ratios
+                steps = {}
+                for name, fwd in variants.items():
+                    if f"{name}_error" in r:
+                        continue
+
+                    def step(fwd=fwd):
+                        y = fwd()
+                        x.grad = None
+                        y.backward(dy)
+                    steps[name] = step
+                r["graph_reps"] = max(6, args.reps // 2)
+                r["graph_interleaved"] = True
+                graph_ms, graph_err = timed_gpu_interleaved(steps, 2, r["graph_reps"], inner=5)
+                for name, ms in graph_ms.items():
+                    r[f"{name}_graph_ms"] = ms
+                for name, e in graph_err.items():
+                    r[f"{name}_graph_error"] = e
                 for name in variants:
                     if f"{name}_ms" in r:
                         r[f"{name}_speedup_vs_linear"] = r["linear_bf16_ms"] / r[f"{name}_ms"]
@@ -327,9 +390,13 @@ def to_markdown(res) -> str:
                  for n in names]
         out.append(f"| {r['model']} | {r['layer']} | {r['tokens']} | " + " | ".join(cells) + " |")
     if any(n + "_graph_ms" in r for r in res["layer"] for n in names):
+        r0 = res["layer"][0]
         out += ["\n## One layer forward + backward replayed from a CUDA graph (GPU ms; speed-up against nn.Linear bf16)\n",
                 "5 steps captured in one graph and replayed (as with `engine.cuda_graph=true`, docs/training.md): no "
-                "host time in either variant. The weight codes are reused from the step's first micro-batch as above.\n",
+                "host time in either variant. The weight codes are reused from the step's first micro-batch as above."
+                + (f" The variants' graphs are replayed round-robin, median of {r0['graph_reps']} rounds: a drift of the "
+                   "GPU clock during the run moves every variant alike (until 2026-11-25 session 12 each variant was "
+                   "timed in turn, 6 replays, and nn.Linear first)." if r0.get("graph_interleaved") else "") + "\n",
                 "| model | layer | tokens | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
         for r in res["layer"]:
             cells = [f"{r[n + '_graph_ms']:.2f} ({r[n + '_graph_speedup_vs_linear']:.2f}x)"

@@ -230,7 +230,7 @@ def _colmax_kernel(X, ROWSCALE, AMAX, T, N, stride_x, BT: tl.constexpr, BN: tl.c
     m = (rows < T)[:, None] & (cols < N)[None, :]
     v = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
     v = v * tl.load(ROWSCALE + rows, mask=rows < T, other=0.0)[:, None]
-    tl.atomic_max(AMAX + cols, tl.max(tl.abs(v), axis=0), mask=cols < N)
+    tl.atomic_max(AMAX + cols, tl.max(tl.abs(v), axis=0), mask=cols < N, sem="relaxed")
 
 
 @triton.jit
@@ -263,7 +263,10 @@ def _dy_amax_kernel(X, COLSCALE, ROWSCALE, RAMAX, CAMAX, T, N, stride_x, BT: tl.
                     R: tl.constexpr):
     """One read of dy for both backward GEMMs' scales, R row tiles of [BT, BN] per program:
     RAMAX[t] = max |X[t, n] * colscale[n]| (grad_x's per-token scale) and CAMAX[n] = max |X[t, n] * rowscale[t]|
-    (grad_W's per-channel scale); the column maxima gathered over the R tiles before one atomic."""
+    (grad_W's per-channel scale); the column maxima gathered over the R tiles before one atomic. The atomics
+    are relaxed: only the values after the kernel matter, and Triton's default (acq_rel) fences each one, which
+    made this read-only pass 57-63% of copy bandwidth against 73-91% relaxed (H100, tools/kernels/fp8_block_lab.py
+    --prep, docs/benchmarks/raw/round16_2026-11-25/)."""
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     cm = cols < N
     cs = tl.load(COLSCALE + cols, mask=cm, other=0.0)
@@ -274,9 +277,9 @@ def _dy_amax_kernel(X, COLSCALE, ROWSCALE, RAMAX, CAMAX, T, N, stride_x, BT: tl.
         v = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=rm[:, None] & cm[None, :], other=0.0)
         v = tl.abs(v.to(tl.float32))
         rs = tl.load(ROWSCALE + rows, mask=rm, other=0.0)
-        tl.atomic_max(RAMAX + rows, tl.max(v * cs[None, :], axis=1), mask=rm)
+        tl.atomic_max(RAMAX + rows, tl.max(v * cs[None, :], axis=1), mask=rm, sem="relaxed")
         cacc = tl.maximum(cacc, v * rs[:, None])
-    tl.atomic_max(CAMAX + cols, tl.max(cacc, axis=0), mask=cm)
+    tl.atomic_max(CAMAX + cols, tl.max(cacc, axis=0), mask=cm, sem="relaxed")
 
 
 @triton.jit

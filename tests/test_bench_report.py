@@ -120,3 +120,22 @@ def test_breakdown_markdown():
     a8 = row["bounds"]["hbit_a8_bf16bwd"]
     assert f"- / {a8['sum_ratio']:.2f} / {a8['floor_ratio']:.2f} / {a8['gemm_ratio']:.2f}" in md
     assert to_markdown([], 2.0) == []
+
+
+def test_interleaved_medians_round_robin_and_drift():
+    """The layer table's graph timings are taken round-robin: with a clock that drifts during the run, two equal
+    variants get equal medians (timed one after the other, the later one would look slower)."""
+    from bitnet_dist.bench import interleaved_medians
+
+    order, clock = [], [1.0]
+
+    def run_once(name):
+        order.append(name)
+        clock[0] *= 1.01  # every timing 1% slower than the one before (a warming GPU)
+        return clock[0] * (2.0 if name == "slow" else 1.0)
+
+    ms = interleaved_medians(run_once, ["a", "b", "slow"], reps=5)
+    assert order == ["a", "b", "slow"] * 5
+    assert abs(ms["a"] / ms["b"] - 1) < 0.011  # equal variants stay within one drift step
+    assert abs(ms["slow"] / ms["a"] - 2) < 0.05
+    assert interleaved_medians(run_once, [], reps=3) == {}

@@ -60,6 +60,10 @@ NOTES = [
     "`r15b-graph-fp8`: the final code of session 12 (the warp-shuffle kernels also at the QKV / fc1 inputs), 4 x "
     "2048 with the graph: v2_a8 1.17x, v2_a4 1.18x; with the FP8 backward 1.20x / 1.23x: within the run-to-run "
     "spread of r15 (by the breakdown's kernel times the change saves ~2.5 ms of GPU time in a 0.68 s step, 0.4%).",
+    "* `r16-graph-fp8` (session 13 of 2026-11-25): the FP8 backward's dy prep with relaxed atomics in its amax pass "
+    "(docs/kernels.md), 4 x 2048 with the graph and the FP8 backward: v2_a8 1.23x, v2_a4 1.22x (r15b: 1.20x / "
+    "1.23x): within the run-to-run spread (by the breakdown's dy-prep times the change saves ~5 ms of GPU time in a "
+    "0.66 s step, 0.8%); raw docs/benchmarks/raw/round16_2026-11-25/e2e_graph_fp8.jsonl.",
     "* The 2026-11-24 morning rows (docs/benchmarks/raw/e2e_bench_2026-11-24.jsonl: 1.3B 1.00x, 400M 0.64-0.69x) "
     "ran with the stale ternary-code cache (codes computed once per run) and the older kernels; superseded.",
     "* 1.3B v2_a4 at 8 x 2048 ran out of memory in r6 after bf16 and v2_a8 had run in the same process (62-64 GiB "

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Session 13 of 2026-11-25, one H100: the FP8 backward with 1 x 128 block scales (one read of dy, cuBLAS block
+# scaling) against the row-wise form. Start with the wheel line of ../shared/device/wheels.sh; carry .whl.
+#   fp8lab: tools/kernels/fp8_block_lab.py (prep kernels and GEMMs, both forms, all benchmark shapes; errors)
+#   tests / mtests / app / bench / e2eg8 / fp8_v2_a8 / fp8_v2_a4: as in tools/gpu_round15.sh / gpu_round13.sh
+set -u
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 WANDB_MODE=disabled NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+G="python tools/megatron/gpu_check.py"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > $OUT/device.txt
+for step in "$@"; do
+t0=$(date +%s)
+case "$step" in
+fp8prep)  # the row-wise prep's two passes timed apart over tiles
+  timeout 300 python tools/kernels/fp8_block_lab.py --prep --out $OUT/fp8_prep_lab.jsonl 2>&1 | grep -E "^\[lab|Error|error" | cut -c1-300 ;;
+xpose)  # the forward's Hadamard lane stages through two 16 x 16 transposes vs shuffles (tools/kernels/xpose_lab.py)
+  timeout 400 python tools/kernels/xpose_lab.py --out $OUT/xpose_lab.jsonl 2>&1 | grep -E "^\[xp|Error|error" | cut -c1-400 ;;
+fp8lab)
+  timeout 400 python tools/kernels/fp8_block_lab.py --out $OUT/fp8_block_lab.jsonl 2>&1 | grep -E "^\[lab|Error|error" | cut -c1-600 ;;
+mtests)
+  timeout 220 python -m pytest -q -p no:warnings -m gpu tests/test_megatron_gpu.py 2>&1 | tee $OUT/megatron_gpu_full.txt | tail -40 > $OUT/megatron_gpu_tests.txt; tail -3 $OUT/megatron_gpu_tests.txt ;;
+app)
+  OUT=$OUT/app_check timeout 400 bash tools/megatron/graph_app_check.sh 2>&1 | tee $OUT/app_check.txt | tail -6 ;;
+tests)
+  timeout 300 python -m pytest -q -p no:warnings -m gpu tests/test_kernels_gpu.py 2>&1 | tail -60 > $OUT/kernel_gpu_tests_full.txt; tail -5 $OUT/kernel_gpu_tests_full.txt | tee $OUT/kernel_gpu_tests.txt ;;
+bench)
+  timeout 480 python -m bitnet_dist.bench --out "$OUT/bench" 2>&1 | grep -E "^copy|wrote|error|Error" | tail -8 ;;
+e2eg8)  # 1.3B, 4 x 2048, CUDA graph, FP8 backward
+  timeout 300 $G bench --model 1.3B --precision ${PRECS:-bf16 v2_a8 v2_a4} --seq 2048 --mbs 4 --gbs 16 --vocab 32000 --warmup 4 --iters 5 \
+    --cuda-graph --fp8-backward --out $OUT/e2e_graph.jsonl 2>&1 | grep -E "^\[bench|Error|error" | cut -c1-300 ;;
+esac
+echo "[round16] $step: $(( $(date +%s) - t0 )) s" | tee -a $OUT/times.txt
+done
