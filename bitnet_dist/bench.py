@@ -59,6 +59,32 @@ def timed(fn, warmup: int, reps: int, inner: int = 1) -> float:
     return statistics.median(times)
 
 
+def _capture(fn, inner: int):
+    """fn run once on a side stream (CUDA graph warm-up), then ``inner`` calls captured in one graph, replayed
+    once; raises where fn cannot be captured."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(inner):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    return graph
+
+
+def _replay_ms(graph, inner: int) -> float:
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    graph.replay()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) / inner
+
+
 def timed_gpu(fn, warmup: int, reps: int, inner: int = 10, strict: bool = False) -> float:
     """Median GPU milliseconds per fn() call: ``inner`` calls captured in one CUDA graph and replayed, so
     no host launch overhead is in the number (kernel time only). Falls back to ``timed`` (inner calls back
@@ -67,31 +93,13 @@ def timed_gpu(fn, warmup: int, reps: int, inner: int = 10, strict: bool = False)
         fn()
     torch.cuda.synchronize()
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(inner):
-                fn()
-        graph.replay()
-        torch.cuda.synchronize()
+        graph = _capture(fn, inner)
     except Exception:  # noqa: BLE001 - not capturable: time it unrolled instead
         torch.cuda.synchronize()
         if strict:
             raise
         return timed(fn, 1, reps, inner)
-    times = []
-    for _ in range(reps):
-        a = torch.cuda.Event(enable_timing=True)
-        b = torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / inner)
+    times = [_replay_ms(graph, inner) for _ in range(reps)]
     del graph
     return statistics.median(times)
 
@@ -115,29 +123,13 @@ def timed_gpu_interleaved(fns: Dict[str, Callable], warmup: int, reps: int, inne
         try:
             for _ in range(warmup):
                 fn()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                fn()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for _ in range(inner):
-                    fn()
-            graph.replay()
-            torch.cuda.synchronize()
-            graphs[name] = graph
+            graphs[name] = _capture(fn, inner)
         except Exception as e:  # noqa: BLE001 - reported per variant
             torch.cuda.synchronize()
             errors[name] = repr(e)[:300]
 
     def run_once(name):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graphs[name].replay()
-        b.record()
-        b.synchronize()
-        return a.elapsed_time(b) / inner
+        return _replay_ms(graphs[name], inner)
 
     ms = interleaved_medians(run_once, list(graphs), reps)
     del graphs

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Session 13 of 2026-11-25, one H100: the FP8 backward with 1 x 128 block scales (one read of dy, cuBLAS block
-# scaling) against the row-wise form. Start with the wheel line of ../shared/device/wheels.sh; carry .whl.
-#   fp8lab: tools/kernels/fp8_block_lab.py (prep kernels and GEMMs, both forms, all benchmark shapes; errors)
-#   tests / mtests / app / bench / e2eg8 / fp8_v2_a8 / fp8_v2_a4: as in tools/gpu_round15.sh / gpu_round13.sh
+# Session 13 of 2026-11-25, one H100 (docs/benchmarks/raw/round16_2026-11-25/README.md). Start with the wheel line of
+# ../shared/device/wheels.sh; carry .whl.
+#   fp8lab: tools/kernels/fp8_block_lab.py (FP8 backward with 1 x 128 block scales against the row-wise form)
+#   fp8prep: the same script --prep (the row-wise prep's amax / cast passes apart; acq_rel vs relaxed atomics)
+#   xpose: tools/kernels/xpose_lab.py, which exists only at commit 2d4cb89 (the experiment, reverted)
+#   smoke: the benchmark at 1024 tokens, fused + layer tables only (a quick check of the timing code)
+#   tests / mtests / app / bench / e2eg8: as in tools/gpu_round15.sh (e2eg8: 1.3B, 4 x 2048, graph, FP8 backward)
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -23,6 +26,8 @@ app)
   OUT=$OUT/app_check timeout 400 bash tools/megatron/graph_app_check.sh 2>&1 | tee $OUT/app_check.txt | tail -6 ;;
 tests)
   timeout 300 python -m pytest -q -p no:warnings -m gpu tests/test_kernels_gpu.py 2>&1 | tail -60 > $OUT/kernel_gpu_tests_full.txt; tail -5 $OUT/kernel_gpu_tests_full.txt | tee $OUT/kernel_gpu_tests.txt ;;
+smoke)
+  timeout 300 python -m bitnet_dist.bench --out "$OUT/smoke" --tokens 1024 --reps 6 --only fused layer 2>&1 | grep -E "^copy|wrote|error|Error" | tail -8 ;;
 bench)
   timeout 480 python -m bitnet_dist.bench --out "$OUT/bench" 2>&1 | grep -E "^copy|wrote|error|Error" | tail -8 ;;
 e2eg8)  # 1.3B, 4 x 2048, CUDA graph, FP8 backward
