@@ -248,10 +248,8 @@ def layer_variants(x, lin, g, had: bool) -> dict:
     Linear, bf16 RMSNorm + Linear, and H-BitLinear A8 / A4 with bf16 or FP8 backward GEMMs."""
     from bitnet_dist.kernels import hbit_linear
 
-    def rms_lin():
-        xf = x.float()
-        n = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(x.dtype) * g
-        return lin(n)
+    def rms_lin():  # torch's fused RMSNorm, as the bf16 model's pre-norms (bitnet_dist.norm.RMSNorm)
+        return lin(torch.nn.functional.rms_norm(x, g.shape, g, 1e-5))
 
     variants = {"linear_bf16": lambda: lin(x), "rmsnorm_linear_bf16": rms_lin}
     for bits in (8, 4):
