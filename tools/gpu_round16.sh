@@ -30,6 +30,13 @@ smoke)
   timeout 300 python -m bitnet_dist.bench --out "$OUT/smoke" --tokens 1024 --reps 6 --only fused layer 2>&1 | grep -E "^copy|wrote|error|Error" | tail -8 ;;
 bench)
   timeout 480 python -m bitnet_dist.bench --out "$OUT/bench" 2>&1 | grep -E "^copy|wrote|error|Error" | tail -8 ;;
+e2e4)  # 1.3B, 4 x 2048, eager
+  timeout 280 $G bench --model 1.3B --precision bf16 v2_a8 v2_a4 --seq 2048 --mbs 4 --gbs 16 --vocab 32000 --warmup 2 --iters 5 \
+    --out $OUT/e2e.jsonl 2>&1 | grep -E "^\[bench|Error" | cut -c1-260 ;;
+e2eg2|e2eg4)  # 1.3B, 2 / 4 x 2048, CUDA graph, bf16 backward
+  mbs=${step#e2eg}
+  timeout 300 $G bench --model 1.3B --precision ${PRECS:-bf16 v2_a8 v2_a4} --seq 2048 --mbs $mbs --gbs $((4 * mbs)) --vocab 32000 --warmup 4 --iters 5 \
+    --cuda-graph --out $OUT/e2e_graph.jsonl 2>&1 | grep -E "^\[bench|Error|error" | cut -c1-300 ;;
 e2eg8)  # 1.3B, 4 x 2048, CUDA graph, FP8 backward
   timeout 300 $G bench --model 1.3B --precision ${PRECS:-bf16 v2_a8 v2_a4} --seq 2048 --mbs 4 --gbs 16 --vocab 32000 --warmup 4 --iters 5 \
     --cuda-graph --fp8-backward --out $OUT/e2e_graph.jsonl 2>&1 | grep -E "^\[bench|Error|error" | cut -c1-300 ;;
