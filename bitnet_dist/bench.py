@@ -104,13 +104,21 @@ def timed_gpu(fn, warmup: int, reps: int, inner: int = 10, strict: bool = False)
     return statistics.median(times)
 
 
-def interleaved_medians(run_once: Callable[[str], float], names: Sequence[str], reps: int) -> Dict[str, float]:
-    """Median of ``reps`` timings per name, taken round-robin (rep 1 of every name, then rep 2, ...): a slow drift
-    of the GPU's clock (its power cap, docs/kernels.md) then moves every variant alike instead of whichever was
-    timed last, and ratios taken in one run compare like with like."""
+def interleaved_medians(run_once: Callable[[str], float], names: Sequence[str], reps: int,
+                        seed: int = 0) -> Dict[str, float]:
+    """Median of ``reps`` timings per name, taken in rounds (one timing of every name per round, the order
+    shuffled each round with a fixed seed): a slow drift of the GPU's clock (its power cap, docs/kernels.md)
+    then moves every variant alike instead of whichever was timed last, and no variant always runs right after
+    the same other one (a GEMM-heavy predecessor leaves the GPU hotter: on the H100 a fixed order moved single
+    cells by up to 15%). Ratios taken in one run then compare like with like."""
+    import random
+
+    rng = random.Random(seed)
+    order = list(names)
     times: Dict[str, List[float]] = {n: [] for n in names}
     for _ in range(reps):
-        for n in names:
+        rng.shuffle(order)
+        for n in order:
             times[n].append(run_once(n))
     return {n: statistics.median(t) for n, t in times.items()}
 
@@ -316,7 +324,7 @@ def bench_layer(args):
                         y.backward(dy)
                     steps[name] = step
                 r["graph_reps"] = max(6, args.reps // 2)
-                r["graph_interleaved"] = True
+                r["graph_interleaved"] = "shuffled"
                 graph_ms, graph_err = timed_gpu_interleaved(steps, 2, r["graph_reps"], inner=5)
                 for name, ms in graph_ms.items():
                     r[f"{name}_graph_ms"] = ms
@@ -384,9 +392,13 @@ def to_markdown(res) -> str:
         out += ["\n## One layer forward + backward replayed from a CUDA graph (GPU ms; speed-up against nn.Linear bf16)\n",
                 "5 steps captured in one graph and replayed (as with `engine.cuda_graph=true`, docs/training.md): no "
                 "host time in either variant. The weight codes are reused from the step's first micro-batch as above."
-                + (f" The variants' graphs are replayed round-robin, median of {r0['graph_reps']} rounds: a drift of the "
-                   "GPU clock during the run moves every variant alike (until 2026-11-25 session 12 each variant was "
-                   "timed in turn, 6 replays, and nn.Linear first)." if r0.get("graph_interleaved") else "") + "\n",
+                + (f" The variants' graphs are replayed in rounds, one replay of each per round in a new random order, "
+                   f"median of {r0['graph_reps']} rounds: a drift of the GPU clock during the run moves every variant "
+                   "alike, and no variant always follows the same one (until 2026-11-25 session 12 each variant was "
+                   "timed in turn, 6 replays, nn.Linear first; in session 13's first interleaved runs in a fixed "
+                   "order)." if r0.get("graph_interleaved") == "shuffled" else
+                   f" The variants' graphs are replayed round-robin in a fixed order, median of {r0['graph_reps']} "
+                   "rounds." if r0.get("graph_interleaved") else "") + "\n",
                 "| model | layer | tokens | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
         for r in res["layer"]:
             cells = [f"{r[n + '_graph_ms']:.2f} ({r[n + '_graph_speedup_vs_linear']:.2f}x)"

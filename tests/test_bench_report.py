@@ -122,20 +122,34 @@ def test_breakdown_markdown():
     assert to_markdown([], 2.0) == []
 
 
-def test_interleaved_medians_round_robin_and_drift():
-    """The layer table's graph timings are taken round-robin: with a clock that drifts during the run, two equal
-    variants get equal medians (timed one after the other, the later one would look slower)."""
+def test_interleaved_medians_rounds_and_drift():
+    """The layer table's graph timings are taken in rounds, each a new (seeded) order of every variant: with a
+    clock that drifts during the run, two equal variants get about equal medians (timed one after the other, the
+    later one would look 1% slower per timing), and no variant always follows the same other one."""
     from bitnet_dist.bench import interleaved_medians
 
+    names = ["a", "b", "c", "slow"]
     order, clock = [], [1.0]
 
     def run_once(name):
         order.append(name)
-        clock[0] *= 1.01  # every timing 1% slower than the one before (a warming GPU)
+        clock[0] *= 1.002  # every timing 0.2% slower than the one before (a warming GPU)
         return clock[0] * (2.0 if name == "slow" else 1.0)
 
-    ms = interleaved_medians(run_once, ["a", "b", "slow"], reps=5)
-    assert order == ["a", "b", "slow"] * 5
-    assert abs(ms["a"] / ms["b"] - 1) < 0.011  # equal variants stay within one drift step
+    reps = 40
+    ms = interleaved_medians(run_once, names, reps=reps)
+    rounds = [order[i * 4:(i + 1) * 4] for i in range(reps)]
+    assert all(sorted(r) == sorted(names) for r in rounds)  # one timing of each per round
+    predecessors = {(r[i - 1], r[i]) for r in rounds for i in range(1, 4) if r[i] == "a"}
+    assert len(predecessors) == 3  # "a" follows each of the others at some point
+    for x in ("b", "c"):
+        assert abs(ms["a"] / ms[x] - 1) < 0.01, ms  # sequential timing would give 10 rounds' drift: ~8%
     assert abs(ms["slow"] / ms["a"] - 2) < 0.05
+    # the same seed, the same orders (runs are comparable)
+    order.clear()
+    interleaved_medians(run_once, names, reps=reps)
+    order2 = list(order)
+    order.clear()
+    interleaved_medians(run_once, names, reps=reps)
+    assert order == order2
     assert interleaved_medians(run_once, [], reps=3) == {}
