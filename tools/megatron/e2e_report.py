@@ -64,6 +64,15 @@ NOTES = [
     "(docs/kernels.md), 4 x 2048 with the graph and the FP8 backward: v2_a8 1.23x, v2_a4 1.22x (r15b: 1.20x / "
     "1.23x): within the run-to-run spread (by the breakdown's dy-prep times the change saves ~5 ms of GPU time in a "
     "0.66 s step, 0.8%); raw docs/benchmarks/raw/round16_2026-11-25/e2e_graph_fp8.jsonl.",
+    "* **The bf16 baseline before session 13 of 2026-11-25 was slowed by its norms.** Every run above (r5-r16) "
+    "gave the bf16 model the eager RMSNorm formula (fp32 copies, ~7 kernels forward and more backward: ~0.9 ms "
+    "per norm and step at 8192 x 2048 on the H100, 49 norms per micro-batch at 1.3B), while the v2 models' norms "
+    "run inside the fused kernels. `r16n` (eager), `r16n-graph` and `r16n-graph-fp8`: the bf16 model's norms on "
+    "torch's fused RMSNorm (`bitnet_dist.norm.RMSNorm`, as megatron's TE / apex norms would be): the bf16 step at "
+    "4 x 2048 falls from 0.806 s to 0.703 s, and v2_a8 / v2_a4 come to 0.97x / 0.96x eager, 1.01x / 1.02x with "
+    "the CUDA graph, 1.07x / 1.10x with the graph and the FP8 backward. These are the honest end-to-end figures; "
+    "the earlier rows compare against the slow baseline and overstate the v2 speed-up by ~15%; raw "
+    "docs/benchmarks/raw/round16_2026-11-25/e2e_*_fusednorm*.jsonl.",
     "* The 2026-11-24 morning rows (docs/benchmarks/raw/e2e_bench_2026-11-24.jsonl: 1.3B 1.00x, 400M 0.64-0.69x) "
     "ran with the stale ternary-code cache (codes computed once per run) and the older kernels; superseded.",
     "* 1.3B v2_a4 at 8 x 2048 ran out of memory in r6 after bf16 and v2_a8 had run in the same process (62-64 GiB "
