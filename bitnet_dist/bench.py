@@ -388,7 +388,7 @@ def to_markdown(res) -> str:
                  for n in names]
         out.append(f"| {r['model']} | {r['layer']} | {r['tokens']} | " + " | ".join(cells) + " |")
     if any(n + "_graph_ms" in r for r in res["layer"] for n in names):
-        r0 = res["layer"][0]
+        r0 = next((r for r in res["layer"] if r.get("graph_interleaved")), res["layer"][0])
         out += ["\n## One layer forward + backward replayed from a CUDA graph (GPU ms; speed-up against nn.Linear bf16)\n",
                 "5 steps captured in one graph and replayed (as with `engine.cuda_graph=true`, docs/training.md): no "
                 "host time in either variant. The weight codes are reused from the step's first micro-batch as above."
@@ -403,6 +403,19 @@ def to_markdown(res) -> str:
         for r in res["layer"]:
             cells = [f"{r[n + '_graph_ms']:.2f} ({r[n + '_graph_speedup_vs_linear']:.2f}x)"
                      if n + "_graph_speedup_vs_linear" in r else "error" for n in names]
+            out.append(f"| {r['model']} | {r['layer']} | {r['tokens']} | " + " | ".join(cells) + " |")
+    like = [r for r in res["layer"] if r["layer"] in ("qkv", "fc1") and r.get("rmsnorm_linear_bf16_graph_ms")
+            and r.get("graph_interleaved")]
+    if like:
+        hb = names[2:]
+        out += ["\n## QKV / fc1 against what they replace: RMSNorm + Linear in bf16 (graph replays, speed-up)\n",
+                "At the QKV / fc1 inputs the bf16 model has a pre-norm (torch's fused RMSNorm) before its Linear, which "
+                "H-BitLinear's own RMSNorm replaces; at Wo / Wdown H-BitLinear's norm is an addition (the table "
+                "above). Same run and graphs as above: `rmsnorm_linear_bf16` ms / variant ms.\n",
+                "| model | layer | tokens | " + " | ".join(hb) + " |", "|---|---|---|" + "---|" * len(hb)]
+        for r in like:
+            cells = [f"{r['rmsnorm_linear_bf16_graph_ms'] / r[n + '_graph_ms']:.2f}x" if r.get(n + "_graph_ms")
+                     else "error" for n in hb]
             out.append(f"| {r['model']} | {r['layer']} | {r['tokens']} | " + " | ".join(cells) + " |")
     out += ["\n## Memory saved for backward / step peak above the pre-step allocation (MiB)\n",
             "| model | layer | tokens | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]

@@ -33,6 +33,11 @@ def test_markdown_graph_table_only_when_measured():
            "hbit_a8_bf16bwd_graph_ms": 0.32, "hbit_a8_bf16bwd_graph_speedup_vs_linear": 1.25}
     md = bench.to_markdown({**base, "layer": [row]})
     assert "replayed from a CUDA graph" in md and "0.40 (1.00x)" in md and "0.32 (1.25x)" in md
+    assert "what they replace" not in md  # Wo: no like-for-like table
+    qkv = {**row, "layer": "qkv", "graph_interleaved": "shuffled", "graph_reps": 15, "rmsnorm_linear_bf16_graph_ms": 0.48}
+    md = bench.to_markdown({**base, "layer": [row, qkv]})
+    assert "what they replace" in md and "| 1.3B | qkv | 8192 | 1.50x | error |" in md  # 0.48 / 0.32
+    assert "median of 15 rounds" in md
 
 
 def test_fp8_loss_summary_pairs_runs_by_seed(tmp_path):
