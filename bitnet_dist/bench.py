@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import random
 import statistics
 import sys
 from pathlib import Path
@@ -111,8 +112,6 @@ def interleaved_medians(run_once: Callable[[str], float], names: Sequence[str], 
     then moves every variant alike instead of whichever was timed last, and no variant always runs right after
     the same other one (a GEMM-heavy predecessor leaves the GPU hotter: on the H100 a fixed order moved single
     cells by up to 15%). Ratios taken in one run then compare like with like."""
-    import random
-
     rng = random.Random(seed)
     order = list(names)
     times: Dict[str, List[float]] = {n: [] for n in names}
@@ -125,7 +124,7 @@ def interleaved_medians(run_once: Callable[[str], float], names: Sequence[str], 
 
 def timed_gpu_interleaved(fns: Dict[str, Callable], warmup: int, reps: int, inner: int = 5):
     """GPU milliseconds per call of each fn: each captured ``inner`` times in its own CUDA graph, then the graphs
-    replayed round-robin (``interleaved_medians``). -> ({name: ms}, {name: error} for those not capturable)."""
+    replayed in shuffled rounds (``interleaved_medians``). -> ({name: ms}, {name: error} for those not capturable)."""
     graphs, errors = {}, {}
     for name, fn in fns.items():
         try:
@@ -287,12 +286,17 @@ def bench_layer(args):
                 # once per optimizer step, amortized over the step's micro-batches (not in the times below)
                 r["weight_quant_ms"] = timed(lambda: quantize_weight(lin.weight.detach(), fp8=True), 2, 5)
                 step_cache.advance()  # one generation: the timed calls reuse the codes like a step's micro-batches
-                for name, fwd in variants.items():
-                    def step(fwd=fwd):
+
+                def make_step(fwd):
+                    def step():
                         y = fwd()
                         x.grad = None  # an activation's gradient is handed on, never accumulated (the weights' are)
                         y.backward(dy)
+                    return step
 
+                steps = {name: make_step(fwd) for name, fwd in variants.items()}
+                for name, fwd in variants.items():
+                    step = steps[name]
                     try:
                         x.grad = g.grad = lin.weight.grad = None
                         # back to back, as in training: host overhead counts where it exceeds GPU time
@@ -312,20 +316,11 @@ def bench_layer(args):
                         r[f"{name}_error"] = repr(e)[:300]
                         print("layer error", name, repr(e)[:300], flush=True)
                 # the same steps replayed from CUDA graphs (engine.cuda_graph=true): GPU time only, the variants'
-                # graphs replayed round-robin so that a drift of the clock between variants does not bias ratios
-                steps = {}
-                for name, fwd in variants.items():
-                    if f"{name}_error" in r:
-                        continue
-
-                    def step(fwd=fwd):
-                        y = fwd()
-                        x.grad = None
-                        y.backward(dy)
-                    steps[name] = step
+                # graphs replayed in shuffled rounds so that the GPU's clock drift does not bias the ratios
                 r["graph_reps"] = max(6, args.reps // 2)
                 r["graph_interleaved"] = "shuffled"
-                graph_ms, graph_err = timed_gpu_interleaved(steps, 2, r["graph_reps"], inner=5)
+                graph_ms, graph_err = timed_gpu_interleaved(
+                    {n: st for n, st in steps.items() if f"{n}_error" not in r}, 2, r["graph_reps"], inner=5)
                 for name, ms in graph_ms.items():
                     r[f"{name}_graph_ms"] = ms
                 for name, e in graph_err.items():
