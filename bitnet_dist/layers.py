@@ -30,6 +30,7 @@ from megatron.core.tensor_parallel.layers import (
     set_tensor_model_parallel_attributes,
 )
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from bitnet_dist import quant
@@ -46,6 +47,7 @@ class BitSettings:
     hadamard_block: int = 64
     kernels: str = "auto"  # auto | triton | torch
     fp8_backward: bool = False  # Triton path: FP8 e4m3 backward GEMMs
+    fused_swiglu: bool = True  # SwiGLUMLP hands [gate | up] to fc2, which keeps it instead of silu(gate) * up
 
 
 _KIND_BY_BUFFER = {"qkv": "qkv", "fc1": "fc1", "proj": "wo", "fc2": "wdown"}
@@ -202,6 +204,9 @@ class BitRowParallelLinear(_BitMixin, RowParallelLinear):
         super().__init__(input_size, output_size, config=config, **kwargs)
         self._init_bit(config, kwargs.get("tp_comm_buffer_name"))
         self.full_dim = input_size
+        # Set by SwiGLUMLP around its call: the input is the SwiGLU's [gate | up] and the layer applies
+        # silu(gate) * up itself (Triton path: that product is recomputed in backward, not kept).
+        self.glu_input = False
         self.norm_weight = torch.nn.Parameter(torch.ones(self.input_size_per_partition, dtype=config.params_dtype,
                                                          device=self.weight.device))
         # Sharded like the input features (dim 0), so grad-norm de-duplication and checkpoints treat it as TP.
@@ -224,11 +229,18 @@ class BitRowParallelLinear(_BitMixin, RowParallelLinear):
         return y.to(x.dtype) * self.norm_weight.to(x.dtype)
 
     def _forward_impl(self, input, weight, *args, **kwargs):
+        glu = self.glu_input
+        if glu and input.shape[-1] != 2 * self.input_size_per_partition:
+            raise ValueError(f"{type(self).__name__} with glu_input: the input has {input.shape[-1]} features, "
+                             f"expected [gate | up] = 2 x {self.input_size_per_partition}")
         if self._use_kernels(input) and self.stats_hook is None:
             return _kernels().hbit_linear(
                 input, weight, self.norm_weight, act_bits=self.act_bits, hadamard_block=self.hadamard_block,
                 eps=self.eps, weight_segments=None, tp_group=self.tp_group, full_dim=self.full_dim,
-                fp8_backward=self.fp8_backward)
+                fp8_backward=self.fp8_backward, glu=glu)
+        if glu:
+            gate, up = torch.chunk(input, 2, dim=-1)  # megatron MLP's SwiGLU, the same ops
+            input = torch.nn.functional.silu(gate) * up
         x = self._sub_norm(input)
         h = fwht(x, self.hadamard_block) if self.has_hadamard else x
         self._probe(x, h)
@@ -248,6 +260,56 @@ class HBitRowParallelLinear(BitRowParallelLinear):
     """H-BitLinear (Wo, Wdown): SubLN -> block Hadamard -> per-token INT8/INT4 -> ternary GEMM."""
 
     has_hadamard = True
+
+
+class SwiGLUMLP(MLP):
+    """megatron's MLP with the SwiGLU on our kernels (CUDA) and, in the quantized presets, moved into fc2.
+
+    megatron's SwiGLU without its torch.compile fusion is three torch ops that keep gate, up, silu(gate) and
+    up + 0 (its offset add) for backward, and run unvectorized on the strided halves of h = [gate | up].
+    On CUDA (``precision.kernels`` auto / triton) the SwiGLU is ``kernels.swiglu``: one kernel each way,
+    h kept and nothing else (as megatron's fused SwiGLU), for every precision, the bf16 baseline included.
+    ``precision.fused_swiglu`` (quantized presets): fc2 gets h itself (``glu_input``) and applies the SwiGLU
+    inside its H-BitLinear Function, so the product is neither kept (fc2 keeps h and its 1-byte codes; the
+    product, which its RMSNorm backward needs, is recomputed in backward) nor written to memory and read back
+    by a separate activation. On the torch path (CPU) the SwiGLU is megatron's ops, in fc2 or here (same
+    values). Only the plain SwiGLU (silu, gated, no bias, clamp or offset, not TE's activation, no per-token
+    scale) takes these paths; anything else runs megatron's forward.
+    """
+
+    def __init__(self, config, submodules, *args, **kwargs):
+        super().__init__(config, submodules, *args, **kwargs)
+        s: BitSettings = getattr(config, "bitnet", None) or BitSettings()
+        self.kernels = s.kernels
+        self.plain_swiglu = (
+            config.gated_linear_unit and self.activation_func is torch.nn.functional.silu
+            and not config.add_bias_linear and not config.bias_activation_fusion
+            and not getattr(config, "use_te_activation_func", False)
+            and getattr(config, "activation_func_clamp_value", None) is None
+            and not getattr(config, "glu_linear_offset", 0.0))
+        self.fused_swiglu = (self.plain_swiglu and bool(getattr(s, "fused_swiglu", True))
+                             and isinstance(self.linear_fc2, BitRowParallelLinear))
+
+    def forward(self, hidden_states, per_token_scale=None, **kwargs):
+        if not self.plain_swiglu or per_token_scale is not None:
+            return super().forward(hidden_states, per_token_scale=per_token_scale, **kwargs)
+        h, bias = self.linear_fc1(hidden_states)
+        assert bias is None  # no bias (checked in __init__)
+        if self.fused_swiglu:
+            self.linear_fc2.glu_input = True
+            try:
+                return self.linear_fc2(h)
+            finally:
+                self.linear_fc2.glu_input = False
+        k = _kernels() if (h.is_cuda and self.kernels != "torch") else None
+        if k is not None:
+            from bitnet_dist.kernels.swiglu import swiglu_op
+
+            x = swiglu_op(h)
+        else:
+            gate, up = torch.chunk(h, 2, dim=-1)
+            x = torch.nn.functional.silu(gate) * up
+        return self.linear_fc2(x)
 
 
 BIT_LAYERS = (BitColumnParallelLinear, BitRowParallelLinear)

@@ -17,6 +17,7 @@ weights (``init_weights``).
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -29,7 +30,7 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
-from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (
@@ -45,6 +46,7 @@ from bitnet_dist.layers import (
     BitRowParallelLinear,
     BitSettings,
     HBitRowParallelLinear,
+    SwiGLUMLP,
 )
 from bitnet_dist.norm import RMSNorm
 from bitnet_dist.presets import ModelConfig, ParallelConfig, PrecisionConfig, padded_vocab_size
@@ -94,6 +96,18 @@ class SDPACoreAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
 
+class _QuietSwiGLUMLP(logging.Filter):
+    """megatron's TransformerLayer recognises its MLP by class equality and logs "Unknown MLP type ... Using
+    default kwargs" for the SwiGLUMLP subclass on every layer; the default (parallel_state's TP group) is what
+    MLP itself uses when no group is passed, so the message is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Unknown MLP type" not in record.getMessage()
+
+
+logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_QuietSwiGLUMLP())
+
+
 def layer_spec(precision: PrecisionConfig) -> ModuleSpec:
     """The transformer layer spec for a precision preset (see the table in the module docstring)."""
     if precision.quantize:
@@ -117,7 +131,8 @@ def layer_spec(precision: PrecisionConfig) -> ModuleSpec:
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=pre_norm,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=fc1, linear_fc2=out)),
+            mlp=ModuleSpec(module=SwiGLUMLP,
+                           submodules=MLPSubmodules(linear_fc1=fc1, linear_fc2=out)),
             mlp_bda=get_bias_dropout_add,
         ),
     )
@@ -177,7 +192,7 @@ def build_model(model: ModelConfig, precision: PrecisionConfig, config: Transfor
     check_model(model, precision, parallel)
     config.bitnet = BitSettings(act_bits=precision.act_bits, hadamard=precision.hadamard,
                                 hadamard_block=model.hadamard_block, kernels=precision.kernels,
-                                fp8_backward=precision.fp8_backward)
+                                fp8_backward=precision.fp8_backward, fused_swiglu=precision.fused_swiglu)
     spec = layer_spec(precision)
     n_local = get_num_layers_to_build(config, vp_stage=vp_stage)
     block = ModuleSpec(module=TransformerBlock,

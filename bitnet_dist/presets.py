@@ -56,6 +56,9 @@ class PrecisionConfig:
     # Triton path only: both backward GEMMs of the quantized layers in FP8 e4m3 (fp32 accumulation) instead of
     # bf16. Loss impact measured in docs/kernels.md; off by default.
     fp8_backward: bool = False
+    # Quantized presets: the MLP hands [gate | up] to fc2 (Wdown), which applies the SwiGLU itself and keeps
+    # [gate | up] + its codes instead of silu(gate) * up (recomputed in backward; same values). docs/kernels.md.
+    fused_swiglu: bool = True
 
 
 MODEL_PRESETS: dict[str, ModelConfig] = {

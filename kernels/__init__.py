@@ -29,13 +29,14 @@ def available() -> bool:
 
 def hbit_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: Optional[torch.Tensor], *, act_bits: int,
                 hadamard_block: int, eps: float, weight_segments: Optional[torch.Tensor] = None, tp_group=None,
-                full_dim: Optional[int] = None, fp8_backward: bool = False) -> torch.Tensor:
+                full_dim: Optional[int] = None, fp8_backward: bool = False, glu: bool = False) -> torch.Tensor:
     """See ``bitnet_dist.kernels.hbit_linear.hbit_linear`` (imported lazily so that importing this package
     never needs Triton)."""
     from .hbit_autograd import hbit_linear as _impl
 
     return _impl(x, weight, norm_weight, act_bits=act_bits, hadamard_block=hadamard_block, eps=eps,
-                 weight_segments=weight_segments, tp_group=tp_group, full_dim=full_dim, fp8_backward=fp8_backward)
+                 weight_segments=weight_segments, tp_group=tp_group, full_dim=full_dim, fp8_backward=fp8_backward,
+                 glu=glu)
 
 
 __all__ = ["available", "hbit_linear"]

@@ -23,20 +23,28 @@ import torch
 
 from .gemm import colwise_fp8_t, dy_fp8_both, fp8_available, fp8_gemm, fp8_transpose, int8_gemm, rowwise_fp8
 from .norm_hadamard_quant import norm_hadamard_backward, norm_hadamard_quant
+from .swiglu import swiglu, swiglu_backward
 from .ternary import cached_ternary, dequantize_rows
 
 def _fp8_ok(*dims: int) -> bool:
     return all(d % 16 == 0 and d > 0 for d in dims)
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """[..., D] -> [T, D] with unit feature stride (a copy only where the rows are not evenly strided)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
 class HBitLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, norm_weight, act_bits, hadamard_block, eps, segments, tp_group, full_dim,
-                fp8_backward):
+                fp8_backward, glu):
+        src = x  # what backward keeps: the input as handed in (h for glu)
+        if glu:
+            x = swiglu(x)
         D = x.shape[-1]
-        x2 = x.reshape(-1, D)
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
+        x2 = _rows(x)
         N = weight.shape[0]
         use_fp8 = act_bits == 4 and fp8_available(x.device) and _fp8_ok(D, N)
         tw = cached_ternary(weight, segments, tp_group, fp8=use_fp8)
@@ -47,15 +55,16 @@ class HBitLinearFunction(torch.autograd.Function):
             y = fp8_gemm(codes, tw.fp8, s_a, tw.scale, out_dtype=torch.bfloat16).to(out_dtype)
         else:
             y = int8_gemm(codes, tw.codes, s_a, tw.scale, out_dtype=out_dtype)
-        ctx.save_for_backward(x2, norm_weight, codes, s_a, rstd)
+        del x, x2  # backward re-derives them from src (a view or a recompute: no copy kept)
+        ctx.save_for_backward(src, norm_weight, codes, s_a, rstd)
         ctx.tw = tw
-        ctx.cfg = (act_bits, hadamard_block, tp_group, full_dim, fp8_backward, x.shape, weight.dtype)
-        return y.view(*x.shape[:-1], N)
+        ctx.cfg = (act_bits, hadamard_block, tp_group, full_dim, fp8_backward, glu, weight.dtype)
+        return y.view(*src.shape[:-1], N)
 
     @staticmethod
     def backward(ctx, dy):
-        x2, norm_weight, codes, s_a, rstd = ctx.saved_tensors
-        act_bits, hb, tp_group, full_dim, fp8_backward, x_shape, w_dtype = ctx.cfg
+        src, norm_weight, codes, s_a, rstd = ctx.saved_tensors
+        act_bits, hb, tp_group, full_dim, fp8_backward, glu, w_dtype = ctx.cfg
         tw = ctx.tw
         N, K = tw.codes.shape
         dy2 = dy.reshape(-1, N)
@@ -88,19 +97,23 @@ class HBitLinearFunction(torch.autograd.Function):
                 xq = dequantize_rows(codes, s_a, gdt)
                 grad_w = dy2.to(gdt).t() @ xq
         if need_x:
-            grad_x, grad_g = norm_hadamard_backward(grad_u, x2, norm_weight, rstd, hadamard_block=hb,
+            x = swiglu(src) if glu else src  # glu: recomputed (same kernel as forward, same values)
+            grad_x, grad_g = norm_hadamard_backward(grad_u, _rows(x), norm_weight, rstd, hadamard_block=hb,
                                                     full_dim=full_dim, tp_group=tp_group)
-            grad_x = grad_x.view(x_shape)
+            grad_x = grad_x.view(x.shape)
+            del x
+            if glu:
+                grad_x = swiglu_backward(src, grad_x)
             if grad_g is not None:
                 grad_g = grad_g.to(norm_weight.dtype)
         if grad_w is not None:
             grad_w = grad_w.to(w_dtype)
-        return grad_x, grad_w, grad_g, None, None, None, None, None, None, None
+        return grad_x, grad_w, grad_g, None, None, None, None, None, None, None, None
 
 
 def hbit_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: Optional[torch.Tensor], *, act_bits: int,
                 hadamard_block: int, eps: float, weight_segments: Optional[torch.Tensor] = None, tp_group=None,
-                full_dim: Optional[int] = None, fp8_backward: bool = False) -> torch.Tensor:
+                full_dim: Optional[int] = None, fp8_backward: bool = False, glu: bool = False) -> torch.Tensor:
     """x [..., in_local], weight [out_local, in_local], norm_weight [in_local] or None (no RMSNorm) ->
     y [..., out_local] in x's dtype; differentiable w.r.t. x, weight and norm_weight (STE).
 
@@ -110,11 +123,17 @@ def hbit_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: Optional[tor
     activation statistics (sum of squares, max |u| or sum |u|) and the RMSNorm backward's per-token dot are
     then all-reduced over ``tp_group``. None (or == in_local): activation statistics stay local.
     The partial output of a row-parallel layer is returned un-reduced (the layer all-reduces it).
+    ``glu``: x is the SwiGLU input h = [gate | up] ([..., 2 * in_local]); the layer applies silu(gate) * up
+    itself and keeps h instead of that product (recomputed in backward; gradient w.r.t. h).
     """
     if act_bits not in (4, 8):
         raise ValueError(f"act_bits={act_bits}: use 4 or 8")
+    k = weight.shape[-1]
+    if x.shape[-1] != (2 * k if glu else k):
+        raise ValueError(f"hbit_linear: input has {x.shape[-1]} features, weight {k} in_features (glu={glu}): "
+                         f"pass x with {k} features, or h = [gate | up] with {2 * k} features and glu=True")
     return HBitLinearFunction.apply(x, weight, norm_weight, act_bits, hadamard_block, eps, weight_segments,
-                                    tp_group, full_dim, fp8_backward)
+                                    tp_group, full_dim, fp8_backward, glu)
 
 
 # ------------------------------------------------------------------------------- torch reference twin

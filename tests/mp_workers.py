@@ -69,6 +69,29 @@ def loss_and_grads(rank, world, presets, broken_norm_backward=False):
     return out
 
 
+def swiglu_variants(rank, world, preset="v2_a8"):
+    """The tiny model (TP=world, CPU path) with its SwiGLU three ways: SwiGLUMLP's default (for quantized
+    presets inside fc2), fused_swiglu off, and megatron's own MLP.forward. -> {variant: (loss, grads)}."""
+    setup(world)
+    from bitnet_dist.layers import SwiGLUMLP
+
+    out = {}
+    for variant in ("default", "unfused", "megatron"):
+        gpt = build_tiny(preset, world, fused_swiglu=(variant == "default"))
+        mlps = [m for m in gpt.modules() if isinstance(m, SwiGLUMLP)]
+        assert mlps and all(m.plain_swiglu for m in mlps)
+        assert all(m.fused_swiglu is (variant == "default" and preset != "bf16") for m in mlps)
+        if variant == "megatron":
+            for m in mlps:
+                m.plain_swiglu = False
+        tokens, labels, pos = fixed_batch()
+        loss = gpt(input_ids=tokens, position_ids=pos, attention_mask=None, labels=labels).float().mean()
+        loss.backward()
+        assert not any(getattr(m.linear_fc2, "glu_input", False) for m in mlps)  # reset after each call
+        out[variant] = (loss.item(), {n: p.grad.numpy().copy() for n, p in gpt.named_parameters()})
+    return out
+
+
 def fused_vs_separate(rank, world):
     """Fused QKV and gate|up BitLinears vs separate projections with their own scales (TP=world)."""
     setup(world)

@@ -618,3 +618,130 @@ def test_bench_breakdown_runs_every_part_on_the_kernels():
     b = row["bounds"]
     assert set(b) == {"linear_bf16", "hbit_a8_bf16bwd", "hbit_a4_bf16bwd"}
     assert b["linear_bf16"]["ms"] == 4.0 and b["hbit_a8_bf16bwd"]["sum_ms"] == 8.0
+
+
+# ------------------------------------------------------------ fused SwiGLU input and what backward keeps
+def _saved_storages(fn):
+    """Run fn() under saved-tensor hooks: {(data_ptr, nbytes)} of the storages autograd keeps."""
+    kept = set()
+
+    def pack(t):
+        kept.add((t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, kept
+
+
+def _ulps(a, b):
+    """Largest difference in units of the last place of a's dtype (bf16: 7 mantissa bits, fp32: 23)."""
+    bits = 7 if a.dtype == torch.bfloat16 else 23
+    a, b = a.double(), b.double()
+    ulp = torch.ldexp(torch.ones_like(a), (torch.frexp(torch.maximum(a.abs(), b.abs()))[1] - 1 - bits))
+    return float(((a - b).abs() / ulp).max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(9, 2 * 40), (3, 5, 2 * 1100)])  # odd rows, K not a multiple of the block
+def test_swiglu_kernels_against_torch(dtype, shape):
+    """The SwiGLU kernels against the torch twin (megatron's ops, autograd) in bf16 (one unit in the last place:
+    the interpreter's exp is numpy's, torch's CPU silu another; on the GPU both call libdevice's, GPU test) and
+    against the float64 formula in fp32 (a few units: one rounding per op);
+    the twin's backward is autograd's bit for bit; SwiGLUFunction keeps h and nothing else."""
+    from bitnet_dist.kernels.swiglu import (
+        swiglu, swiglu_backward, swiglu_backward_reference, swiglu_op, swiglu_reference)
+
+    torch.manual_seed(11)
+    h = (3 * torch.randn(*shape)).to(dtype)
+    dx = torch.randn(*shape[:-1], shape[-1] // 2).to(dtype)
+    hr = h.clone().requires_grad_()
+    xr = swiglu_reference(hr)
+    xr.backward(dx)
+    assert torch.equal(swiglu_backward_reference(h, dx), hr.grad)  # the twin is autograd's ops
+    x, dh = swiglu(h), swiglu_backward(h, dx)
+    assert x.dtype == dtype and x.shape == xr.shape and dh.shape == h.shape
+    if dtype == torch.bfloat16:  # against the torch twin
+        assert _ulps(x, xr.detach()) <= 1.0 and _ulps(dh, hr.grad) <= 1.0
+    else:  # fp32: against the float64 formula (torch's CPU silu is itself off by up to ~5 ulps)
+        g64, u64 = torch.chunk(h.double(), 2, dim=-1)
+        s64 = torch.sigmoid(g64)
+        d64 = dx.double()
+        ref_x = g64 * s64 * u64
+        ref_dh = torch.cat([d64 * u64 * s64 * (1 + g64 * (1 - s64)), d64 * g64 * s64], dim=-1)
+        assert _ulps(x, ref_x.float()) <= 3.0
+        # silu' crosses zero (g near -1.28): relative to the gradient's scale there, not per element
+        torch.testing.assert_close(dh.double(), ref_dh, rtol=1e-6, atol=1e-6 * float(ref_dh.abs().max()))
+    hk = h.clone().requires_grad_()
+    y, kept = _saved_storages(lambda: swiglu_op(hk))
+    assert torch.equal(y, x)
+    assert kept == {(hk.untyped_storage().data_ptr(), hk.untyped_storage().nbytes())}
+    y.backward(dx)
+    assert torch.equal(hk.grad, swiglu_backward(h, dx))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits,hb", [(8, 16), (4, 32)])
+def test_glu_input_equals_swiglu_then_layer_and_keeps_no_product(dtype, bits, hb):
+    """glu=True: same output and gradients (bit for bit) as the SwiGLU kernel's product fed to the layer, and
+    the product is not among the saved tensors (h is, shared with the caller's tensor)."""
+    from bitnet_dist.kernels.swiglu import swiglu_op
+
+    torch.manual_seed(12)
+    K, N = 64, 40
+    h = (2 * torch.randn(3, 7, 2 * K)).to(dtype)
+    w = (0.02 * torch.randn(N, K)).to(dtype)
+    g = (1 + 0.1 * torch.randn(K)).to(dtype)
+    dy = torch.randn(3, 7, N).to(dtype)
+
+    def run(glu):
+        hh, ww, gg = (t.clone().requires_grad_() for t in (h, w, g))
+
+        def fwd():
+            inp = hh if glu else swiglu_op(hh)
+            return hbit_linear(inp, ww, gg, act_bits=bits, hadamard_block=hb, eps=1e-5, glu=glu)
+
+        y, kept = _saved_storages(fwd)
+        y.backward(dy)
+        return y.detach(), hh.grad, ww.grad, gg.grad, kept, hh
+
+    fused, unfused = run(True), run(False)
+    for a, b, name in zip(fused[:4], unfused[:4], ("y", "grad_h", "grad_w", "grad_norm")):
+        assert torch.equal(a, b), name
+    x_bytes = 3 * 7 * K * h.element_size()
+    big = {nb for _, nb in fused[4] if nb >= x_bytes}
+    assert big == {h.numel() * h.element_size()}, big  # only h: no x-sized product kept
+    assert (fused[5].untyped_storage().data_ptr(), fused[5].untyped_storage().nbytes()) in fused[4]
+    # unfused, the layer keeps the product (the test can fail): a storage of exactly x's size
+    assert any(nb == x_bytes for _, nb in unfused[4])
+    with pytest.raises(ValueError, match="glu=True"):
+        hbit_linear(h, w, g, act_bits=bits, hadamard_block=hb, eps=1e-5, glu=False)
+    with pytest.raises(ValueError, match="128 features and glu=True"):
+        hbit_linear(h[..., :K], w, g, act_bits=bits, hadamard_block=hb, eps=1e-5, glu=True)
+
+
+def test_strided_input_is_kept_as_given_not_copied():
+    """A [s, b, D] view of a [b, s, D] tensor (SDPA's output layout, as the attention hands it to Wo): the
+    layer keeps that storage (shared with its producer), not the [s * b, D] copy it makes for the kernel;
+    results equal the contiguous input's."""
+    torch.manual_seed(13)
+    base = torch.randn(2, 9, 64)  # [b, s, D]
+    w, g, dy = 0.02 * torch.randn(24, 64), 1 + 0.1 * torch.randn(64), torch.randn(9, 2, 24)
+    res = []
+    for make in (lambda: base.clone().requires_grad_(), lambda: base.transpose(0, 1).contiguous().requires_grad_()):
+        leaf = make()
+        x = leaf.transpose(0, 1) if leaf.shape[0] == 2 else leaf  # [s, b, D]
+
+        def fwd():
+            return hbit_linear(x, w, g, act_bits=8, hadamard_block=16, eps=1e-5)
+
+        y, kept = _saved_storages(fwd)
+        y.backward(dy)
+        g_leaf = leaf.grad.transpose(0, 1) if leaf.shape[0] == 2 else leaf.grad
+        res.append((y.detach(), g_leaf, kept, leaf))
+    (y1, gx1, kept1, leaf1), (y2, gx2, _, _) = res
+    assert not res[0][3].transpose(0, 1).is_contiguous()
+    assert torch.equal(y1, y2) and torch.equal(gx1, gx2)
+    big = {nb for _, nb in kept1 if nb >= base.numel() * 4}
+    assert big == {base.numel() * 4}
+    assert (leaf1.untyped_storage().data_ptr(), leaf1.untyped_storage().nbytes()) in kept1

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from dist_utils import run_ranks
-from mp_workers import fused_vs_separate
+from mp_workers import fused_vs_separate, swiglu_variants
 
 
 @pytest.mark.slow
@@ -14,6 +14,21 @@ def test_fused_qkv_and_gate_up_equal_separate_projections(tp):
         assert res["qkv"] < 1e-5, res
         assert res["fc1"] < 1e-5, res
         assert res["fc1_single_scale"] > 1e-3, "one scale over the fused matrix should differ"
+
+
+@pytest.mark.parametrize("tp,preset", [(1, "v2_a8"), (2, "v2_a8"), (1, "bf16")])
+def test_swiglu_variants_are_the_same_model(tp, preset):
+    """SwiGLUMLP (with precision.fused_swiglu: the SwiGLU inside fc2) against fused_swiglu off and against
+    megatron's MLP.forward: the same loss and gradients, bit for bit, at TP 1 and 2 (CPU path; the kernels'
+    memory and values: tests/test_kernels.py and the GPU tests)."""
+    for rank_out in run_ranks(swiglu_variants, tp, preset):
+        ref_loss, ref_grads = rank_out["megatron"]
+        for variant in ("default", "unfused"):
+            loss, grads = rank_out[variant]
+            assert loss == ref_loss, variant
+            assert grads.keys() == ref_grads.keys()
+            for n in grads:
+                assert (grads[n] == ref_grads[n]).all(), (variant, n)
 
 
 def test_cpu_path_inactive_when_cuda_available(monkeypatch):

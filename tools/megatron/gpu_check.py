@@ -70,7 +70,9 @@ def make_cfg(a):
     if a.layers:
         over["num_layers"] = a.layers
     cfg.model = model_preset(a.model, **over)
-    cfg.precision = precision_preset(a.precision if isinstance(a.precision, str) else a.precision[0])
+    spec = a.precision if isinstance(a.precision, str) else a.precision[0]
+    name, _, flag = spec.partition(":")  # "v2_a4:unfused": precision.fused_swiglu=false
+    cfg.precision = precision_preset(name, fused_swiglu=(flag != "unfused"))
     if getattr(a, "kernels", None):
         cfg.precision.kernels = a.kernels
     if getattr(a, "fp8_backward", False):
@@ -379,6 +381,7 @@ def cmd_bench(a):
                    "gbs": a.gbs, "step_s": dt, "tokens_per_s": tok / dt, "tflops": fpt * tok / dt / 1e12,
                    "mfu": fpt * tok / dt / H100_BF16_DENSE, "peak_mem_gib": peak / 2**30,
                    "loss": st.loss, "fp8_backward": bool(cfg.precision.fp8_backward),
+                   "fused_swiglu": bool(cfg.precision.fused_swiglu),
                    "cuda_graph": bool(cfg.engine.cuda_graph), "graph_replays": getattr(eng, "graph_replays", 0),
                    **probe}
         except Exception as e:
