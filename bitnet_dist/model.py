@@ -10,6 +10,10 @@ linear layers:
     v2_* (Hadamard)     BitColumnParallelLinear   HBitRowParallelLinear      identity (SubLN inside)
     v2_a4_no_hadamard   BitColumnParallelLinear   BitRowParallelLinear       identity (SubLN inside)
 
+The MLP is ``layers.SwiGLUMLP`` for every preset: megatron's MLP with the SwiGLU on Triton kernels on CUDA and,
+with ``precision.fused_swiglu`` in the quantized presets, applied inside fc2 (which then keeps [gate | up] and its
+codes instead of the product).
+
 Initialization is layout-independent: every parameter is drawn from a generator seeded by (seed, its
 global name), full-size, then sliced to this rank's TP shard, so TP/PP/VP layouts start from the same
 weights (``init_weights``).

@@ -73,6 +73,19 @@ NOTES = [
     "the CUDA graph, 1.07x / 1.10x with the graph and the FP8 backward. These are the honest end-to-end figures; "
     "the earlier rows compare against the slow baseline and overstate the v2 speed-up by ~15%; raw "
     "docs/benchmarks/raw/round16_2026-11-25/e2e_*_fusednorm*.jsonl.",
+    "* **SwiGLU (session 14 of 2026-11-25).** Until then every model ran megatron's unfused SwiGLU (three torch "
+    "ops on the strided halves of [gate | up], unvectorized; it keeps gate, up, silu(gate) and a copy of up): "
+    "1.19 ms forward + backward per layer at 1.3B, 8192 tokens (tools/kernels/swiglu_probe.py), ~86 ms of a "
+    "1.3B step at 4 x 2048. `r17a` (eager) / `r17a-graph`: the first fused form (the SwiGLU applied inside the "
+    "Wdown H-BitLinear with the same torch ops, `precision.fused_swiglu`; `v2_a4:unfused` = off) against the bf16 "
+    "model still on megatron's ops: the fused form saved 6.8 GiB of peak memory but cost 1-2% of the step "
+    "(0.99x bf16 with the graph). `r17` / `r17-graph` / `r17-graph-fp8`: the SwiGLU on the new Triton kernels "
+    "(kernels/swiglu.py, bit-identical to torch's CUDA ops) for every precision, the bf16 baseline included: "
+    "the bf16 step falls from 0.703 to 0.650 s; v2_a4 is 1.00x eager, 1.02x with the graph, 1.09x with the graph "
+    "and the FP8 backward (fused_swiglu on, the default); with it off 1.00x / 1.03x, 2.3 GiB more peak memory. "
+    "`r17b` / `r17b-graph`: a repeat on a fresh machine, with v2_a8: eager v2_a8 0.96x, v2_a4 0.96x (r17: 1.005x; "
+    "the eager v2 step is partly host-bound and moves with the host), with the graph 1.00x / 1.01x. "
+    "Raw docs/benchmarks/raw/round17_2026-11-25/ (c2, c3: r17a; c5, c6: r17; c7: r17b).",
     "* The 2026-11-24 morning rows (docs/benchmarks/raw/e2e_bench_2026-11-24.jsonl: 1.3B 1.00x, 400M 0.64-0.69x) "
     "ran with the stale ternary-code cache (codes computed once per run) and the older kernels; superseded.",
     "* 1.3B v2_a4 at 8 x 2048 ran out of memory in r6 after bf16 and v2_a8 had run in the same process (62-64 GiB "
