@@ -158,3 +158,53 @@ def test_interleaved_medians_rounds_and_drift():
     interleaved_medians(run_once, names, reps=reps)
     assert order == order2
     assert interleaved_medians(run_once, [], reps=3) == {}
+
+
+def test_saved_memory_attributes_storages_by_module():
+    """tools/megatron/saved_memory.py: each storage autograd keeps is counted once, under the innermost module
+    that saved it; a storage saved by two modules is `shared`; parameters are not counted."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location(
+        "saved_memory", Path(__file__).resolve().parents[1] / "tools" / "megatron" / "saved_memory.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    class Producer(torch.nn.Module):  # keeps its output (exp's backward needs it)
+        def forward(self, x):
+            return torch.exp(x)
+
+    class Consumer(torch.nn.Module):  # keeps its input (a view of the producer's output) and its own square
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(8))
+
+        def forward(self, y):
+            v = y.view(4, 8)
+            return (v * self.w).pow(2).sum()
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.producer, self.consumer = Producer(), Consumer()
+
+        def forward(self, x):
+            return self.consumer(self.producer(x))
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = Layer()
+            self.x = torch.nn.Parameter(torch.randn(32))
+
+        def forward(self, input_ids, position_ids, attention_mask, labels):
+            return self.layer(self.x * 1.0)
+
+    r = mod.layer_saved(Model(), torch.zeros(1, 4, dtype=torch.long), "layer")
+    f32 = 32 * 4
+    assert r["shared"] == {"producer": f32, "consumer": f32}  # exp's output = the consumer's input, one storage
+    assert r["own"] == {"consumer": f32}  # pow's input v * w; mul's other input w is a parameter: not counted
+    assert r["total_bytes"] == 2 * f32
