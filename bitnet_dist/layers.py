@@ -302,6 +302,9 @@ class SwiGLUMLP(MLP):
             finally:
                 self.linear_fc2.glu_input = False
         k = _kernels() if (h.is_cuda and self.kernels != "torch") else None
+        if k is None and h.is_cuda and self.kernels == "triton":
+            raise RuntimeError("precision.kernels=triton but bitnet_dist.kernels is unavailable (needs CUDA and "
+                               "Triton); use precision.kernels=auto or torch")
         if k is not None:
             from bitnet_dist.kernels.swiglu import swiglu_op
 
