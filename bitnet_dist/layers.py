@@ -66,6 +66,12 @@ def _kernels():
     return kernels if getattr(kernels, "available", lambda: False)() else None
 
 
+def _swiglu_torch(h: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for h = [gate | up]: megatron MLP's SwiGLU ops (the torch path; no Triton import)."""
+    gate, up = torch.chunk(h, 2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
 class _AllReduceSum(torch.autograd.Function):
     """Sum over a group in forward and in backward: y = sum_r x_r, so dL/dx_r = sum_r' dL/dy_r'.
 
@@ -239,8 +245,7 @@ class BitRowParallelLinear(_BitMixin, RowParallelLinear):
                 eps=self.eps, weight_segments=None, tp_group=self.tp_group, full_dim=self.full_dim,
                 fp8_backward=self.fp8_backward, glu=glu)
         if glu:
-            gate, up = torch.chunk(input, 2, dim=-1)  # megatron MLP's SwiGLU, the same ops
-            input = torch.nn.functional.silu(gate) * up
+            input = _swiglu_torch(input)
         x = self._sub_norm(input)
         h = fwht(x, self.hadamard_block) if self.has_hadamard else x
         self._probe(x, h)
@@ -310,8 +315,7 @@ class SwiGLUMLP(MLP):
 
             x = swiglu_op(h)
         else:
-            gate, up = torch.chunk(h, 2, dim=-1)
-            x = torch.nn.functional.silu(gate) * up
+            x = _swiglu_torch(h)
         return self.linear_fc2(x)
 
 

@@ -6,11 +6,7 @@
 #   xpose: tools/kernels/xpose_lab.py, which exists only at commit 2d4cb89 (the experiment, reverted)
 #   smoke: the benchmark at 1024 tokens, fused + layer tables only (a quick check of the timing code)
 #   tests / mtests / app / bench / e2eg8: as in tools/gpu_round15.sh (e2eg8: 1.3B, 4 x 2048, graph, FP8 backward)
-set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 WANDB_MODE=disabled NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-G="python tools/megatron/gpu_check.py"
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > $OUT/device.txt
+. "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh"
 for step in "$@"; do
 t0=$(date +%s)
 case "$step" in

@@ -9,11 +9,7 @@
 #   probe: tools/kernels/swiglu_probe.py (SwiGLU + Wdown fused / unfused, A4 and A8)
 #   e2eg8: 1.3B, 4 x 2048, CUDA graph, FP8 backward: bf16 and v2_a4
 #   e2e4: 1.3B, 4 x 2048, eager: bf16, v2_a4 (fused SwiGLU) and v2_a4:unfused; e2eg4: the same with the CUDA graph
-set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 WANDB_MODE=disabled NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-G="python tools/megatron/gpu_check.py"
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > $OUT/device.txt
+. "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh"
 for step in "$@"; do
 t0=$(date +%s)
 case "$step" in
