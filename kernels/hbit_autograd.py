@@ -23,7 +23,6 @@ import torch
 
 from .gemm import colwise_fp8_t, dy_fp8_both, fp8_available, fp8_gemm, fp8_transpose, int8_gemm, rowwise_fp8
 from .norm_hadamard_quant import norm_hadamard_backward, norm_hadamard_quant
-from .swiglu import swiglu, swiglu_backward
 from .ternary import cached_ternary, dequantize_rows
 
 def _fp8_ok(*dims: int) -> bool:
@@ -41,15 +40,14 @@ class HBitLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, norm_weight, act_bits, hadamard_block, eps, segments, tp_group, full_dim,
                 fp8_backward, glu):
         src = x  # what backward keeps: the input as handed in (h for glu)
-        if glu:
-            x = swiglu(x)
-        D = x.shape[-1]
         x2 = _rows(x)
-        N = weight.shape[0]
+        N, D = weight.shape
         use_fp8 = act_bits == 4 and fp8_available(x.device) and _fp8_ok(D, N)
         tw = cached_ternary(weight, segments, tp_group, fp8=use_fp8)
+        # glu: the SwiGLU product is formed inside the fused kernel where it can be (else by the SwiGLU kernel)
         codes, s_a, rstd = norm_hadamard_quant(x2, norm_weight, act_bits=act_bits, hadamard_block=hadamard_block,
-                                               eps=eps, full_dim=full_dim, tp_group=tp_group, fp8_codes=use_fp8)
+                                               eps=eps, full_dim=full_dim, tp_group=tp_group, fp8_codes=use_fp8,
+                                               glu=glu)
         out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
         if use_fp8:
             y = fp8_gemm(codes, tw.fp8, s_a, tw.scale, out_dtype=torch.bfloat16).to(out_dtype)
@@ -97,13 +95,10 @@ class HBitLinearFunction(torch.autograd.Function):
                 xq = dequantize_rows(codes, s_a, gdt)
                 grad_w = dy2.to(gdt).t() @ xq
         if need_x:
-            x = swiglu(src) if glu else src  # glu: recomputed (same kernel as forward, same values)
-            grad_x, grad_g = norm_hadamard_backward(grad_u, _rows(x), norm_weight, rstd, hadamard_block=hb,
-                                                    full_dim=full_dim, tp_group=tp_group)
-            grad_x = grad_x.view(x.shape)
-            del x
-            if glu:
-                grad_x = swiglu_backward(src, grad_x)
+            # glu: the product is recomputed from h (same values) and the gradient is w.r.t. h
+            grad_x, grad_g = norm_hadamard_backward(grad_u, _rows(src), norm_weight, rstd, hadamard_block=hb,
+                                                    full_dim=full_dim, tp_group=tp_group, glu=glu)
+            grad_x = grad_x.view(src.shape)
             if grad_g is not None:
                 grad_g = grad_g.to(norm_weight.dtype)
         if grad_w is not None:

@@ -41,6 +41,7 @@ import triton.language as tl
 from ._common import (FastLaunch, bf16_norm_mul, bf16_to_f32, block_fwht, block_fwht_rows, default_prec,
                       device_capability, dot16, fwht_shuffle, int8_rn, interpreting, next_pow2, num_sms, pair_join,
                       pair_split, quotient, rint, round_bf16_pair, round_to)
+from .swiglu import swiglu, swiglu_backward, swiglu_grads, swiglu_values
 
 # One definition of the quantizers' constants: the reference numerics (bitnet_dist.quant).
 from bitnet_dist.quant import _QRANGE, SCALE_EPS, SQRT7, _group_size  # noqa: E402,F401
@@ -496,27 +497,38 @@ def _load_tile_rows(G, cols, cmask, BM: tl.constexpr, EVEN: tl.constexpr):
 def _fwd_shfl_kernel(X, G, Q, SCALE, RSTD, T, D, stride_x, stride_q, eps, full_dim_f, inv_sqrt_hb,
                      BITS: tl.constexpr, HB: tl.constexpr, HAS_NORM: tl.constexpr, BM: tl.constexpr,
                      C: tl.constexpr, ROUND: tl.constexpr, X_BF16: tl.constexpr, Q_FP8: tl.constexpr,
-                     VEC: tl.constexpr, PACKED: tl.constexpr = 0, EVEN: tl.constexpr = False):
+                     VEC: tl.constexpr, PACKED: tl.constexpr = 0, EVEN: tl.constexpr = False,
+                     GLU: tl.constexpr = False):
     """The whole forward chain (no TP reduction, whole rows: D <= C) for BM tokens in the natural [BM, C]
     layout, the Hadamard as warp-shuffle butterflies (``fwht_shuffle``): no tensor cores, no shared memory.
     PACKED (sm_90, ``_common``'s packed helpers), a bit mask: 1 = bf16 pairs in one register (unpacking, the
     norm-weight product, the rounding of u; bf16 activations only), 4 = the int8 codes four per register.
-    EVEN (D == C): no column mask, and rows past T load nothing (their values are never stored)."""
+    EVEN (D == C): no column mask, and rows past T load nothing (their values are never stored).
+    GLU: X holds h = [gate | up] rows (2D features); x = silu(gate) * up is formed in registers with the SwiGLU
+    kernel's arithmetic (``swiglu_values``, the same values) and never written."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.arange(0, C)
     rmask = rows < T
     if EVEN:
         m = rmask[:, None] & (cols < C)[None, :]
-        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=m)
     else:
         m = rmask[:, None] & (cols < D)[None, :]
-        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0)
-    xdt = x.dtype
     PK: tl.constexpr = (PACKED & 1) != 0 and ROUND and X_BF16
-    if PK:
-        xf = bf16_to_f32(x)
+    if GLU:
+        gt = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0)
+        xdt = gt.dtype
+        up = tl.load(X + rows[:, None] * stride_x + D + cols[None, :], mask=m, other=0.0)
+        xf, _ = swiglu_values(gt.to(tl.float32), up.to(tl.float32), xdt, X_BF16)
     else:
-        xf = x.to(tl.float32)
+        if EVEN:
+            x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=m)
+        else:
+            x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0)
+        xdt = x.dtype
+        if PK:
+            xf = bf16_to_f32(x)
+        else:
+            xf = x.to(tl.float32)
     rstd = _rstd_of(tl.sum(xf * xf, axis=1), full_dim_f, eps, HAS_NORM)
     if HAS_NORM:
         g = _load_tile_rows(G, cols, cols < D, BM, EVEN)
@@ -576,10 +588,15 @@ def _fwd_shfl_kernel(X, G, Q, SCALE, RSTD, T, D, stride_x, stride_q, eps, full_d
 @triton.jit
 def _bwd_shfl_kernel(GU, X, G, RSTD, GX, GGP, T, D, stride_gu, stride_x, stride_gx, inv_full, inv_sqrt_hb,
                      HB: tl.constexpr, HAS_NORM: tl.constexpr, BM: tl.constexpr, C: tl.constexpr,
-                     VEC: tl.constexpr, G_TILE: tl.constexpr = False):
+                     VEC: tl.constexpr, G_TILE: tl.constexpr = False, GLU: tl.constexpr = False,
+                     X_BF16: tl.constexpr = False):
     """The backward (no TP reduction, whole rows) in the natural layout with the warp-shuffle Hadamard:
     persistent over token blocks, writes GX and the per-program partial norm-weight gradient GGP[pid, :].
-    G_TILE: g re-read per tile in the tile's layout instead of held in registers across the loop."""
+    G_TILE: g re-read per tile in the tile's layout instead of held in registers across the loop.
+    GLU: X holds h = [gate | up] (the forward's GLU input); x = silu(gate) * up is recomputed in registers, and
+    GX receives the gradient w.r.t. h (2D features): the x gradient rounded to X's dtype, as the unfused path
+    stores it, through ``swiglu_grads``."""
+    xdt = GX.dtype.element_ty
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     cols = tl.arange(0, C)
@@ -593,9 +610,16 @@ def _bwd_shfl_kernel(GU, X, G, RSTD, GX, GGP, T, D, stride_gu, stride_x, stride_
         m = rmask[:, None] & cmask[None, :]
         gu = tl.load(GU + rows[:, None] * stride_gu + cols[None, :], mask=m, other=0.0).to(tl.float32)
         gn = fwht_shuffle(gu, cols, BM, C, HB, VEC) * inv_sqrt_hb
+        if GLU:
+            gt = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            up = tl.load(X + rows[:, None] * stride_x + D + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            xv, e = swiglu_values(gt, up, xdt, X_BF16)
         if HAS_NORM:
             rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
-            xh = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32) * rstd[:, None]
+            if GLU:
+                xh = xv * rstd[:, None]
+            else:
+                xh = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32) * rstd[:, None]
             if G_TILE:
                 g = _load_tile_rows(G, cols, cmask, BM, False).to(tl.float32)
             a = gn * g
@@ -604,7 +628,13 @@ def _bwd_shfl_kernel(GU, X, G, RSTD, GX, GGP, T, D, stride_gu, stride_x, stride_
             gx = rstd[:, None] * (a - xh * (dot * inv_full)[:, None])
         else:
             gx = gn
-        tl.store(GX + rows[:, None] * stride_gx + cols[None, :], gx.to(GX.dtype.element_ty), mask=m)
+        if GLU:
+            # the x gradient as the plain kernel stores it (the same conversion), then the SwiGLU backward
+            d_gate, d_up = swiglu_grads(gt, up, e, gx.to(xdt).to(tl.float32), xdt, X_BF16)
+            tl.store(GX + rows[:, None] * stride_gx + cols[None, :], d_gate.to(xdt), mask=m)
+            tl.store(GX + rows[:, None] * stride_gx + D + cols[None, :], d_up.to(xdt), mask=m)
+        else:
+            tl.store(GX + rows[:, None] * stride_gx + cols[None, :], gx.to(xdt), mask=m)
     if HAS_NORM:
         tl.store(GGP + pid * D + cols, tl.sum(gacc, axis=0), mask=cmask)
 
@@ -706,14 +736,19 @@ def _check(x2: torch.Tensor, hadamard_block: int, act_bits: int) -> None:
 
 def norm_hadamard_quant(x2: torch.Tensor, norm_weight: Optional[torch.Tensor], *, act_bits: int,
                         hadamard_block: int, eps: float, full_dim: Optional[int] = None, tp_group=None,
-                        fp8_codes: bool = False, prec: Optional[int] = None, config=None):
+                        fp8_codes: bool = False, prec: Optional[int] = None, config=None, glu: bool = False):
     """x2 [T, D] (bf16/fp16/fp32, row stride free, last dim contiguous) -> (codes [T, D] int8 or
     float8_e4m3fn, scale [T] fp32, rstd [T] fp32); dequantized activation = codes * scale[:, None].
 
     ``norm_weight`` [D] or None (no RMSNorm, rstd = 1). ``full_dim``: global feature count when x2 is the
     local shard of features split over ``tp_group``; the sum of squares and the statistic are then
     all-reduced (SUM; MAX for INT8). None or equal to D: nothing is reduced.
+    ``glu``: x2 is h = [gate | up] ([T, 2D]) and the chain runs on x = silu(gate) * up (``kernels.swiglu``'s
+    values): in the warp-shuffle kernel x is formed in registers; elsewhere the SwiGLU kernel writes it first.
     """
+    if glu:
+        return _nhq_glu(x2, norm_weight, act_bits=act_bits, hadamard_block=hadamard_block, eps=eps,
+                        full_dim=full_dim, tp_group=tp_group, fp8_codes=fp8_codes, prec=prec, config=config)
     _check(x2, hadamard_block, act_bits)
     assert x2.stride(1) == 1, "last dim must be contiguous"
     T, D = x2.shape
@@ -894,16 +929,17 @@ def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def _default_shuffle(x2, g, *, act_bits, hb, has_norm, eps, fp8_codes):
+def _default_shuffle(x2, g, *, act_bits, hb, has_norm, eps, fp8_codes, glu=False):
     """The warp-shuffle config for x2 where it applies and passed its check, else None (cached per shape and
-    alignment: this runs on every forward call, and small layers are bound by host time)."""
+    alignment: this runs on every forward call, and small layers are bound by host time). ``glu``: the config
+    of the SwiGLU-folded kernel (``glu_shuffle_config``), its plain form checked here (x2: the gate half)."""
     key = (x2.device.index, x2.dtype, g.dtype, x2.shape[1], x2.stride(0) % 8 == 0 and x2.data_ptr() % 16 == 0,
-           act_bits, hb, has_norm, fp8_codes)
+           act_bits, hb, has_norm, fp8_codes, glu)
     cfg = _SHFL_DEFAULT.get(key, False)
     if cfg is False and _capturing():
         return None  # the one-time check syncs: not inside CUDA-graph capture (the tensor-core kernel runs)
     if cfg is False:
-        cfg = shuffle_config(x2.shape[1])
+        cfg = glu_shuffle_config(x2.shape[1]) if glu else shuffle_config(x2.shape[1])
         if shuffle_layout_ok(x2, cfg, hb) is not None or not _shuffle_verified(
                 x2, g, cfg, act_bits=act_bits, hb=hb, has_norm=has_norm, eps=eps, fp8_codes=fp8_codes):
             cfg = None
@@ -912,9 +948,9 @@ def _default_shuffle(x2, g, *, act_bits, hb, has_norm, eps, fp8_codes):
 
 
 def _nhq_shfl(x2, g, q, scale, rstd, config, *, act_bits, hb, has_norm, eps, full, reduce_tp, fp8_codes,
-              checked=False):
-    T, D = x2.shape
-    why = None if checked else "TP-reduced statistics" if reduce_tp else shuffle_layout_ok(x2, config, hb)
+              checked=False, glu=False):
+    T, D = x2.shape[0], q.shape[1]  # glu: x2 holds 2D features
+    why = None if checked else "TP-reduced statistics" if reduce_tp else shuffle_layout_ok(x2[:, :D], config, hb)
     if why:
         raise ValueError(f"launch config {config}: the warp-shuffle kernel does not apply here ({why}); "
                          "use config=None (the default)")
@@ -926,7 +962,7 @@ def _nhq_shfl(x2, g, q, scale, rstd, config, *, act_bits, hb, has_norm, eps, ful
     if len(config) > 5:
         maxnreg = config[5]
     else:
-        maxnreg = shuffle_maxnreg(bm, C, warps, x2.element_size(), hadamard=hb > 1)
+        maxnreg = None if glu else shuffle_maxnreg(bm, C, warps, x2.element_size(), hadamard=hb > 1)
         if maxnreg:
             cap_key = (x2.device.index, x2.dtype, g.dtype, bm, C, warps, act_bits, hb, has_norm, fp8_codes,
                        int(packed))
@@ -937,7 +973,7 @@ def _nhq_shfl(x2, g, q, scale, rstd, config, *, act_bits, hb, has_norm, eps, ful
         x2, g, q, scale, rstd, T, D, x2.stride(0), q.stride(0), float(eps), float(full), 1.0 / math.sqrt(hb),
         BITS=act_bits, HB=hb, HAS_NORM=has_norm, BM=bm, C=C,
         ROUND=x2.dtype != torch.float32, X_BF16=x2.dtype == torch.bfloat16, Q_FP8=fp8_codes,
-        VEC=vec, PACKED=int(packed), EVEN=D == C, num_warps=warps, **opts)
+        VEC=vec, PACKED=int(packed), EVEN=D == C, GLU=glu, num_warps=warps, **opts)
     if maxnreg and cap_key is not None and cap_key not in _CAP_CHECKED:
         # The caps were measured with Triton 3.6's ptxas; where another build spills under the cap (slower than no
         # cap, docs/kernels.md), this launch's results are still right and later launches go uncapped.
@@ -981,9 +1017,13 @@ def _nhq_flat(x2, g, q, scale, rstd, config, *, act_bits, hb, has_norm, eps, ful
 
 def norm_hadamard_backward(grad_u: torch.Tensor, x2: torch.Tensor, norm_weight: Optional[torch.Tensor],
                            rstd: torch.Tensor, *, hadamard_block: int, full_dim: Optional[int] = None,
-                           tp_group=None, prec: Optional[int] = None, config=None):
+                           tp_group=None, prec: Optional[int] = None, config=None, glu: bool = False):
     """grad_u [T, D] (gradient w.r.t. the Hadamard output u) -> (grad_x [T, D] in x2's dtype,
-    grad_norm_weight [D] fp32 or None). Same TP convention as ``norm_hadamard_quant``."""
+    grad_norm_weight [D] fp32 or None). Same TP convention as ``norm_hadamard_quant``.
+    ``glu``: x2 is the forward's h = [gate | up] ([T, 2D]); grad_x is then the gradient w.r.t. h ([T, 2D])."""
+    if glu:
+        return _nhb_glu(grad_u, x2, norm_weight, rstd, hadamard_block=hadamard_block, full_dim=full_dim,
+                        tp_group=tp_group, prec=prec, config=config)
     T, D = x2.shape
     full = full_dim or D
     reduce_tp = _group_size(tp_group) > 1 and full != D
@@ -1057,18 +1097,20 @@ def _bwd_layout_why(grad_u, x2, config, hb) -> Optional[str]:
 _SHFL_BWD_DEFAULT: dict = {}
 
 
-def _default_shuffle_bwd(grad_u, x2, norm_weight, rstd, *, hb):
+def _default_shuffle_bwd(grad_u, x2, norm_weight, rstd, *, hb, glu=False):
     """The backward's warp-shuffle config where it applies and passed a one-time check against the
-    tensor-core kernels (gradients within bf16 rounding; a wrong register layout gives O(1) errors), else None."""
+    tensor-core kernels (gradients within bf16 rounding; a wrong register layout gives O(1) errors), else None.
+    ``glu``: the config of the SwiGLU-folded kernel (``glu_shuffle_bwd_config``; None where it has none), its
+    plain form checked here (x2: the gate half)."""
     D = x2.shape[1]
     aligned = all(t.stride(0) % 8 == 0 and t.data_ptr() % 16 == 0 for t in (grad_u, x2))
-    key = (x2.device.index, x2.dtype, None if norm_weight is None else norm_weight.dtype, D, aligned, hb)
+    key = (x2.device.index, x2.dtype, None if norm_weight is None else norm_weight.dtype, D, aligned, hb, glu)
     cfg = _SHFL_BWD_DEFAULT.get(key, False)
     if cfg is False and _capturing():
         return None
     if cfg is False:
-        cfg = shuffle_bwd_config(D)
-        if _bwd_layout_why(grad_u, x2, cfg, hb) is not None:
+        cfg = glu_shuffle_bwd_config(D) if glu else shuffle_bwd_config(D)
+        if cfg is None or _bwd_layout_why(grad_u, x2, cfg, hb) is not None:
             cfg = None
         else:
             gen = torch.Generator(device=x2.device).manual_seed(0)
@@ -1094,9 +1136,10 @@ def _default_shuffle_bwd(grad_u, x2, norm_weight, rstd, *, hb):
     return cfg
 
 
-def _nhb_shfl(grad_u, x2, norm_weight, rstd, gx, config, *, hb, full, reduce_tp, checked=False):
-    T, D = x2.shape
-    why = None if checked else "TP-reduced statistics" if reduce_tp else _bwd_layout_why(grad_u, x2, config, hb)
+def _nhb_shfl(grad_u, x2, norm_weight, rstd, gx, config, *, hb, full, reduce_tp, checked=False, glu=False):
+    T, D = grad_u.shape  # glu: x2 and gx hold 2D features
+    why = (None if checked else "TP-reduced statistics" if reduce_tp
+           else _bwd_layout_why(grad_u, x2[:, :D], config, hb))
     if why:
         raise ValueError(f"launch config {config}: the warp-shuffle backward does not apply here ({why}); "
                          "use config=None (the default)")
@@ -1110,7 +1153,7 @@ def _nhb_shfl(grad_u, x2, norm_weight, rstd, gx, config, *, hb, full, reduce_tp,
     g = norm_weight if has_norm else x2
     _BWD_SHFL[(nprog,)](grad_u, x2, g, rstd, gx, ggp, T, D, grad_u.stride(0), x2.stride(0), gx.stride(0), 1.0 / full,
                         1.0 / math.sqrt(hb), HB=hb, HAS_NORM=has_norm, BM=bm, C=C, VEC=vec, G_TILE=g_tile,
-                        num_warps=warps)
+                        GLU=glu, X_BF16=x2.dtype == torch.bfloat16, num_warps=warps)
     return gx, (ggp.sum(0) if has_norm else None)
 
 
@@ -1133,6 +1176,145 @@ def _nhb_flat(grad_u, x2, norm_weight, rstd, gx, config, *, hb, full, reduce_tp,
     else:
         _BWD_FLAT[(nprog,)](*args, MODE=0, **common)
     return gx, (ggp.sum(0) if has_norm else None)
+
+
+# ----------------------------------------------------------------------- SwiGLU folded in (fc2 / Wdown)
+# The SwiGLU folded into the warp-shuffle kernels (session 15); BITNET_GLU_FOLD=0 composes the SwiGLU kernels
+# with the plain ones instead (same values; for A/B measurements and as an escape hatch).
+GLU_FOLD = os.environ.get("BITNET_GLU_FOLD", "1") != "0"
+
+
+def _glu_split(x2: torch.Tensor) -> int:
+    if x2.shape[1] % 2:
+        raise ValueError(f"glu=True: the input has {x2.shape[1]} features; h = [gate | up] needs an even count")
+    assert x2.stride(1) == 1, "last dim must be contiguous"
+    return x2.shape[1] // 2
+
+
+def glu_shuffle_config(D: int):
+    """Forward launch config with the SwiGLU folded in: the plain kernel's (``shuffle_config``) with at most 32
+    features per thread (two halves are loaded, and exp / IEEE division added). H100, 8192 tokens, A4
+    (tools/kernels/glu_lab.py, docs/benchmarks/raw/round18_2026-11-25/): 8192 features on 8 warps 0.178 ms
+    (4 warps, the plain kernel's: 0.225; the SwiGLU kernel + plain kernel: 0.225), 16384 on 16 warps 0.390 ms
+    (8 warps: 0.456; composed 0.454)."""
+    _, bm, warps = shuffle_config(D)
+    C = max(16, next_pow2(D))
+    return ("shfl", bm, min(16, max(warps, bm * C // 1024)))
+
+
+def glu_shuffle_bwd_config(D: int):
+    """Backward launch config with the SwiGLU folded in, or None (composed kernels): at most 16 features per
+    thread on at most 16 warps, one program per SM from 16 warps. H100, 8192 tokens (glu_lab.py): 8192 features
+    on 16 warps 0.345 ms (8 warps, 255 registers: 0.436-0.441; composed: 0.542). At 16384 every tried config
+    spilled (32 warps are capped at 64 registers: 2.05 ms; 16 warps / 8 warps: 1.82-1.93 ms) against 1.06 ms
+    composed: None there."""
+    _, bm, warps, per_sm, vec, g_tile = shuffle_bwd_config(D)
+    C = max(16, next_pow2(D))
+    w = max(warps, bm * C // 512)
+    if w > 16:
+        return None
+    return ("shfl", bm, w, 1 if w >= 16 else per_sm, vec, g_tile)
+
+
+_GLU_CHECKED: dict = {}
+
+
+def _glu_verified(kind: str, x2, g, cfg, run) -> bool:
+    """Once per configuration: the GLU form of a warp-shuffle kernel equals, bit for bit, the SwiGLU kernel
+    followed by the plain kernel on random rows (it runs the same arithmetic); otherwise the caller composes the
+    two with a warning (a Triton that builds another register layout for the two-half loads)."""
+    key = (kind, x2.device.index, x2.dtype, None if g is None else g.dtype, x2.shape[1], tuple(cfg))
+    ok = _GLU_CHECKED.get(key)
+    if ok is None and _capturing():
+        return False  # the check syncs: not inside CUDA-graph capture (the composed path runs)
+    if ok is None:
+        ok = run()
+        if not ok:
+            warnings.warn(f"bitnet_dist.kernels: the {kind} kernel with the SwiGLU folded in disagrees with the "
+                          f"SwiGLU kernel + the plain kernel for {cfg}: composing the two for this shape")
+        _GLU_CHECKED[key] = ok
+    return ok
+
+
+def _nhq_glu(h2, norm_weight, *, act_bits, hadamard_block, eps, full_dim, tp_group, fp8_codes, prec, config):
+    """``norm_hadamard_quant(..., glu=True)``: one kernel where the warp-shuffle forward applies, else SwiGLU
+    kernel + the usual path."""
+    D = _glu_split(h2)
+    gate = h2[:, :D]
+    _check(gate, hadamard_block, act_bits)
+    T = h2.shape[0]
+    full = full_dim or D
+    reduce_tp = _group_size(tp_group) > 1 and full != D
+    hb = hadamard_block if hadamard_block and hadamard_block > 1 else 1
+    has_norm = norm_weight is not None
+    g = norm_weight if has_norm else h2
+    kw = dict(act_bits=act_bits, hb=hb, has_norm=has_norm, eps=eps, fp8_codes=fp8_codes)
+    cfg, checked = config, False
+    if cfg is None and GLU_FOLD and SHUFFLE_FWD and h2.is_cuda and not reduce_tp and T:
+        cfg = _default_shuffle(gate, g, glu=True, **kw)  # the plain kernel's layout, checked at D features
+
+        def run():
+            gen = torch.Generator(device=h2.device).manual_seed(1)
+            hs = (torch.randn(max(64, cfg[1] * 8), 2 * D, device=h2.device, generator=gen) * 2).to(h2.dtype)
+            a = norm_hadamard_quant(hs, norm_weight, act_bits=act_bits, hadamard_block=hb, eps=eps,
+                                    fp8_codes=fp8_codes, config=cfg, glu=True)
+            b = norm_hadamard_quant(swiglu(hs), norm_weight, act_bits=act_bits, hadamard_block=hb, eps=eps,
+                                    fp8_codes=fp8_codes, config=cfg)
+            return all(torch.equal(u.view(torch.uint8) if u.dtype == torch.float8_e4m3fn else u,
+                                   v.view(torch.uint8) if v.dtype == torch.float8_e4m3fn else v) for u, v in zip(a, b))
+
+        if cfg is not None and not _glu_verified("forward", h2, norm_weight, cfg, run):
+            cfg = None
+        checked = cfg is not None
+    if cfg is None or cfg[0] != "shfl":
+        return norm_hadamard_quant(swiglu(h2), norm_weight, act_bits=act_bits, hadamard_block=hadamard_block,
+                                   eps=eps, full_dim=full_dim, tp_group=tp_group, fp8_codes=fp8_codes, prec=prec,
+                                   config=config)
+    q = torch.empty((T, D), device=h2.device, dtype=torch.float8_e4m3fn if fp8_codes else torch.int8)
+    scale, rstd = torch.empty((2, T), device=h2.device, dtype=torch.float32)
+    if T:
+        _nhq_shfl(h2, g, q, scale, rstd, cfg, full=full, reduce_tp=reduce_tp, checked=checked, glu=True, **kw)
+    return q, scale, rstd
+
+
+def _nhb_glu(grad_u, h2, norm_weight, rstd, *, hadamard_block, full_dim, tp_group, prec, config):
+    """``norm_hadamard_backward(..., glu=True)``: gradient w.r.t. h in one kernel where the warp-shuffle
+    backward applies, else SwiGLU recompute + the usual backward + the SwiGLU backward kernel."""
+    D = _glu_split(h2)
+    T = h2.shape[0]
+    full = full_dim or D
+    reduce_tp = _group_size(tp_group) > 1 and full != D
+    hb = hadamard_block if hadamard_block and hadamard_block > 1 else 1
+    grad_u = grad_u if grad_u.stride(1) == 1 else grad_u.contiguous()
+    cfg, checked = config, False
+    if (cfg is None and GLU_FOLD and SHUFFLE_FWD and h2.is_cuda and not reduce_tp and T and grad_u.dtype == h2.dtype
+            and h2.element_size() == 2):
+        cfg = _default_shuffle_bwd(grad_u, h2[:, :D], norm_weight, rstd, hb=hb, glu=True)
+
+        def run():
+            gen = torch.Generator(device=h2.device).manual_seed(1)
+            n = max(64, cfg[1] * 8)
+            hs = torch.randn(n, 2 * D, device=h2.device, generator=gen).to(h2.dtype)
+            gus = torch.randn(n, D, device=h2.device, generator=gen).to(h2.dtype)
+            rs = torch.rand(n, device=h2.device, generator=gen) + 0.5
+            a = norm_hadamard_backward(gus, hs, norm_weight, rs, hadamard_block=hb, config=cfg, glu=True)
+            gx, gg = norm_hadamard_backward(gus, swiglu(hs), norm_weight, rs, hadamard_block=hb, config=cfg)
+            return torch.equal(a[0], swiglu_backward(hs, gx)) and (gg is None or torch.equal(a[1], gg))
+
+        if cfg is not None and not _glu_verified("backward", h2, norm_weight, cfg, run):
+            cfg = None
+        checked = cfg is not None
+    if cfg is None or cfg[0] != "shfl":
+        x = swiglu(h2)
+        gx, gg = norm_hadamard_backward(grad_u, x, norm_weight, rstd, hadamard_block=hadamard_block,
+                                        full_dim=full_dim, tp_group=tp_group, prec=prec, config=config)
+        del x
+        return swiglu_backward(h2, gx), gg
+    gh = torch.empty((T, 2 * D), device=h2.device, dtype=h2.dtype)
+    if T == 0:
+        return gh, (torch.zeros(D, device=h2.device) if norm_weight is not None else None)
+    return _nhb_shfl(grad_u, h2, norm_weight, rstd, gh, cfg, hb=hb, full=full, reduce_tp=reduce_tp, checked=checked,
+                     glu=True)
 
 
 # ------------------------------------------------------------------------------- torch reference twin

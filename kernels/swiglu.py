@@ -34,14 +34,33 @@ else:
 
 
 @triton.jit
+def swiglu_values(g, u, XDT: tl.constexpr, X_BF16: tl.constexpr):
+    """(x, e) for fp32 gate / up tiles: x = silu(g) * u with torch's roundings (fp32, bf16-exact for bf16), and
+    e = exp(-g), which ``swiglu_grads`` reuses. Shared by these kernels and the fused H-BitLinear kernels."""
+    e = _exp(-g)
+    s = round_to(tl.math.div_rn(g, 1.0 + e), XDT, X_BF16)
+    return round_to(s * u, XDT, X_BF16), e
+
+
+@triton.jit
+def swiglu_grads(g, u, e, dx, XDT: tl.constexpr, X_BF16: tl.constexpr):
+    """(d_gate, d_up) as fp32 tiles (rounded to XDT) from gate, up, e = exp(-gate) and dx (values of XDT)."""
+    silu = round_to(tl.math.div_rn(g, 1.0 + e), XDT, X_BF16)
+    d_up = round_to(dx * silu, XDT, X_BF16)
+    t = round_to(dx * u, XDT, X_BF16)
+    sig = tl.math.div_rn(1.0, 1.0 + e)
+    d_gate = round_to(t * sig * tl.fma(g, 1.0 - sig, 1.0), XDT, X_BF16)
+    return d_gate, d_up
+
+
+@triton.jit
 def _swiglu_fwd_kernel(H, X, K, stride_h, stride_x, XDT: tl.constexpr, X_BF16: tl.constexpr, BK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BK + tl.arange(0, BK)
     m = cols < K
     g = tl.load(H + row * stride_h + cols, mask=m, other=0.0).to(tl.float32)
     u = tl.load(H + row * stride_h + K + cols, mask=m, other=0.0).to(tl.float32)
-    s = round_to(tl.math.div_rn(g, 1.0 + _exp(-g)), XDT, X_BF16)
-    x = round_to(s * u, XDT, X_BF16)
+    x, _ = swiglu_values(g, u, XDT, X_BF16)
     tl.store(X + row * stride_x + cols, x.to(XDT), mask=m)
 
 
@@ -54,12 +73,7 @@ def _swiglu_bwd_kernel(H, DX, DH, K, stride_h, stride_dx, stride_dh, XDT: tl.con
     g = tl.load(H + row * stride_h + cols, mask=m, other=0.0).to(tl.float32)
     u = tl.load(H + row * stride_h + K + cols, mask=m, other=0.0).to(tl.float32)
     dx = tl.load(DX + row * stride_dx + cols, mask=m, other=0.0).to(tl.float32)
-    e = _exp(-g)
-    silu = round_to(tl.math.div_rn(g, 1.0 + e), XDT, X_BF16)
-    d_up = round_to(dx * silu, XDT, X_BF16)
-    t = round_to(dx * u, XDT, X_BF16)
-    sig = tl.math.div_rn(1.0, 1.0 + e)
-    d_gate = round_to(t * sig * tl.fma(g, 1.0 - sig, 1.0), XDT, X_BF16)
+    d_gate, d_up = swiglu_grads(g, u, _exp(-g), dx, XDT, X_BF16)
     tl.store(DH + row * stride_dh + cols, d_gate.to(XDT), mask=m)
     tl.store(DH + row * stride_dh + K + cols, d_up.to(XDT), mask=m)
 

@@ -19,7 +19,7 @@ if torch.cuda.is_available():
 # The interpreter is chosen when a kernel is decorated, so it must be on before the kernel modules load;
 # reload them if something imported them earlier in this process.
 os.environ["TRITON_INTERPRET"] = "1"
-_MODS = ["_common", "norm_hadamard_quant", "ternary", "gemm", "hbit_autograd"]
+_MODS = ["_common", "swiglu", "norm_hadamard_quant", "ternary", "gemm", "hbit_autograd"]
 for _m in _MODS:
     if f"bitnet_dist.kernels.{_m}" in sys.modules:
         importlib.reload(sys.modules[f"bitnet_dist.kernels.{_m}"])
@@ -29,7 +29,7 @@ from bitnet_dist.kernels import hbit_linear  # noqa: E402
 from bitnet_dist.kernels.gemm import int8_gemm, scaled_gemm_reference  # noqa: E402
 from bitnet_dist.kernels.hbit_autograd import hbit_linear_reference  # noqa: E402
 from bitnet_dist.kernels.norm_hadamard_quant import (  # noqa: E402
-    norm_hadamard_backward, norm_hadamard_quant, norm_hadamard_quant_reference)
+    launch_config, norm_hadamard_backward, norm_hadamard_quant, norm_hadamard_quant_reference)
 from bitnet_dist.kernels.ternary import (  # noqa: E402
     cached_ternary, pack2bit, pack2bit_reference, quantize_weight, quantize_weight_reference, unpack2bit)
 from bitnet_dist.norm import rms_norm  # noqa: E402
@@ -718,6 +718,95 @@ def test_glu_input_equals_swiglu_then_layer_and_keeps_no_product(dtype, bits, hb
         hbit_linear(h, w, g, act_bits=bits, hadamard_block=hb, eps=1e-5, glu=False)
     with pytest.raises(ValueError, match="128 features and glu=True"):
         hbit_linear(h[..., :K], w, g, act_bits=bits, hadamard_block=hb, eps=1e-5, glu=True)
+
+
+@pytest.mark.parametrize("T,D,hb,bits,cfg", [(37, 512, 256, 8, ("shfl", 1, 1)), (19, 384, 128, 4, ("shfl", 2, 1)),
+                                             (37, 512, 256, 8, ("shfl", 1, 1, None, 5)),  # packed, EVEN rows
+                                             (19, 384, 128, 4, ("shfl", 2, 1, None, 5)),  # packed, masked columns
+                                             (33, 256, 16, 4, ("shfl", 4, 2, None, 5))])
+def test_swiglu_folded_into_fused_forward_equals_composition(T, D, hb, bits, cfg):
+    """glu=True on the warp-shuffle forward (the product formed in registers): codes, scales and rstd equal, bit
+    for bit, the SwiGLU kernel's product fed to the same kernel; INT8 / INT4, fp32 / bf16, an all-zero token;
+    and the composed path (another config, or the default on CPU) gives the same."""
+    from bitnet_dist.kernels.swiglu import swiglu
+
+    torch.manual_seed(21)
+    for dtype in (torch.float32, torch.bfloat16):
+        h = (torch.randn(T, 2 * D) * torch.rand(T, 1) * 4).to(dtype)
+        h[3] = 0
+        g = (1 + 0.2 * torch.randn(D)).to(dtype)
+        kw = dict(act_bits=bits, hadamard_block=hb, eps=1e-5)
+        fused = norm_hadamard_quant(h, g, config=cfg, glu=True, **kw)
+        composed = norm_hadamard_quant(swiglu(h), g, config=cfg, **kw)
+        for a, b, name in zip(fused, composed, ("codes", "scale", "rstd")):
+            assert a.shape == b.shape and torch.equal(a, b), name
+        assert fused[0].shape == (T, D)
+        for c in (None, launch_config(D, hb)):  # not the shuffle kernel: the SwiGLU kernel first
+            for a, b in zip(norm_hadamard_quant(h, g, config=c, glu=True, **kw),
+                            norm_hadamard_quant(swiglu(h), g, config=c, **kw)):
+                assert torch.equal(a, b)
+        rc, rs, u = reference_codes(swiglu(h), g, bits, hb)  # and the torch path's codes
+        torch.testing.assert_close(fused[1], rs, rtol=2e-6, atol=0)
+        assert_codes_equal(fused[0], rc, u, rs)
+    with pytest.raises(ValueError, match="even count"):
+        norm_hadamard_quant(h[:, :-1], g, config=cfg, glu=True, **kw)
+
+
+@pytest.mark.parametrize("T,D,hb,cfg", [(37, 512, 256, ("shfl", 1, 1, 1)), (19, 384, 128, ("shfl", 2, 1, 2)),
+                                        (37, 512, 256, ("shfl", 1, 1, 1, None, True)),
+                                        (19, 384, 16, ("shfl", 2, 1, 2, None, True))])
+def test_swiglu_folded_into_fused_backward_equals_composition(T, D, hb, cfg):
+    """glu=True on the warp-shuffle backward (product recomputed in registers, the gradient w.r.t. h written
+    directly): equal bit for bit to the plain backward on the SwiGLU kernel's product followed by the SwiGLU
+    backward kernel, bf16 and fp32, with and without the norm weight; the composed path gives the same."""
+    from bitnet_dist.kernels.swiglu import swiglu, swiglu_backward
+
+    torch.manual_seed(22)
+    for dtype in (torch.float32, torch.bfloat16):
+        h = (2 * torch.randn(T, 2 * D)).to(dtype)
+        gu = torch.randn(T, D).to(dtype)
+        rstd = torch.rand(T) + 0.5
+        for g in ((1 + 0.2 * torch.randn(D)).to(dtype), None):
+            gh, gg = norm_hadamard_backward(gu, h, g, rstd, hadamard_block=hb, config=cfg, glu=True)
+            gx, gg0 = norm_hadamard_backward(gu, swiglu(h), g, rstd, hadamard_block=hb, config=cfg)
+            assert gh.shape == h.shape and gh.dtype == dtype
+            assert torch.equal(gh, swiglu_backward(h, gx))
+            assert (gg is None and gg0 is None) or torch.equal(gg, gg0)
+            gh2, gg2 = norm_hadamard_backward(gu, h, g, rstd, hadamard_block=hb, glu=True)  # default: composed
+            gx2, _ = norm_hadamard_backward(gu, swiglu(h), g, rstd, hadamard_block=hb)
+            assert torch.equal(gh2, swiglu_backward(h, gx2))
+
+
+def test_glu_fold_launch_configs():
+    """The folded kernels' launch configs: at most 32 (forward) / 16 (backward) features per thread, 16 warps at
+    most; no folded backward past that (16384 features: composed), which the default path then takes."""
+    import bitnet_dist.kernels.norm_hadamard_quant as nhq
+
+    assert [nhq.glu_shuffle_config(d) for d in (1024, 2048, 4096, 8192, 16384)] == [
+        ("shfl", 4, 4), ("shfl", 1, 2), ("shfl", 1, 4), ("shfl", 1, 8), ("shfl", 1, 16)]
+    assert [nhq.glu_shuffle_bwd_config(d) for d in (1024, 4096, 8192, 16384)] == [
+        ("shfl", 4, 8, 2, None, False), ("shfl", 1, 8, 2, None, False), ("shfl", 1, 16, 1, None, True), None]
+    for d in (256, 1024, 2048, 4096, 8192, 16384):
+        _, bm, w = nhq.glu_shuffle_config(d)
+        assert bm * max(16, d) // (32 * w) <= 32
+    gu, x = torch.randn(4, 16384).bfloat16(), torch.randn(4, 16384).bfloat16()
+    assert nhq._default_shuffle_bwd(gu, x, None, torch.ones(4), hb=256, glu=True) is None
+
+
+def test_glu_fold_check_falls_back_with_a_warning(monkeypatch):
+    """The one-time GLU check: a disagreeing kernel turns the fold off for that configuration (cached, with a
+    warning); inside CUDA-graph capture an unchecked configuration is not checked (and not cached)."""
+    import bitnet_dist.kernels.norm_hadamard_quant as nhq
+
+    monkeypatch.setattr(nhq, "_GLU_CHECKED", {})
+    h, g, cfg = torch.randn(4, 64), torch.ones(32), ("shfl", 1, 1)
+    monkeypatch.setattr(nhq, "_capturing", lambda: True)
+    assert not nhq._glu_verified("forward", h, g, cfg, lambda: True) and not nhq._GLU_CHECKED
+    monkeypatch.setattr(nhq, "_capturing", lambda: False)
+    with pytest.warns(UserWarning, match="SwiGLU folded in disagrees"):
+        assert not nhq._glu_verified("forward", h, g, cfg, lambda: False)
+    assert not nhq._glu_verified("forward", h, g, cfg, lambda: True)  # cached
+    assert nhq._glu_verified("backward", h, g, cfg, lambda: True)
 
 
 def test_strided_input_is_kept_as_given_not_copied():

@@ -221,7 +221,7 @@ def test_warp_shuffle_backward_default_bf16():
         g = (1 + 0.1 * torch.randn(D, device=DEV)).bfloat16()
         _, _, rstd = norm_hadamard_quant(x, g, act_bits=8, hadamard_block=hb, eps=1e-5)
         gx, gg = norm_hadamard_backward(gu, x, g, rstd, hadamard_block=hb)
-        key = (x.device.index, x.dtype, g.dtype, D, True, max(hb, 1))
+        key = (x.device.index, x.dtype, g.dtype, D, True, max(hb, 1), False)  # glu=False
         assert nhq._SHFL_BWD_DEFAULT.get(key) == nhq.shuffle_bwd_config(D), (D, nhq._SHFL_BWD_DEFAULT.get(key))
         xr, gr = x.float().requires_grad_(), g.float().requires_grad_()
         hadamard.fwht(rms_norm(xr, gr, 1e-5), max(hb, 1)).backward(gu.float())
@@ -260,6 +260,55 @@ def test_glu_input_on_gpu_is_swiglu_then_layer(bits, fp8b):
         assert torch.equal(a, b)
     x_bytes = T * K * 2
     assert x_bytes not in res[True][4] and x_bytes in res[False][4]
+    import bitnet_dist.kernels.norm_hadamard_quant as nhq
+    folded = {k[0] for k, ok in nhq._GLU_CHECKED.items() if ok and k[4] == 2 * K}
+    assert folded == {"forward", "backward"}, nhq._GLU_CHECKED  # the SwiGLU ran folded into both kernels
+
+
+@pytest.mark.parametrize("K", [2048, 2816, 8192, 16384])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_glu_fold_on_gpu_equals_composed_kernels(K, bits, monkeypatch):
+    """The SwiGLU folded into the fused forward / backward at the models' Wdown widths (1.3B 8192, 7B 16384; 2816:
+    masked columns): at one launch config, equal bit for bit to the SwiGLU kernels composed with the plain kernels
+    (codes, scales, rstd; gradient w.r.t. h and the norm weight's). The default path folds where it has a config
+    (its one-time checks passed; the backward at 16384 features has none and composes); its configs use more
+    warps than the plain kernels' (``glu_shuffle_config``), so against the default composed path the row sums
+    round in another order: rstd / scales within float rounding, codes equal but for rare ties."""
+    import bitnet_dist.kernels.norm_hadamard_quant as nhq
+    from bitnet_dist.kernels.swiglu import swiglu, swiglu_backward
+
+    torch.manual_seed(7)
+    T, hb = 1037, 256
+    h = (3 * torch.randn(T, 2 * K, device=DEV)).bfloat16()
+    g = (1 + 0.1 * torch.randn(K, device=DEV)).bfloat16()
+    gu = torch.randn(T, K, device=DEV).bfloat16()
+    kw = dict(act_bits=bits, hadamard_block=hb, eps=1e-5, fp8_codes=bits == 4)
+    u8 = lambda q: q.view(torch.uint8) if bits == 4 else q  # noqa: E731
+    cf, cb = nhq.glu_shuffle_config(K), nhq.glu_shuffle_bwd_config(K) or nhq.shuffle_bwd_config(K)
+    fold = norm_hadamard_quant(h, g, glu=True, config=cf, **kw)
+    comp = norm_hadamard_quant(swiglu(h), g, config=cf, **kw)
+    for a, b, name in zip(fold, comp, ("codes", "scale", "rstd")):
+        assert torch.equal(u8(a), u8(b)), (name, K, bits)
+    r = fold[2]
+    gh, gg = norm_hadamard_backward(gu, h, g, r, hadamard_block=hb, glu=True, config=cb)
+    gx, gg0 = norm_hadamard_backward(gu, swiglu(h), g, r, hadamard_block=hb, config=cb)
+    assert torch.equal(gh, swiglu_backward(h, gx)) and torch.equal(gg, gg0), K
+    out = {}
+    for on in (True, False):
+        monkeypatch.setattr(nhq, "GLU_FOLD", on)
+        q, sc, rs = norm_hadamard_quant(h, g, glu=True, **kw)
+        out[on] = (u8(q), sc, rs) + norm_hadamard_backward(gu, h, g, r, hadamard_block=hb, glu=True)
+    (q1, s1, r1, gh1, gg1), (q0, s0, r0, gh0, gg0) = out[True], out[False]
+    assert float((q1 != q0).float().mean()) < 1e-3
+    # a token's scale moves where one bf16 rounding of u flips (INT4: sum |u|): on few tokens, by little
+    rel = (s1 - s0).abs() / s0.abs()
+    assert float((rel > 2e-6).float().mean()) <= 0.01 and float(rel.max()) < 1e-3
+    torch.testing.assert_close(r1, r0, rtol=2e-6, atol=0)
+    assert float((gh1.float() - gh0.float()).abs().max()) <= 2e-2 * float(gh0.float().abs().max())
+    torch.testing.assert_close(gg1, gg0, rtol=1e-4, atol=1e-4 * float(gg0.abs().max()))
+    folded = {k[0] for k, ok in nhq._GLU_CHECKED.items() if ok and k[4] == 2 * K}
+    want = {"forward"} | ({"backward"} if nhq.glu_shuffle_bwd_config(K) else set())
+    assert folded == want, nhq._GLU_CHECKED
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -1,4 +1,5 @@
-"""SwiGLU + Wdown H-BitLinear, fused (glu=True, the SwiGLU kernels inside the layer) against unfused (megatron's
+"""SwiGLU + Wdown H-BitLinear, fused (glu=True: the SwiGLU folded into the layer's fused kernels; `fused_nofold`:
+the SwiGLU kernels inside the layer, composed with the plain ones) against unfused (megatron's
 torch ops, or the SwiGLU kernel, then the layer), and the SwiGLU alone both ways: GPU time of fwd + bwd (CUDA
 graphs, shuffled interleaved rounds) and the kernels of one step (torch.profiler). 1.3B Wdown shapes.
 
@@ -13,6 +14,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bitnet_dist.bench import timed_gpu_interleaved
+import bitnet_dist.kernels.norm_hadamard_quant as nhq
 from bitnet_dist.kernels import hbit_linear
 from bitnet_dist.kernels.swiglu import swiglu_op
 
@@ -54,13 +56,21 @@ def main():
         h.grad = None
         y.backward(dy)
 
+    def fused_nofold():  # glu=True with the SwiGLU kernels composed with the plain kernels (before session 15)
+        nhq.GLU_FOLD = False
+        try:
+            fused()
+        finally:
+            nhq.GLU_FOLD = True
+
     def swiglu_only():  # the activation alone, fwd + bwd (megatron's ops)
         gate, up = torch.chunk(h, 2, dim=-1)
         x = torch.nn.functional.silu(gate) * (up + 0.0)
         h.grad = None
         x.backward(torch.ones_like(x))
 
-    fns = {"unfused": unfused, "unfused_kernel": unfused_kernel, "fused": fused, "swiglu_only": swiglu_only,
+    fns = {"unfused": unfused, "unfused_kernel": unfused_kernel, "fused": fused, "fused_nofold": fused_nofold,
+           "swiglu_only": swiglu_only,
            "swiglu_kernel": swiglu_kernel}
     ms, errors = timed_gpu_interleaved(fns, warmup=3, reps=15, inner=5)
     res = {"device": torch.cuda.get_device_name(0), "shape": vars(a), "ms": ms, "errors": errors, "kernels": {}}

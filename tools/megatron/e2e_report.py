@@ -86,6 +86,17 @@ NOTES = [
     "`r17b` / `r17b-graph`: a repeat on a fresh machine, with v2_a8: eager v2_a8 0.96x, v2_a4 0.96x (r17: 1.005x; "
     "the eager v2 step is partly host-bound and moves with the host), with the graph 1.00x / 1.01x. "
     "Raw docs/benchmarks/raw/round17_2026-11-25/ (c2, c3: r17a; c5, c6: r17; c7: r17b).",
+    "* **SwiGLU folded into the fused kernels (session 15 of 2026-11-25).** With `precision.fused_swiglu` the "
+    "Wdown H-BitLinear's fused forward forms silu(gate) * up in registers from h (no product written or read), "
+    "and its backward recomputes it and writes the gradient w.r.t. h directly (no SwiGLU recompute kernel, no "
+    "x-gradient round trip, no separate SwiGLU backward), on launch configs of their own (docs/kernels.md). "
+    "`r18` / `r18b` (eager), `r18-graph` / `r18b-graph`, `r18-graph-fp8` / `r18b-graph-fp8` (two H100 calls "
+    "each): v2_a4 1.00x / 1.02x eager, 1.04x / 1.04x with the graph, 1.13x / 1.13x with the graph and the FP8 "
+    "backward (session 14: 0.96-1.005x, 1.01-1.02x, 1.09x). The rows `v2_a4 (GLU_FOLD=0)` are the same code with "
+    "`BITNET_GLU_FOLD=0` (the SwiGLU kernels composed with the plain kernels, as in session 14) in the same "
+    "call (its bench label relabelled from `v2_a4` for this table; raw file unchanged): 0.95x eager, 1.02x "
+    "with the graph. Peak memory unchanged (37.3-37.4 GiB). Raw docs/benchmarks/raw/round18_2026-11-25/ (c3: "
+    "r18; c4: r18-graph*; c5: r18b; c6: r18b-graph*).",
     "* The 2026-11-24 morning rows (docs/benchmarks/raw/e2e_bench_2026-11-24.jsonl: 1.3B 1.00x, 400M 0.64-0.69x) "
     "ran with the stale ternary-code cache (codes computed once per run) and the older kernels; superseded.",
     "* 1.3B v2_a4 at 8 x 2048 ran out of memory in r6 after bf16 and v2_a8 had run in the same process (62-64 GiB "
