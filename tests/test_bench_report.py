@@ -208,3 +208,35 @@ def test_saved_memory_attributes_storages_by_module():
     assert r["shared"] == {"producer": f32, "consumer": f32}  # exp's output = the consumer's input, one storage
     assert r["own"] == {"consumer": f32}  # pow's input v * w; mul's other input w is a parameter: not counted
     assert r["total_bytes"] == 2 * f32
+
+
+def test_trace_gaps_finds_idle_gpu_and_the_cpu_ops_across_it(tmp_path):
+    """tools/megatron/trace_gaps.py on a synthetic chrome trace: busy time is the union of overlapping kernels,
+    idle gaps below the threshold are counted in idle time but not listed, and the largest gap names the kernels
+    around it and the CPU ops running across it."""
+    import gzip
+    import importlib.util
+    import json
+
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "trace_gaps", Path(__file__).resolve().parents[1] / "tools" / "megatron" / "trace_gaps.py")
+    tg = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tg)
+    k = lambda n, ts, dur: {"ph": "X", "cat": "kernel", "name": n, "ts": ts, "dur": dur}  # noqa: E731
+    ev = [k("a", 0, 100), k("b", 50, 100),  # overlap: busy 0-150
+          k("c", 160, 40),  # 10 us gap (below 20)
+          k("d", 500, 100),  # 300 us gap after c
+          {"ph": "X", "cat": "cpu_op", "name": "aten::item", "ts": 210, "dur": 250},
+          {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 600, "dur": 5}]
+    p = tmp_path / "t.trace.json.gz"
+    with gzip.open(p, "wt") as f:
+        json.dump({"traceEvents": ev}, f)
+    r = tg.gaps(tg.load(str(p)), top=5, min_us=20.0)
+    assert r["span_ms"] == 0.6 and abs(r["gpu_busy_ms"] - 0.29) < 1e-9 and abs(r["gpu_idle_ms"] - 0.31) < 1e-9
+    assert r["n_gaps"] == 1
+    (g,) = r["top"]
+    assert g["gap_us"] == 300 and g["after_kernel"] == "c" and g["before_kernel"] == "d"
+    assert g["cpu_ops"] == ["aten::item x1"]
+    assert r["idle_before_kernel_ms"] == {"d": 0.3}

@@ -30,6 +30,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out")
     p.add_argument("--n", type=int, default=200)
+    p.add_argument("--prof-case", default="hbit_a4_fwd_bwd", help="the case profiled (cProfile, torch.profiler)")
     a = p.parse_args()
     T, K, N = 64, 2048, 2048
     x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -46,6 +47,11 @@ def main():
             y.backward(dy)
         return f
 
+    h = torch.randn(T, 2 * K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def glu4():  # Wdown with precision.fused_swiglu: h = [gate | up] in, the SwiGLU folded into the kernels
+        hbit_linear(h, w, g, act_bits=4, hadamard_block=256, eps=1e-5, glu=True).backward(dy)
+
     def no_grad(fn):  # the weight object itself (a .detach() would be a new tensor: a weight-cache miss)
         def f():
             with torch.no_grad():
@@ -55,7 +61,8 @@ def main():
     cases = {"linear_fwd_bwd": lambda: lin(x).backward(dy),
              "hbit_a8_fwd_only": no_grad(lambda: hbit_linear(x, w, g, act_bits=8, hadamard_block=256, eps=1e-5)),
              "hbit_a8_fwd_graph_no_bwd": lambda: hbit_linear(x, w, g, act_bits=8, hadamard_block=256, eps=1e-5),
-             "hbit_a8_fwd_bwd": hb(8), "hbit_a4_fwd_bwd": hb(4), "hbit_a8_nohad_fwd_bwd": hb(8, hbk=0, norm=False)}
+             "hbit_a8_fwd_bwd": hb(8), "hbit_a4_fwd_bwd": hb(4), "hbit_a8_nohad_fwd_bwd": hb(8, hbk=0, norm=False),
+             "hbit_a4_glu_fwd_bwd": glu4}
     for name, fn in cases.items():
         for _ in range(20):
             fn()
@@ -102,7 +109,7 @@ def main():
         res["piece_" + name + "_host_us"] = 1e6 * loop(fn, a.n)
     print(json.dumps(res, indent=1))
     pr = cProfile.Profile()
-    f = hb(8)
+    f = cases[a.prof_case]
     pr.enable()
     for _ in range(a.n):
         f()

@@ -96,7 +96,15 @@ NOTES = [
     "`BITNET_GLU_FOLD=0` (the SwiGLU kernels composed with the plain kernels, as in session 14) in the same "
     "call (its bench label relabelled from `v2_a4` for this table; raw file unchanged): 0.95x eager, 1.02x "
     "with the graph. Peak memory unchanged (37.3-37.4 GiB). Raw docs/benchmarks/raw/round18_2026-11-25/ (c3: "
-    "r18; c4: r18-graph*; c5: r18b; c6: r18b-graph*).",
+    "r18; c4: r18-graph*; c5: r18b; c6: r18b-graph*). Two more eager runs of the same code on fresh machines: "
+    "`r18c` (c9) 0.98x, and `r18-prof` (c7: 3 timed steps, then one step under torch.profiler whose chrome trace "
+    "tools/megatron/trace_gaps.py reads) 0.85x (v2 step 0.763 s against 0.642-0.666 s in the other three). So "
+    "eagerly v2_a4 is 0.98-1.02x in three runs and not reliably at parity: the eager v2 step is partly bound by "
+    "host time, which varies between machines. In the profiled step the GPU sat idle for 386 ms of 988 ms (bf16: "
+    "45 of 669; the profiler slows the host too), 90 ms of it just before the fused forward kernels (median "
+    "gap 295 us over 288 calls); tools/kernels/overhead.py (c8): one H-BitLinear forward + backward costs "
+    "~0.97 ms of host time (forward alone 0.18 ms) against 0.22 ms for nn.Linear. The CUDA-graph step "
+    "(`engine.cuda_graph=true`) removes it.",
     "* The 2026-11-24 morning rows (docs/benchmarks/raw/e2e_bench_2026-11-24.jsonl: 1.3B 1.00x, 400M 0.64-0.69x) "
     "ran with the stale ternary-code cache (codes computed once per run) and the older kernels; superseded.",
     "* 1.3B v2_a4 at 8 x 2048 ran out of memory in r6 after bf16 and v2_a8 had run in the same process (62-64 GiB "

@@ -375,6 +375,14 @@ def cmd_bench(a):
                 table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
                 Path(a.profile).mkdir(parents=True, exist_ok=True)
                 (Path(a.profile) / f"{a.model}_{prec}.txt").write_text(table)
+                trace = Path(a.profile) / f"{a.model}_{prec}.trace.json"  # GPU idle gaps: tools/megatron/trace_gaps.py
+                prof.export_chrome_trace(str(trace))
+                import gzip
+                import shutil
+
+                with open(trace, "rb") as fi, gzip.open(f"{trace}.gz", "wb") as fo:
+                    shutil.copyfileobj(fi, fo)
+                trace.unlink()
             tok = a.gbs * a.seq
             fpt = flops_per_token(cfg.model, a.seq, a.vocab)
             row = {"model": a.model, "precision": prec, "kernels": cfg.precision.kernels, "seq": a.seq, "mbs": a.mbs,
