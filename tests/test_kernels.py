@@ -294,7 +294,22 @@ def _tp_worker(rank, world):
         dist.all_reduce(y, group=dist.group.WORLD)
         # numpy pickles by value; tensors would go through shared memory that dies with this process
         out.append((bits, *(t.numpy() for t in (y, xs.grad, ws.grad, gs.grad)), sl))
+    # Wdown with the SwiGLU inside (glu=True): each rank holds [gate shard | up shard]; under TP-reduced
+    # statistics the SwiGLU kernels compose with the TP phases (the fold needs whole rows)
+    h = _tp_glu_input(x)
+    hs = torch.cat([h[:, :D][:, sl], h[:, D:][:, sl]], 1).requires_grad_()
+    ws, gs = (t[..., sl].clone().requires_grad_() for t in (w, g))
+    y = hl(hs, ws, gs, act_bits=4, hadamard_block=hb, eps=1e-5, tp_group=dist.group.WORLD, full_dim=D, glu=True)
+    y.backward(dy)
+    y = y.detach()
+    dist.all_reduce(y, group=dist.group.WORLD)
+    out.append(("glu", *(t.numpy() for t in (y, hs.grad, ws.grad, gs.grad)), sl))
     return out
+
+
+def _tp_glu_input(x):
+    gen = torch.Generator().manual_seed(8)
+    return torch.cat([x * 2, torch.randn(x.shape, generator=gen)], 1)  # [gate | up]
 
 
 def _spawn_entry(rank, world, port, queue):
@@ -345,17 +360,28 @@ def run_ranks(world: int, timeout: float = 300.0):
 @pytest.mark.slow
 def test_tensor_parallel_statistics():
     """Two gloo ranks (interpreted kernels) reproduce the single-device reference: the partial sums of
-    squares, activation statistics, weight abs-sums and the backward dot are all-reduced."""
+    squares, activation statistics, weight abs-sums and the backward dot are all-reduced; also with the SwiGLU
+    input (glu=True, each rank holding its gate and up shards)."""
+    from bitnet_dist.kernels.swiglu import swiglu_reference
+
     results = run_ranks(2)
     hb, D, x, w, g, dy = _tp_case()
     for rank_out in results:
+        assert [o[0] for o in rank_out] == [8, 4, "glu"]
         for bits, *arrays, sl in rank_out:
             y, gx, gw, gg = (torch.from_numpy(a) for a in arrays)
             xr, wr, gr = (t.clone().requires_grad_() for t in (x, w, g))
-            yr = _layer_reference(xr, wr, gr, bits, hb)
-            yr.backward(dy)
+            if bits == "glu":  # the reference on the full h, its gradient read back in the rank's layout
+                hr = _tp_glu_input(x).requires_grad_()
+                yr = _layer_reference(swiglu_reference(hr), wr, gr, 4, hb)
+                yr.backward(dy)
+                want = torch.cat([hr.grad[:, :D][:, sl], hr.grad[:, D:][:, sl]], 1)
+            else:
+                yr = _layer_reference(xr, wr, gr, bits, hb)
+                yr.backward(dy)
+                want = xr.grad[:, sl]
             torch.testing.assert_close(y, yr.detach(), rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(gx, xr.grad[:, sl], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(gx, want, rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(gw, wr.grad[:, sl], rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(gg, gr.grad[sl], rtol=1e-4, atol=1e-5)
 
