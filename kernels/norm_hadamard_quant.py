@@ -1219,11 +1219,12 @@ def glu_shuffle_bwd_config(D: int):
 _GLU_CHECKED: dict = {}
 
 
-def _glu_verified(kind: str, x2, g, cfg, run) -> bool:
-    """Once per configuration: the GLU form of a warp-shuffle kernel equals, bit for bit, the SwiGLU kernel
-    followed by the plain kernel on random rows (it runs the same arithmetic); otherwise the caller composes the
-    two with a warning (a Triton that builds another register layout for the two-half loads)."""
-    key = (kind, x2.device.index, x2.dtype, None if g is None else g.dtype, x2.shape[1], tuple(cfg))
+def _glu_verified(kind: str, x2, g, cfg, run, extra: tuple = ()) -> bool:
+    """Once per configuration (``extra``: the kernel's other specializations): the GLU form of a warp-shuffle
+    kernel equals, bit for bit, the SwiGLU kernel followed by the plain kernel on random rows (it runs the same
+    arithmetic); otherwise the caller composes the two with a warning (a Triton that builds another register
+    layout for the two-half loads)."""
+    key = (kind, x2.device.index, x2.dtype, None if g is None else g.dtype, x2.shape[1], tuple(cfg), *extra)
     ok = _GLU_CHECKED.get(key)
     if ok is None and _capturing():
         return False  # the check syncs: not inside CUDA-graph capture (the composed path runs)
@@ -1263,7 +1264,8 @@ def _nhq_glu(h2, norm_weight, *, act_bits, hadamard_block, eps, full_dim, tp_gro
             return all(torch.equal(u.view(torch.uint8) if u.dtype == torch.float8_e4m3fn else u,
                                    v.view(torch.uint8) if v.dtype == torch.float8_e4m3fn else v) for u, v in zip(a, b))
 
-        if cfg is not None and not _glu_verified("forward", h2, norm_weight, cfg, run):
+        if cfg is not None and not _glu_verified("forward", h2, norm_weight, cfg, run,
+                                                 (act_bits, hb, fp8_codes, float(eps))):
             cfg = None
         checked = cfg is not None
     if cfg is None or cfg[0] != "shfl":
@@ -1301,7 +1303,7 @@ def _nhb_glu(grad_u, h2, norm_weight, rstd, *, hadamard_block, full_dim, tp_grou
             gx, gg = norm_hadamard_backward(gus, swiglu(hs), norm_weight, rs, hadamard_block=hb, config=cfg)
             return torch.equal(a[0], swiglu_backward(hs, gx)) and (gg is None or torch.equal(a[1], gg))
 
-        if cfg is not None and not _glu_verified("backward", h2, norm_weight, cfg, run):
+        if cfg is not None and not _glu_verified("backward", h2, norm_weight, cfg, run, (hb,)):
             cfg = None
         checked = cfg is not None
     if cfg is None or cfg[0] != "shfl":

@@ -832,6 +832,7 @@ def test_glu_fold_check_falls_back_with_a_warning(monkeypatch):
     with pytest.warns(UserWarning, match="SwiGLU folded in disagrees"):
         assert not nhq._glu_verified("forward", h, g, cfg, lambda: False)
     assert not nhq._glu_verified("forward", h, g, cfg, lambda: True)  # cached
+    assert nhq._glu_verified("forward", h, g, cfg, lambda: True, (4, 256))  # another specialization: its own check
     assert nhq._glu_verified("backward", h, g, cfg, lambda: True)
 
 

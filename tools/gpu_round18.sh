@@ -13,8 +13,6 @@
 for step in "$@"; do
 t0=$(date +%s)
 case "$step" in
-ktests)
-  timeout 300 python -m pytest -q -p no:warnings -m gpu tests/test_kernels_gpu.py 2>&1 | tail -60 > $OUT/kernel_gpu_tests_full.txt; tail -5 $OUT/kernel_gpu_tests_full.txt | tee $OUT/kernel_gpu_tests.txt ;;
 ktests_glu)
   timeout 300 python -m pytest -q -p no:warnings -m gpu tests/test_kernels_gpu.py -k "glu or swiglu" 2>&1 | tail -30 | tee $OUT/kernel_gpu_tests_glu.txt ;;
 probe)
@@ -25,13 +23,6 @@ probe)
   done ;;
 glulab)
   timeout 300 python tools/kernels/glu_lab.py --bits ${BITS:-4} --out $OUT/glu_lab_a${BITS:-4}.json 2>&1 | grep -v -i warn | tee $OUT/glu_lab_a${BITS:-4}.txt ;;
-mtests)
-  timeout 220 python -m pytest -q -p no:warnings -m gpu tests/test_megatron_gpu.py 2>&1 | tee $OUT/megatron_gpu_full.txt | tail -40 > $OUT/megatron_gpu_tests.txt; tail -3 $OUT/megatron_gpu_tests.txt ;;
-dtests)
-  timeout 200 python -m pytest -q -p no:warnings -m gpu tests/test_deepspeed_gpu.py 2>&1 | tail -40 > $OUT/deepspeed_gpu_tests.txt; tail -3 $OUT/deepspeed_gpu_tests.txt ;;
-e2e4)  # 1.3B, 4 x 2048, eager
-  timeout 280 $G bench --model 1.3B --precision ${PRECS:-bf16 v2_a4} --seq 2048 --mbs 4 --gbs 16 --vocab 32000 --warmup 2 --iters 5 \
-    --out $OUT/e2e.jsonl 2>&1 | grep -E "^\[bench|Error" | cut -c1-300 ;;
 e2e4nofold)  # as e2e4 with the SwiGLU not folded into the fused kernels (BITNET_GLU_FOLD=0: composed, as in session 14)
   BITNET_GLU_FOLD=0 timeout 280 $G bench --model 1.3B --precision ${PRECS:-v2_a4} --seq 2048 --mbs 4 --gbs 16 --vocab 32000 --warmup 2 --iters 5 \
     --out $OUT/e2e_nofold.jsonl 2>&1 | grep -E "^\[bench|Error" | cut -c1-300 ;;
@@ -45,12 +36,8 @@ prof4)  # 1.3B, 4 x 2048, eager, with one profiled step per precision (table + c
 overhead)  # host time per H-BitLinear call (tools/kernels/overhead.py), cProfile of A4 and of A4 with glu
   for c in hbit_a4_fwd_bwd hbit_a4_glu_fwd_bwd; do timeout 120 python tools/kernels/overhead.py --prof-case $c --out $OUT/overhead_$c.txt > /dev/null 2>&1; done
   head -16 $OUT/overhead_hbit_a4_fwd_bwd.txt ;;
-e2eg4)  # 1.3B, 4 x 2048, CUDA graph
-  timeout 300 $G bench --model 1.3B --precision ${PRECS:-bf16 v2_a4} --seq 2048 --mbs 4 --gbs 16 --vocab 32000 --warmup 4 --iters 5 \
-    --cuda-graph --out $OUT/e2e_graph.jsonl 2>&1 | grep -E "^\[bench|Error|error" | cut -c1-300 ;;
-e2eg8)  # 1.3B, 4 x 2048, CUDA graph, FP8 backward
-  timeout 300 $G bench --model 1.3B --precision ${PRECS:-bf16 v2_a4} --seq 2048 --mbs 4 --gbs 16 --vocab 32000 --warmup 4 --iters 5 \
-    --cuda-graph --fp8-backward --out $OUT/e2e_graph_fp8.jsonl 2>&1 | grep -E "^\[bench|Error|error" | cut -c1-300 ;;
+*)
+  common_step "$step" ;;
 esac
 echo "[round18] $step: $(( $(date +%s) - t0 )) s" | tee -a $OUT/times.txt
 done
