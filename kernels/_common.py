@@ -377,6 +377,13 @@ _FAST_LAUNCH = os.environ.get("BITNET_TRITON_FAST_LAUNCH", "1") != "0"
 def _arg_spec(a):
     """What Triton may specialize a runtime argument on (a superset, so a reused kernel is always valid):
     dtype and 16-byte alignment of tensors; 16-divisibility, == 1 and the 32-bit range of integers."""
+    t = type(a)
+    if t is torch.Tensor or t is torch.nn.Parameter:  # the common cases first: this runs for every argument
+        return (a.dtype, a.data_ptr() % 16 == 0)
+    if t is int:
+        return ("i", a % 16 == 0, a == 1, -(2 ** 31) <= a < 2 ** 31)
+    if t is float:
+        return "f"
     if isinstance(a, torch.Tensor):
         return (a.dtype, a.data_ptr() % 16 == 0)
     if isinstance(a, bool):
@@ -392,6 +399,16 @@ def _arg_spec(a):
     return ("o", type(a).__name__, a)
 
 
+def int_spec(n: int) -> tuple:
+    """``_arg_spec`` of an integer argument without the type dispatch (for the callers' own launch keys)."""
+    return (n % 16 == 0, n == 1, -(2 ** 31) <= n < 2 ** 31)
+
+
+# BITNET_CHECK_LAUNCH_KEYS=1: every ``FastLaunch.launch_keyed`` hit also builds the full key and asserts that it
+# names the same compiled kernel (the GPU tests run with it; it costs the host time the keyed path saves).
+_CHECK_KEYS = os.environ.get("BITNET_CHECK_LAUNCH_KEYS", "0") not in ("", "0")
+
+
 class FastLaunch:
     """``FastLaunch(kernel)[grid](*args, **constexprs_and_options)`` launches like ``kernel[grid](...)``.
 
@@ -405,15 +422,19 @@ class FastLaunch:
         self.fn = fn
         self.names = [p.name for p in getattr(fn, "params", ())]  # the interpreter's functions have none
         self.cache: dict = {}
+        self.keyed: dict = {}  # launch_keyed: the caller's key -> (compiled kernel, constexpr values)
         self.enabled = _FAST_LAUNCH and not interpreting() and bool(self.names)
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self._launch(grid, args, kwargs)
 
+    def _key(self, args, kwargs):
+        return (torch.cuda.current_device(), tuple(kwargs.items()), tuple(map(_arg_spec, args)))
+
     def _launch(self, grid, args, kwargs):
         if not self.enabled:
             return self.fn[grid](*args, **kwargs)
-        key = (torch.cuda.current_device(), tuple(kwargs.items()), tuple(_arg_spec(a) for a in args))
+        key = self._key(args, kwargs)
         compiled = self.cache.get(key)
         if compiled is None:
             compiled = self.fn[grid](*args, **kwargs)
@@ -425,6 +446,29 @@ class FastLaunch:
         try:
             compiled[g](*full)
         except TypeError:  # a Triton whose launcher differs: back to the JIT path for good
+            self.enabled = False
+            self.fn[grid](*args, **kwargs)
+        return compiled
+
+    def launch_keyed(self, key, grid: tuple, args: tuple, kwargs: dict):
+        """``self[grid](*args, **kwargs)`` with the compiled kernel looked up by the caller's ``key`` (hashable)
+        instead of one built from every argument (``_arg_spec`` of each: the larger part of a launch's host
+        time). The caller guarantees that calls with equal keys have equal constexprs and options, the same
+        device, and arguments with equal ``_arg_spec`` (dtypes, pointer alignment, integer classes).
+        ``BITNET_CHECK_LAUNCH_KEYS=1`` checks that guarantee on every call. ``grid``: three entries."""
+        hit = self.keyed.get(key) if self.enabled else None
+        if hit is None:
+            compiled = self._launch(grid, args, kwargs)
+            if self.enabled and compiled is not None and hasattr(compiled, "__getitem__"):
+                self.keyed[key] = (compiled, tuple(kwargs[n] for n in self.names[len(args):]))
+            return compiled
+        compiled, tail = hit
+        if _CHECK_KEYS and self.cache.get(self._key(args, kwargs)) is not compiled:
+            raise AssertionError(f"FastLaunch.launch_keyed: key {key} reused for another specialization of "
+                                 f"{getattr(self.fn, '__name__', self.fn)}")
+        try:
+            compiled[grid](*args, *tail)
+        except TypeError:  # as in _launch
             self.enabled = False
             self.fn[grid](*args, **kwargs)
         return compiled

@@ -162,8 +162,11 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: torch.Tens
     a_desc = TensorDescriptor.from_tensor(a, [cfg["BM"], cfg["BK"]])
     b_desc = TensorDescriptor.from_tensor(b, [cfg["BN"], cfg["BK"]])
     tiles = triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"])
-    _TMA_LAUNCH[(min(tiles, sms) if persistent else tiles,)](
-        a_desc, b_desc, c, sa, sb, M, N, K, c.stride(0), PERSISTENT=persistent, **cfg)
+    # launch key: the tuned key (shapes, dtype, device) and what else the arguments specialize on (TMA bases are
+    # 16-byte aligned, checked above; c is a fresh allocation)
+    _TMA_LAUNCH.launch_keyed((key, a.stride(0), b.stride(0), sa.dtype, sb.dtype, sa.data_ptr() % 16 == 0,
+                              sb.data_ptr() % 16 == 0), (min(tiles, sms) if persistent else tiles, 1, 1),
+                             (a_desc, b_desc, c, sa, sb, M, N, K, c.stride(0)), {"PERSISTENT": persistent, **cfg})
     return c
 
 
@@ -176,11 +179,19 @@ _TMA_LAUNCH = FastLaunch(_int8_gemm_tma_kernel.fn)
 GEMM_DEFAULT_IMPL = "tma_persistent"
 
 
+_FP8_OK: dict = {}
+
+
 def fp8_available(device: torch.device) -> bool:
-    """FP8 tensor cores (sm_89+) and torch._scaled_mm with row-wise scales."""
-    if device.type != "cuda" or not hasattr(torch, "_scaled_mm") or interpreting():
+    """FP8 tensor cores (sm_89+) and torch._scaled_mm with row-wise scales (cached per device: every layer call
+    asks)."""
+    if device.type != "cuda":
         return False
-    return device_capability(device) >= (8, 9)
+    ok = _FP8_OK.get(device.index)
+    if ok is None:
+        ok = _FP8_OK[device.index] = (hasattr(torch, "_scaled_mm") and not interpreting()
+                                      and device_capability(device) >= (8, 9))
+    return ok
 
 
 def fp8_gemm(a8: torch.Tensor, b8: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor,
@@ -188,8 +199,15 @@ def fp8_gemm(a8: torch.Tensor, b8: torch.Tensor, sa: torch.Tensor, sb: torch.Ten
     """a8 float8_e4m3fn [M, K] row-major, b8 float8_e4m3fn [N, K] row-major (used as the column-major
     B = b8.T), sa fp32 [M], sb fp32 [N] -> (a8 @ b8.T) * sa * sb with fp32 accumulation. ``fast_accum``:
     cuBLASLt's fast accumulation (fewer accumulator bits), for the benchmark's comparison only."""
-    return torch._scaled_mm(a8, b8.t(), scale_a=sa.reshape(-1, 1).float(), scale_b=sb.reshape(1, -1).float(),
-                            out_dtype=out_dtype, use_fast_accum=fast_accum)
+    return fp8_gemm_t(a8, b8.t(), sa, sb.reshape(1, -1).float(), out_dtype, fast_accum)
+
+
+def fp8_gemm_t(a8: torch.Tensor, b8_t: torch.Tensor, sa: torch.Tensor, sb_row: torch.Tensor,
+               out_dtype=torch.bfloat16, fast_accum: bool = False) -> torch.Tensor:
+    """``fp8_gemm`` with B already as the column-major view ``b8.t()`` [K, N] and its scale as fp32 [1, N] (a
+    layer's weight operands, made once per step: ``TernaryWeight.fp8_operands``)."""
+    return torch._scaled_mm(a8, b8_t, scale_a=sa.reshape(-1, 1).float(), scale_b=sb_row, out_dtype=out_dtype,
+                            use_fast_accum=fast_accum)
 
 
 def scaled_gemm_reference(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor,

@@ -21,7 +21,8 @@ from typing import Optional
 
 import torch
 
-from .gemm import colwise_fp8_t, dy_fp8_both, fp8_available, fp8_gemm, fp8_transpose, int8_gemm, rowwise_fp8
+from .gemm import (colwise_fp8_t, dy_fp8_both, fp8_available, fp8_gemm, fp8_gemm_t, fp8_transpose, int8_gemm,
+                   rowwise_fp8)
 from .norm_hadamard_quant import norm_hadamard_backward, norm_hadamard_quant
 from .ternary import cached_ternary, dequantize_rows
 
@@ -31,6 +32,8 @@ def _fp8_ok(*dims: int) -> bool:
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """[..., D] -> [T, D] with unit feature stride (a copy only where the rows are not evenly strided)."""
+    if x.dim() == 2 and x.stride(1) == 1:
+        return x
     x2 = x.reshape(-1, x.shape[-1])
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
@@ -50,7 +53,10 @@ class HBitLinearFunction(torch.autograd.Function):
                                                glu=glu)
         out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
         if use_fp8:
-            y = fp8_gemm(codes, tw.fp8, s_a, tw.scale, out_dtype=torch.bfloat16).to(out_dtype)
+            b_t, sb_row = tw.fp8_operands()
+            y = fp8_gemm_t(codes, b_t, s_a, sb_row, out_dtype=torch.bfloat16)
+            if out_dtype != torch.bfloat16:
+                y = y.to(out_dtype)
         else:
             y = int8_gemm(codes, tw.codes, s_a, tw.scale, out_dtype=out_dtype)
         del x, x2  # backward re-derives them from src (a view or a recompute: no copy kept)
@@ -89,11 +95,11 @@ class HBitLinearFunction(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 grad_w = fp8_gemm(e8, fp8_transpose(codes), se, ones, out_dtype=torch.bfloat16)
         else:
+            dyg = dy2.to(gdt)
             if need_x:
-                grad_u = dy2.to(gdt) @ tw.dequantized(gdt)
+                grad_u = dyg @ tw.dequantized(gdt)
             if ctx.needs_input_grad[1]:
-                xq = dequantize_rows(codes, s_a, gdt)
-                grad_w = dy2.to(gdt).t() @ xq
+                grad_w = dyg.t() @ dequantize_rows(codes, s_a, gdt)
         if need_x:
             # glu: the product is recomputed from h (same values) and the gradient is w.r.t. h
             grad_x, grad_g = norm_hadamard_backward(grad_u, _rows(src), norm_weight, rstd, hadamard_block=hb,

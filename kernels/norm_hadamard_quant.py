@@ -38,7 +38,7 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from ._common import (FastLaunch, bf16_norm_mul, bf16_to_f32, block_fwht, block_fwht_rows, default_prec,
+from ._common import (FastLaunch, int_spec, bf16_norm_mul, bf16_to_f32, block_fwht, block_fwht_rows, default_prec,
                       device_capability, dot16, fwht_shuffle, int8_rn, interpreting, next_pow2, num_sms, pair_join,
                       pair_split, quotient, rint, round_bf16_pair, round_to)
 from .swiglu import swiglu, swiglu_backward, swiglu_grads, swiglu_values
@@ -734,6 +734,89 @@ def _check(x2: torch.Tensor, hadamard_block: int, act_bits: int) -> None:
                          f"feature count {D} (0 = no Hadamard)")
 
 
+# ----------------------------------------------------------------------------------------- launch plans
+# A layer calls the same kernel with the same row width, dtypes and options on every step; only the token count
+# and the tensors change. After the first call of a signature has taken the default warp-shuffle path (config
+# chosen, layout checked, register cap checked for spills), a plan keeps what that call worked out (launch
+# constants, grid rule, output dtypes) and later calls go straight to the launch (``FastLaunch.launch_keyed``),
+# skipping the argument checks, config lookups and per-argument specialization keys: host time, which bounds
+# the eager training step of the 1.3B model (docs/kernels.md). The key holds everything the default path's
+# decisions read (shapes, strides, pointer alignment, dtypes, options, the module switches and the identity of
+# the one-time-check caches, so a test that swaps one out gets the checks again); the launch key adds what
+# varies per call and that Triton specializes on (the token count's class, the alignment of per-token vectors).
+# BITNET_LAUNCH_PLANS=0 turns them off (A/B measurements).
+_PLANS: dict = {}
+PLANS_ON = os.environ.get("BITNET_LAUNCH_PLANS", "1") != "0"
+
+
+def _plan_state() -> tuple:
+    return (SHUFFLE_FWD, GLU_FOLD, id(_SHFL_DEFAULT), id(_SHFL_BWD_DEFAULT), id(_GLU_CHECKED), id(_CAP_SPILLED))
+
+
+def _fwd_plan_key(x2, norm_weight, act_bits, hadamard_block, eps, full_dim, tp_group, fp8_codes, glu):
+    D = x2.shape[1] // 2 if glu else x2.shape[1]
+    reduce_tp = full_dim is not None and full_dim != D and _group_size(tp_group) > 1
+    return ("fwd", x2.device.index, x2.dtype, x2.shape[1], x2.stride(0), x2.stride(1), x2.data_ptr() % 16 == 0,
+            None if norm_weight is None else (norm_weight.dtype, norm_weight.data_ptr() % 16 == 0), act_bits,
+            hadamard_block, eps, full_dim, reduce_tp, fp8_codes, glu, _plan_state())
+
+
+class _FwdPlan:
+    """The warp-shuffle forward of one call signature (see ``_PLANS``)."""
+
+    __slots__ = ("bm", "D", "qdtype", "tail", "consts", "has_norm")
+
+    def __init__(self, x2, g, D, config, *, act_bits, hb, has_norm, eps, full, fp8_codes, glu):
+        self.bm, self.D, self.has_norm = config[1], D, has_norm
+        self.qdtype = torch.float8_e4m3fn if fp8_codes else torch.int8
+        self.tail = (float(eps), float(full), 1.0 / math.sqrt(hb))
+        self.consts = _fwd_shfl_consts(x2, g, D, config, act_bits=act_bits, hb=hb, has_norm=has_norm,
+                                       fp8_codes=fp8_codes, glu=glu)[0]
+
+    def __call__(self, x2, norm_weight):
+        T, D, dev = x2.shape[0], self.D, x2.device
+        q = torch.empty((T, D), device=dev, dtype=self.qdtype)
+        scale, rstd = torch.empty((2, T), device=dev, dtype=torch.float32)
+        if T:  # q and scale start allocations (aligned); rstd sits 4T bytes in
+            _FWD_SHFL.launch_keyed((self, int_spec(T), T % 4 == 0), (-(-T // self.bm), 1, 1),
+                                   (x2, norm_weight if self.has_norm else x2, q, scale, rstd, T, D, x2.stride(0), D,
+                                    *self.tail), self.consts)
+        return q, scale, rstd
+
+
+def _bwd_plan_key(grad_u, x2, norm_weight, hadamard_block, full_dim, tp_group, glu):
+    D = grad_u.shape[1]
+    reduce_tp = full_dim is not None and full_dim != D and _group_size(tp_group) > 1
+    return ("bwd", x2.device.index, x2.dtype, x2.shape[1], x2.stride(0), x2.stride(1), x2.data_ptr() % 16 == 0,
+            grad_u.dtype, D, grad_u.stride(0), grad_u.stride(1), grad_u.data_ptr() % 16 == 0,
+            None if norm_weight is None else (norm_weight.dtype, norm_weight.data_ptr() % 16 == 0),
+            hadamard_block, full_dim, reduce_tp, glu, _plan_state())
+
+
+class _BwdPlan:
+    """The warp-shuffle backward of one call signature (see ``_PLANS``)."""
+
+    __slots__ = ("bm", "D", "xD", "max_prog", "tail", "consts", "has_norm")
+
+    def __init__(self, x2, D, config, *, hb, has_norm, full, glu):
+        self.bm, self.D, self.xD, self.has_norm = config[1], D, x2.shape[1], has_norm
+        self.consts, per_sm = _bwd_shfl_consts(x2, D, config, hb=hb, has_norm=has_norm, glu=glu)
+        self.max_prog = per_sm * num_sms(x2.device)
+        self.tail = (1.0 / full, 1.0 / math.sqrt(hb))
+
+    def __call__(self, grad_u, x2, norm_weight, rstd):
+        T, D, dev = grad_u.shape[0], self.D, x2.device
+        gx = torch.empty((T, self.xD), device=dev, dtype=x2.dtype)
+        if T == 0:
+            return gx, (torch.zeros(D, device=dev) if self.has_norm else None)
+        nprog = max(1, min(-(-T // self.bm), self.max_prog))
+        ggp = torch.empty((nprog, D), device=dev, dtype=torch.float32) if self.has_norm else gx
+        _BWD_SHFL.launch_keyed((self, int_spec(T), rstd.data_ptr() % 16 == 0), (nprog, 1, 1),
+                               (grad_u, x2, norm_weight if self.has_norm else x2, rstd, gx, ggp, T, D,
+                                grad_u.stride(0), x2.stride(0), self.xD, *self.tail), self.consts)
+        return gx, (ggp.sum(0) if self.has_norm else None)
+
+
 def norm_hadamard_quant(x2: torch.Tensor, norm_weight: Optional[torch.Tensor], *, act_bits: int,
                         hadamard_block: int, eps: float, full_dim: Optional[int] = None, tp_group=None,
                         fp8_codes: bool = False, prec: Optional[int] = None, config=None, glu: bool = False):
@@ -746,9 +829,16 @@ def norm_hadamard_quant(x2: torch.Tensor, norm_weight: Optional[torch.Tensor], *
     ``glu``: x2 is h = [gate | up] ([T, 2D]) and the chain runs on x = silu(gate) * up (``kernels.swiglu``'s
     values): in the warp-shuffle kernel x is formed in registers; elsewhere the SwiGLU kernel writes it first.
     """
+    pkey = None
+    if config is None and PLANS_ON and x2.is_cuda:
+        pkey = _fwd_plan_key(x2, norm_weight, act_bits, hadamard_block, eps, full_dim, tp_group, fp8_codes, glu)
+        plan = _PLANS.get(pkey)
+        if plan is not None:
+            return plan(x2, norm_weight)
     if glu:
         return _nhq_glu(x2, norm_weight, act_bits=act_bits, hadamard_block=hadamard_block, eps=eps,
-                        full_dim=full_dim, tp_group=tp_group, fp8_codes=fp8_codes, prec=prec, config=config)
+                        full_dim=full_dim, tp_group=tp_group, fp8_codes=fp8_codes, prec=prec, config=config,
+                        plan_key=pkey)
     _check(x2, hadamard_block, act_bits)
     assert x2.stride(1) == 1, "last dim must be contiguous"
     T, D = x2.shape
@@ -770,6 +860,9 @@ def norm_hadamard_quant(x2: torch.Tensor, norm_weight: Optional[torch.Tensor], *
     if config is not None and config[0] == "shfl":
         _nhq_shfl(x2, g, q, scale, rstd, config, act_bits=act_bits, hb=hb, has_norm=has_norm, eps=eps,
                   full=full, reduce_tp=reduce_tp, fp8_codes=fp8_codes, checked=checked)
+        if checked and pkey is not None and not _capturing():
+            _PLANS[pkey] = _FwdPlan(x2, g, D, config, act_bits=act_bits, hb=hb, has_norm=has_norm, eps=eps,
+                                    full=full, fp8_codes=fp8_codes, glu=False)
         return q, scale, rstd
     if _use_flat(config, D, hb):
         return _nhq_flat(x2, g, q, scale, rstd, config or flat_config(D, hb), act_bits=act_bits, hb=hb,
@@ -947,13 +1040,8 @@ def _default_shuffle(x2, g, *, act_bits, hb, has_norm, eps, fp8_codes, glu=False
     return cfg
 
 
-def _nhq_shfl(x2, g, q, scale, rstd, config, *, act_bits, hb, has_norm, eps, full, reduce_tp, fp8_codes,
-              checked=False, glu=False):
-    T, D = x2.shape[0], q.shape[1]  # glu: x2 holds 2D features
-    why = None if checked else "TP-reduced statistics" if reduce_tp else shuffle_layout_ok(x2[:, :D], config, hb)
-    if why:
-        raise ValueError(f"launch config {config}: the warp-shuffle kernel does not apply here ({why}); "
-                         "use config=None (the default)")
+def _fwd_shfl_consts(x2, g, D, config, *, act_bits, hb, has_norm, fp8_codes, glu):
+    """(constexprs and launch options, register cap, its spill-check key or None) of the warp-shuffle forward."""
     _, bm, warps = config[:3]
     C = max(16, next_pow2(D))
     vec = config[3] if len(config) > 3 and config[3] else shuffle_vec(bm, C, warps)  # explicit: experiments only
@@ -969,11 +1057,25 @@ def _nhq_shfl(x2, g, q, scale, rstd, config, *, act_bits, hb, has_norm, eps, ful
             if cap_key in _CAP_SPILLED:
                 maxnreg = None
     opts = dict(maxnreg=maxnreg) if maxnreg else {}
+    consts = dict(BITS=act_bits, HB=hb, HAS_NORM=has_norm, BM=bm, C=C,
+                  ROUND=x2.dtype != torch.float32, X_BF16=x2.dtype == torch.bfloat16, Q_FP8=fp8_codes,
+                  VEC=vec, PACKED=int(packed), EVEN=D == C, GLU=glu, num_warps=warps, **opts)
+    return consts, maxnreg, cap_key
+
+
+def _nhq_shfl(x2, g, q, scale, rstd, config, *, act_bits, hb, has_norm, eps, full, reduce_tp, fp8_codes,
+              checked=False, glu=False):
+    T, D = x2.shape[0], q.shape[1]  # glu: x2 holds 2D features
+    why = None if checked else "TP-reduced statistics" if reduce_tp else shuffle_layout_ok(x2[:, :D], config, hb)
+    if why:
+        raise ValueError(f"launch config {config}: the warp-shuffle kernel does not apply here ({why}); "
+                         "use config=None (the default)")
+    bm = config[1]
+    consts, maxnreg, cap_key = _fwd_shfl_consts(x2, g, D, config, act_bits=act_bits, hb=hb, has_norm=has_norm,
+                                                fp8_codes=fp8_codes, glu=glu)
     k = _FWD_SHFL[(triton.cdiv(T, bm),)](
         x2, g, q, scale, rstd, T, D, x2.stride(0), q.stride(0), float(eps), float(full), 1.0 / math.sqrt(hb),
-        BITS=act_bits, HB=hb, HAS_NORM=has_norm, BM=bm, C=C,
-        ROUND=x2.dtype != torch.float32, X_BF16=x2.dtype == torch.bfloat16, Q_FP8=fp8_codes,
-        VEC=vec, PACKED=int(packed), EVEN=D == C, GLU=glu, num_warps=warps, **opts)
+        **consts)
     if maxnreg and cap_key is not None and cap_key not in _CAP_CHECKED:
         # The caps were measured with Triton 3.6's ptxas; where another build spills under the cap (slower than no
         # cap, docs/kernels.md), this launch's results are still right and later launches go uncapped.
@@ -1021,9 +1123,16 @@ def norm_hadamard_backward(grad_u: torch.Tensor, x2: torch.Tensor, norm_weight: 
     """grad_u [T, D] (gradient w.r.t. the Hadamard output u) -> (grad_x [T, D] in x2's dtype,
     grad_norm_weight [D] fp32 or None). Same TP convention as ``norm_hadamard_quant``.
     ``glu``: x2 is the forward's h = [gate | up] ([T, 2D]); grad_x is then the gradient w.r.t. h ([T, 2D])."""
+    grad_u = grad_u if grad_u.stride(1) == 1 else grad_u.contiguous()
+    pkey = None
+    if config is None and PLANS_ON and x2.is_cuda:
+        pkey = _bwd_plan_key(grad_u, x2, norm_weight, hadamard_block, full_dim, tp_group, glu)
+        plan = _PLANS.get(pkey)
+        if plan is not None:
+            return plan(grad_u, x2, norm_weight, rstd)
     if glu:
         return _nhb_glu(grad_u, x2, norm_weight, rstd, hadamard_block=hadamard_block, full_dim=full_dim,
-                        tp_group=tp_group, prec=prec, config=config)
+                        tp_group=tp_group, prec=prec, config=config, plan_key=pkey)
     T, D = x2.shape
     full = full_dim or D
     reduce_tp = _group_size(tp_group) > 1 and full != D
@@ -1040,8 +1149,11 @@ def norm_hadamard_backward(grad_u: torch.Tensor, x2: torch.Tensor, norm_weight: 
         config = _default_shuffle_bwd(grad_u, x2, norm_weight, rstd, hb=hb)
         checked = config is not None
     if config is not None and config[0] == "shfl":
-        return _nhb_shfl(grad_u, x2, norm_weight, rstd, gx, config, hb=hb, full=full, reduce_tp=reduce_tp,
-                         checked=checked)
+        out = _nhb_shfl(grad_u, x2, norm_weight, rstd, gx, config, hb=hb, full=full, reduce_tp=reduce_tp,
+                        checked=checked)
+        if checked and pkey is not None and not _capturing():
+            _PLANS[pkey] = _BwdPlan(x2, D, config, hb=hb, has_norm=has_norm, full=full, glu=False)
+        return out
     if _use_flat(config, D, hb, min_features=BWD_FLAT_MIN_FEATURES):
         return _nhb_flat(grad_u, x2, norm_weight, rstd, gx,
                          config or flat_config(D, hb, elems=2048, hmode=1, warps=8, prefetch=False), hb=hb,
@@ -1136,6 +1248,16 @@ def _default_shuffle_bwd(grad_u, x2, norm_weight, rstd, *, hb, glu=False):
     return cfg
 
 
+def _bwd_shfl_consts(x2, D, config, *, hb, has_norm, glu):
+    """(constexprs and launch options, programs per SM) of the warp-shuffle backward."""
+    _, bm, warps, per_sm = config[:4]
+    C = max(16, next_pow2(D))
+    vec = config[4] if len(config) > 4 and config[4] else min(16 // x2.element_size(), bm * C // (32 * warps))
+    g_tile = bool(config[5]) if len(config) > 5 else False
+    return dict(HB=hb, HAS_NORM=has_norm, BM=bm, C=C, VEC=vec, G_TILE=g_tile, GLU=glu,
+                X_BF16=x2.dtype == torch.bfloat16, num_warps=warps), per_sm
+
+
 def _nhb_shfl(grad_u, x2, norm_weight, rstd, gx, config, *, hb, full, reduce_tp, checked=False, glu=False):
     T, D = grad_u.shape  # glu: x2 and gx hold 2D features
     why = (None if checked else "TP-reduced statistics" if reduce_tp
@@ -1143,17 +1265,13 @@ def _nhb_shfl(grad_u, x2, norm_weight, rstd, gx, config, *, hb, full, reduce_tp,
     if why:
         raise ValueError(f"launch config {config}: the warp-shuffle backward does not apply here ({why}); "
                          "use config=None (the default)")
-    _, bm, warps, per_sm = config[:4]
-    C = max(16, next_pow2(D))
-    vec = config[4] if len(config) > 4 and config[4] else min(16 // x2.element_size(), bm * C // (32 * warps))
-    g_tile = bool(config[5]) if len(config) > 5 else False
     has_norm = norm_weight is not None
-    nprog = max(1, min(triton.cdiv(T, bm), per_sm * num_sms(x2.device)))
+    consts, per_sm = _bwd_shfl_consts(x2, D, config, hb=hb, has_norm=has_norm, glu=glu)
+    nprog = max(1, min(triton.cdiv(T, config[1]), per_sm * num_sms(x2.device)))
     ggp = torch.empty((nprog, D), device=x2.device, dtype=torch.float32) if has_norm else gx
     g = norm_weight if has_norm else x2
     _BWD_SHFL[(nprog,)](grad_u, x2, g, rstd, gx, ggp, T, D, grad_u.stride(0), x2.stride(0), gx.stride(0), 1.0 / full,
-                        1.0 / math.sqrt(hb), HB=hb, HAS_NORM=has_norm, BM=bm, C=C, VEC=vec, G_TILE=g_tile,
-                        GLU=glu, X_BF16=x2.dtype == torch.bfloat16, num_warps=warps)
+                        1.0 / math.sqrt(hb), **consts)
     return gx, (ggp.sum(0) if has_norm else None)
 
 
@@ -1237,7 +1355,8 @@ def _glu_verified(kind: str, x2, g, cfg, run, extra: tuple = ()) -> bool:
     return ok
 
 
-def _nhq_glu(h2, norm_weight, *, act_bits, hadamard_block, eps, full_dim, tp_group, fp8_codes, prec, config):
+def _nhq_glu(h2, norm_weight, *, act_bits, hadamard_block, eps, full_dim, tp_group, fp8_codes, prec, config,
+             plan_key=None):
     """``norm_hadamard_quant(..., glu=True)``: one kernel where the warp-shuffle forward applies, else SwiGLU
     kernel + the usual path."""
     D = _glu_split(h2)
@@ -1276,10 +1395,13 @@ def _nhq_glu(h2, norm_weight, *, act_bits, hadamard_block, eps, full_dim, tp_gro
     scale, rstd = torch.empty((2, T), device=h2.device, dtype=torch.float32)
     if T:
         _nhq_shfl(h2, g, q, scale, rstd, cfg, full=full, reduce_tp=reduce_tp, checked=checked, glu=True, **kw)
+        if checked and plan_key is not None and not _capturing():
+            _PLANS[plan_key] = _FwdPlan(h2, g, D, cfg, act_bits=act_bits, hb=hb, has_norm=has_norm, eps=eps,
+                                        full=full, fp8_codes=fp8_codes, glu=True)
     return q, scale, rstd
 
 
-def _nhb_glu(grad_u, h2, norm_weight, rstd, *, hadamard_block, full_dim, tp_group, prec, config):
+def _nhb_glu(grad_u, h2, norm_weight, rstd, *, hadamard_block, full_dim, tp_group, prec, config, plan_key=None):
     """``norm_hadamard_backward(..., glu=True)``: gradient w.r.t. h in one kernel where the warp-shuffle
     backward applies, else SwiGLU recompute + the usual backward + the SwiGLU backward kernel."""
     D = _glu_split(h2)
@@ -1315,8 +1437,11 @@ def _nhb_glu(grad_u, h2, norm_weight, rstd, *, hadamard_block, full_dim, tp_grou
     gh = torch.empty((T, 2 * D), device=h2.device, dtype=h2.dtype)
     if T == 0:
         return gh, (torch.zeros(D, device=h2.device) if norm_weight is not None else None)
-    return _nhb_shfl(grad_u, h2, norm_weight, rstd, gh, cfg, hb=hb, full=full, reduce_tp=reduce_tp, checked=checked,
-                     glu=True)
+    out = _nhb_shfl(grad_u, h2, norm_weight, rstd, gh, cfg, hb=hb, full=full, reduce_tp=reduce_tp, checked=checked,
+                    glu=True)
+    if checked and plan_key is not None and not _capturing():
+        _PLANS[plan_key] = _BwdPlan(h2, D, cfg, hb=hb, has_norm=norm_weight is not None, full=full, glu=True)
+    return out
 
 
 # ------------------------------------------------------------------------------- torch reference twin

@@ -178,6 +178,14 @@ class TernaryWeight:
             self.fp8 = self.codes.float().to(torch.float8_e4m3fn)
         return self.fp8
 
+    def fp8_operands(self) -> tuple:
+        """(FP8 codes as the column-major B operand [K, N], scale as fp32 [1, N]) of the forward's
+        ``gemm.fp8_gemm_t``: views made once per step instead of on every micro-batch's call."""
+        ops = self.extra.get("fp8_ops")
+        if ops is None:
+            ops = self.extra["fp8_ops"] = (self.fp8_codes().t(), self.scale.reshape(1, -1).float())
+        return ops
+
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """codes * scale [N, K] in ``dtype`` (the reference's fake-quantized weight). Made afresh on each
         call (one pass, 3 B/weight) rather than cached: a cached bf16 copy would cost as much memory as
@@ -192,7 +200,10 @@ def dequantize_rows(codes: torch.Tensor, row_scale: torch.Tensor, dtype: torch.d
     out = torch.empty((rows, K), device=codes.device, dtype=dtype)
     if rows and K:
         BK = min(2048, max(16, next_pow2(K)))
-        _DEQUANT[(rows, triton.cdiv(K, BK))](codes, row_scale, out, K, BK=BK)
+        # launch key: every argument's specialization (out is a fresh allocation: aligned) and the constexpr
+        _DEQUANT.launch_keyed((codes.device.index, codes.dtype, row_scale.dtype, dtype, K,
+                               codes.data_ptr() % 16 == 0, row_scale.data_ptr() % 16 == 0),
+                              (rows, -(-K // BK), 1), (codes, row_scale, out, K), {"BK": BK})
     return out
 
 

@@ -423,6 +423,58 @@ def test_fast_launch_reuses_only_matching_specializations(monkeypatch):
     assert calls[1][1] == (3, 1, 1) and calls[1][2][1:] == (64, 16)  # grid padded, constexpr appended in order
 
 
+def test_fast_launch_keyed_reuses_by_the_callers_key_and_checks_it(monkeypatch):
+    """FastLaunch.launch_keyed (stand-in JIT function): the first call of a key goes through the full path
+    (JIT, or a compiled kernel found by the full key), later calls of that key launch the compiled kernel with
+    the constexprs in signature order and build no full key; with the check on (BITNET_CHECK_LAUNCH_KEYS), a key
+    reused for another specialization raises; a launcher that rejects the arguments sends it back to the JIT."""
+    from types import SimpleNamespace
+
+    import bitnet_dist.kernels._common as cm
+
+    calls = []
+
+    class Compiled:
+        fail = False
+
+        def __getitem__(self, grid):
+            def run(*a):
+                if Compiled.fail:
+                    raise TypeError("launcher signature")
+                calls.append(("fast", grid, a))
+            return run
+
+    class Jit:
+        params = [SimpleNamespace(name=n) for n in ("X", "n", "B")]
+
+        def __getitem__(self, grid):
+            def run(*a, **k):
+                calls.append(("jit", grid, a, tuple(sorted(k.items()))))
+                return Compiled()
+            return run
+
+    fl = cm.FastLaunch(Jit())
+    fl.enabled = True
+    x = torch.zeros(64)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    keys = []
+    monkeypatch.setattr(fl, "_key", lambda a, k, f=fl._key: keys.append(1) or f(a, k))
+    fl.launch_keyed("k", (2, 1, 1), (x, 32), {"B": 16, "num_warps": 4})
+    fl.launch_keyed("k", (5, 1, 1), (x, 48), {"B": 16, "num_warps": 4})
+    assert [c[0] for c in calls] == ["jit", "fast"] and calls[1][1:] == ((5, 1, 1), (x, 48, 16))
+    assert len(keys) == 1  # the keyed hit built no full key
+    fl.launch_keyed("k2", (1, 1, 1), (x, 64), {"B": 16, "num_warps": 4})  # new key, known specialization
+    assert [c[0] for c in calls][2:] == ["fast"] and "k2" in fl.keyed
+    monkeypatch.setattr(cm, "_CHECK_KEYS", True)
+    fl.launch_keyed("k", (1, 1, 1), (x, 64), {"B": 16, "num_warps": 4})  # same specialization: passes the check
+    with pytest.raises(AssertionError, match="reused for another specialization"):
+        fl.launch_keyed("k", (1, 1, 1), (x, 33), {"B": 16, "num_warps": 4})  # 33: not divisible by 16
+    monkeypatch.setattr(cm, "_CHECK_KEYS", False)
+    Compiled.fail = True
+    fl.launch_keyed("k", (1, 1, 1), (x, 32), {"B": 16, "num_warps": 4})
+    assert calls[-1][0] == "jit" and not fl.enabled
+
+
 @pytest.mark.parametrize("hmode,prefetch,hb", [(0, True, 64), (1, False, 64), (3, True, 64), (3, False, 64),
                                                (4, True, 64), (4, False, 256), (3, True, 256)])
 def test_flat_kernels_all_hadamard_modes(hmode, prefetch, hb):
@@ -861,3 +913,68 @@ def test_strided_input_is_kept_as_given_not_copied():
     big = {nb for _, nb in kept1 if nb >= base.numel() * 4}
     assert big == {base.numel() * 4}
     assert (leaf1.untyped_storage().data_ptr(), leaf1.untyped_storage().nbytes()) in kept1
+
+
+@pytest.mark.parametrize("T,D,hb,bits,glu", [(37, 512, 256, 8, False), (19, 384, 128, 4, False), (1, 256, 64, 8, False),
+                                             (37, 512, 256, 4, True), (6, 256, 16, 8, True)])
+def test_launch_plans_equal_the_full_path(T, D, hb, bits, glu):
+    """The launch plans (what a call signature's first default call worked out, reused by later calls: host time)
+    give the codes, scales, rstd and gradients of the full path at the same config, bit for bit: plain and
+    SwiGLU-folded, fp32 / bf16, with and without the norm weight, odd and tiny token counts, token counts that
+    change between calls of one plan (the launch key's integer classes), and no tokens."""
+    import bitnet_dist.kernels.norm_hadamard_quant as nhq
+
+    torch.manual_seed(5)
+    fcfg, bcfg = ("shfl", 1, 1), ("shfl", 1, 1, 2)
+    for dtype in (torch.float32, torch.bfloat16):
+        for g in ((1 + 0.2 * torch.randn(D)).to(dtype), None):
+            xin = (2 * torch.randn(max(T, 16), 2 * D if glu else D)).to(dtype)
+            kw = dict(act_bits=bits, hb=hb, has_norm=g is not None, eps=1e-5, full=D, fp8_codes=False, glu=glu)
+            fplan = nhq._FwdPlan(xin, g if g is not None else xin, D, fcfg, **kw)
+            bplan = nhq._BwdPlan(xin, D, bcfg, hb=hb, has_norm=g is not None, full=D, glu=glu)
+            for t in (T, 16, 3, 0):
+                x = xin[:t]
+                want = norm_hadamard_quant(x, g, act_bits=bits, hadamard_block=hb, eps=1e-5, config=fcfg, glu=glu)
+                got = fplan(x, g)
+                for a, b in zip(got, want):
+                    assert a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b), (dtype, t)
+                gu = torch.randn(x.shape[0], D).to(dtype)
+                want = norm_hadamard_backward(gu, x, g, want[2], hadamard_block=hb, config=bcfg, glu=glu)
+                got = bplan(gu, x, g, got[2])
+                assert torch.equal(got[0], want[0]) and got[0].shape == x.shape
+                assert (got[1] is None and want[1] is None) or torch.equal(got[1], want[1])
+
+
+def test_launch_plan_keys_cover_what_the_default_path_reads(monkeypatch):
+    """A plan is reused only for calls the default path would treat the same: the key changes with the row width,
+    row stride, pointer alignment, dtypes, options and the module's switches, and when a one-time-check cache is
+    swapped out (tests that reset the checks get them again); it does not change with the token count."""
+    import bitnet_dist.kernels.norm_hadamard_quant as nhq
+
+    x = torch.randn(64, 512).bfloat16()
+    g = torch.ones(512).bfloat16()
+    kw = dict(act_bits=4, hadamard_block=256, eps=1e-5, full_dim=None, tp_group=None, fp8_codes=True, glu=False)
+    k0 = nhq._fwd_plan_key(x, g, **kw)
+    assert nhq._fwd_plan_key(x[:13], g, **kw) == k0
+    wide = torch.randn(64, 520).bfloat16()
+    others = [nhq._fwd_plan_key(x[:, :256], g[:256], **kw), nhq._fwd_plan_key(wide[:, :512], g, **kw),
+              nhq._fwd_plan_key(wide[:, 1:513], g, **kw), nhq._fwd_plan_key(x.float(), g, **kw),
+              nhq._fwd_plan_key(x, None, **kw), nhq._fwd_plan_key(x, g.float(), **kw),
+              nhq._fwd_plan_key(x, g, **{**kw, "act_bits": 8}), nhq._fwd_plan_key(x, g, **{**kw, "eps": 1e-6}),
+              nhq._fwd_plan_key(x, g, **{**kw, "fp8_codes": False}), nhq._fwd_plan_key(x, g, **{**kw, "glu": True}),
+              nhq._fwd_plan_key(x, g, **{**kw, "full_dim": 1024})]
+    assert k0 not in others and len(set(others)) == len(others)
+    for name, value in (("SHUFFLE_FWD", False), ("GLU_FOLD", False), ("_SHFL_DEFAULT", {}), ("_GLU_CHECKED", {}),
+                        ("_CAP_SPILLED", set()), ("_SHFL_BWD_DEFAULT", {})):
+        with monkeypatch.context() as m:
+            m.setattr(nhq, name, value)
+            assert nhq._fwd_plan_key(x, g, **kw) != k0, name
+    gu = torch.randn(64, 512).bfloat16()
+    b0 = nhq._bwd_plan_key(gu, x, g, 256, None, None, False)
+    assert nhq._bwd_plan_key(gu[:7], x[:7], g, 256, None, None, False) == b0
+    assert b0 != nhq._bwd_plan_key(gu.float(), x, g, 256, None, None, False)
+    assert b0 != nhq._bwd_plan_key(torch.randn(64, 520).bfloat16()[:, 1:513], x, g, 256, None, None, False)
+    # CPU tensors never take or register plans (the default path's warp-shuffle kernels are CUDA-only)
+    n = len(nhq._PLANS)
+    norm_hadamard_quant(x, g, act_bits=4, hadamard_block=256, eps=1e-5)
+    assert len(nhq._PLANS) == n

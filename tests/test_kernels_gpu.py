@@ -335,3 +335,40 @@ def test_swiglu_kernels_on_gpu_match_torch(dtype):
             assert float(diff.max()) <= 1e-6 * float(b.abs().max()), name  # there, relative to the scale
         else:
             assert eq > 0.99 and float((diff / ulp).max()) <= 1.0, (name, eq)
+
+
+@pytest.mark.parametrize("D,hb,glu", [(2048, 256, False), (4096, 0, False), (8192, 256, True), (2816, 256, True)])
+def test_launch_plans_on_gpu(D, hb, glu, monkeypatch):
+    """The launch plans (host time): the default path's first call of a signature registers one, later calls take
+    it, and they give what the path without plans gives, bit for bit (codes, scales, rstd; the gradient and the
+    norm weight's), over token counts of every launch-key class; every keyed launch is checked against the full
+    specialization key (BITNET_CHECK_LAUNCH_KEYS)."""
+    import bitnet_dist.kernels._common as cm
+    import bitnet_dist.kernels.norm_hadamard_quant as nhq
+
+    class NoPlans(dict):
+        def __setitem__(self, key, value):
+            pass
+
+    monkeypatch.setattr(cm, "_CHECK_KEYS", True)
+    torch.manual_seed(3)
+    K = 2 * D if glu else D
+    g = (1 + 0.1 * torch.randn(D, device=DEV)).bfloat16()
+    u8 = lambda q: q.view(torch.uint8) if q.dtype == torch.float8_e4m3fn else q  # noqa: E731
+    for bits in (8, 4):
+        kw = dict(act_bits=bits, hadamard_block=hb, eps=1e-5, fp8_codes=bits == 4, glu=glu)
+        for T in (4096, 37, 1, 16, 2, 4096):
+            x = (3 * torch.randn(T, K, device=DEV)).bfloat16()
+            gu = torch.randn(T, D, device=DEV).bfloat16()
+            runs = []
+            for plans in (True, True, False):
+                with monkeypatch.context() as m:
+                    if not plans:
+                        m.setattr(nhq, "_PLANS", NoPlans())
+                    q, s, r = norm_hadamard_quant(x, g, **kw)
+                    gx, gg = norm_hadamard_backward(gu, x, g, r, hadamard_block=hb, glu=glu)
+                runs.append((u8(q), s, r, gx, gg))
+            for run in runs[:2]:
+                for a, b in zip(run, runs[2]):
+                    assert a.shape == b.shape and torch.equal(a, b), (bits, T)
+    assert any(k[0] == "fwd" and k[3] == K for k in nhq._PLANS) and any(k[0] == "bwd" and k[3] == K for k in nhq._PLANS)
