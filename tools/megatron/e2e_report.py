@@ -110,14 +110,19 @@ NOTES = [
     "(docs/kernels.md): one H-BitLinear forward + backward costs 0.80-0.87 ms of host time instead of 1.01-1.17 ms "
     "(-19% to -26%: A4, A8, SwiGLU-folded, no Hadamard; 1.22 against 1.32 ms with the FP8 backward, whose dy prep is "
     "not on plans; medians of three alternating rounds in one process, tools/kernels/host_breakdown.py; nn.Linear "
-    "0.20 ms, an autograd Function that launches nothing 0.17 ms). End to end it changed nothing measurable here: "
+    "0.20 ms, an autograd Function that launches nothing 0.17 ms). At 4 x 2048 it changed nothing measurable: "
     "`r19a` (c3, the first version) v2_a4 1.007x eager; `r19b` (c4) v2_a4 1.013x, v2_a8 0.999x eager, and the same "
     "code with the plans off (`BITNET_LAUNCH_PLANS=0`, a second process on the same machine; rows relabelled "
     "`(plans off)`, raw file unchanged) 1.025x / 0.995x; `r19-graph` (c6) v2_a4 1.044x with the CUDA graph. So on "
     "these hosts the eager 4 x 2048 step was not bound by the layers' host time; the eager runs without the "
     "profiler (r18, r18b, r18c, r19a, r19b) give 0.98-1.02x against 1.04x with the graph. What the graph removes "
     "there was not measured this session (most likely the GPU's idle time between the v2 step's more numerous "
-    "small kernels). Raw docs/benchmarks/raw/round19_2026-11-25/.",
+    "small kernels). `r19c` (c8, c9; one machine): 2 x 2048 tokens per micro-batch, the host-bound regime of "
+    "r5-r15, eager, v2_a4 in processes of its own, the plans on and off alternating (three each): 0.398-0.403 s "
+    "per step with the plans against 0.455-0.484 s without, 13% less, 0.94-0.95x the bf16 step (0.380 s) instead "
+    "of 0.79-0.84x. In the bench process that ran bf16 first, v2_a4 (plans on) took 0.466 s (0.82x): why a "
+    "preceding engine in the same process slows the host-bound v2 step was not investigated. Raw "
+    "docs/benchmarks/raw/round19_2026-11-25/.",
     "* The 2026-11-24 morning rows (docs/benchmarks/raw/e2e_bench_2026-11-24.jsonl: 1.3B 1.00x, 400M 0.64-0.69x) "
     "ran with the stale ternary-code cache (codes computed once per run) and the older kernels; superseded.",
     "* 1.3B v2_a4 at 8 x 2048 ran out of memory in r6 after bf16 and v2_a8 had run in the same process (62-64 GiB "
