@@ -386,51 +386,13 @@ def test_tensor_parallel_statistics():
             torch.testing.assert_close(gg, gr.grad[sl], rtol=1e-4, atol=1e-5)
 
 
-def test_fast_launch_reuses_only_matching_specializations(monkeypatch):
-    """FastLaunch (CPU logic test with a stand-in JIT function): the first launch of a specialization goes
-    through the JIT, later ones call the compiled launcher with every parameter in signature order, and a
-    change in anything Triton specializes on (alignment, 16-divisibility, constexprs) goes back to the JIT."""
+def _stand_in_launcher(monkeypatch):
+    """A FastLaunch over a stand-in JIT function (params X, n, B) that records its calls: ("jit", grid, args,
+    kwargs) through the JIT, ("fast", grid, args) through the compiled launcher; ``Compiled.fail`` makes the
+    launcher raise TypeError. Enabled as on a GPU, with the device query answered without CUDA."""
     from types import SimpleNamespace
 
     from bitnet_dist.kernels._common import FastLaunch
-
-    calls = []
-
-    class Compiled:
-        def __getitem__(self, grid):
-            return lambda *a: calls.append(("fast", grid, a))
-
-    class Jit:
-        params = [SimpleNamespace(name=n) for n in ("X", "n", "B")]
-
-        def __getitem__(self, grid):
-            def run(*a, **k):
-                calls.append(("jit", grid, a, tuple(sorted(k.items()))))
-                return Compiled()
-            return run
-
-    fl = FastLaunch(Jit())
-    fl.enabled = True  # as on a GPU
-    x = torch.zeros(64)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # the stand-in runs without CUDA
-    fl[(2,)](x, 32, B=16, num_warps=4)
-    fl[(3,)](x, 64, B=16, num_warps=4)  # same spec (32 and 64 both divisible by 16)
-    fl[(3,)](x, 33, B=16, num_warps=4)  # 33: not divisible by 16 -> JIT
-    fl[(3,)](x[1:], 64, B=16, num_warps=4)  # misaligned pointer -> JIT
-    fl[(3,)](x, 64, B=32, num_warps=4)  # another constexpr -> JIT
-    kinds = [c[0] for c in calls]
-    assert kinds == ["jit", "fast", "jit", "jit", "jit"], kinds
-    assert calls[1][1] == (3, 1, 1) and calls[1][2][1:] == (64, 16)  # grid padded, constexpr appended in order
-
-
-def test_fast_launch_keyed_reuses_by_the_callers_key_and_checks_it(monkeypatch):
-    """FastLaunch.launch_keyed (stand-in JIT function): the first call of a key goes through the full path
-    (JIT, or a compiled kernel found by the full key), later calls of that key launch the compiled kernel with
-    the constexprs in signature order and build no full key; with the check on (BITNET_CHECK_LAUNCH_KEYS), a key
-    reused for another specialization raises; a launcher that rejects the arguments sends it back to the JIT."""
-    from types import SimpleNamespace
-
-    import bitnet_dist.kernels._common as cm
 
     calls = []
 
@@ -453,10 +415,37 @@ def test_fast_launch_keyed_reuses_by_the_callers_key_and_checks_it(monkeypatch):
                 return Compiled()
             return run
 
-    fl = cm.FastLaunch(Jit())
-    fl.enabled = True
+    fl = FastLaunch(Jit())
+    fl.enabled = True  # as on a GPU
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # the stand-in runs without CUDA
+    return fl, calls, Compiled
+
+
+def test_fast_launch_reuses_only_matching_specializations(monkeypatch):
+    """FastLaunch (CPU logic test with a stand-in JIT function): the first launch of a specialization goes
+    through the JIT, later ones call the compiled launcher with every parameter in signature order, and a
+    change in anything Triton specializes on (alignment, 16-divisibility, constexprs) goes back to the JIT."""
+    fl, calls, _ = _stand_in_launcher(monkeypatch)
     x = torch.zeros(64)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    fl[(2,)](x, 32, B=16, num_warps=4)
+    fl[(3,)](x, 64, B=16, num_warps=4)  # same spec (32 and 64 both divisible by 16)
+    fl[(3,)](x, 33, B=16, num_warps=4)  # 33: not divisible by 16 -> JIT
+    fl[(3,)](x[1:], 64, B=16, num_warps=4)  # misaligned pointer -> JIT
+    fl[(3,)](x, 64, B=32, num_warps=4)  # another constexpr -> JIT
+    kinds = [c[0] for c in calls]
+    assert kinds == ["jit", "fast", "jit", "jit", "jit"], kinds
+    assert calls[1][1] == (3, 1, 1) and calls[1][2][1:] == (64, 16)  # grid padded, constexpr appended in order
+
+
+def test_fast_launch_keyed_reuses_by_the_callers_key_and_checks_it(monkeypatch):
+    """FastLaunch.launch_keyed (stand-in JIT function): the first call of a key goes through the full path
+    (JIT, or a compiled kernel found by the full key), later calls of that key launch the compiled kernel with
+    the constexprs in signature order and build no full key; with the check on (BITNET_CHECK_LAUNCH_KEYS), a key
+    reused for another specialization raises; a launcher that rejects the arguments sends it back to the JIT."""
+    import bitnet_dist.kernels._common as cm
+
+    fl, calls, Compiled = _stand_in_launcher(monkeypatch)
+    x = torch.zeros(64)
     keys = []
     monkeypatch.setattr(fl, "_key", lambda a, k, f=fl._key: keys.append(1) or f(a, k))
     fl.launch_keyed("k", (2, 1, 1), (x, 32), {"B": 16, "num_warps": 4})
