@@ -1,6 +1,6 @@
 # Sourced by tools/gpu_round*.sh (from round 16 on): output folder, environment, the gpu_check command, the
 # device's name in $OUT/device.txt, and (from round 18 on) the steps every round runs: common_step STEP, STEP one of
-#   ktests (kernel GPU tests), mtests (megatron GPU tests), dtests (DeepSpeed GPU tests),
+#   ktests (kernel GPU tests; KT_TIMEOUT: its limit, default 300 s), mtests (megatron GPU tests), dtests (DeepSpeed GPU tests),
 #   e2e4 / e2eg4 / e2eg8: 1.3B, 4 x 2048: eager / CUDA graph / graph + FP8 backward (PRECS: the precisions).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -11,7 +11,7 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > $OUT/device.t
 common_step() {
 case "$1" in
 ktests)
-  timeout 300 python -m pytest -q -p no:warnings -m gpu tests/test_kernels_gpu.py 2>&1 | tail -60 > $OUT/kernel_gpu_tests_full.txt; tail -5 $OUT/kernel_gpu_tests_full.txt | tee $OUT/kernel_gpu_tests.txt ;;
+  timeout ${KT_TIMEOUT:-300} python -m pytest -q -p no:warnings -m gpu tests/test_kernels_gpu.py 2>&1 | tail -60 > $OUT/kernel_gpu_tests_full.txt; tail -5 $OUT/kernel_gpu_tests_full.txt | tee $OUT/kernel_gpu_tests.txt ;;
 mtests)
   timeout 220 python -m pytest -q -p no:warnings -m gpu tests/test_megatron_gpu.py 2>&1 | tee $OUT/megatron_gpu_full.txt | tail -40 > $OUT/megatron_gpu_tests.txt; tail -3 $OUT/megatron_gpu_tests.txt ;;
 dtests)

@@ -28,7 +28,7 @@ bench)  # python -m bitnet_dist.bench (docs/benchmarks/kernels.{json,md})
 ptests)  # the launch-plan GPU test and the GLU ones, every keyed launch checked against the full key
   BITNET_CHECK_LAUNCH_KEYS=1 timeout 300 python -m pytest -q -p no:warnings -m gpu tests/test_kernels_gpu.py -k "launch_plans or glu or int8_gemm or hbit_linear" 2>&1 | tail -30 | tee $OUT/kernel_gpu_tests_plans.txt ;;
 ktestsck)  # all kernel GPU tests with BITNET_CHECK_LAUNCH_KEYS=1
-  (export BITNET_CHECK_LAUNCH_KEYS=1; common_step ktests) ;;
+  (export BITNET_CHECK_LAUNCH_KEYS=1 KT_TIMEOUT=${KT_TIMEOUT:-540}; common_step ktests) ;;
 overhead)
   timeout 120 python tools/kernels/overhead.py --out $OUT/overhead${TAG:-}.txt > /dev/null 2>&1; head -20 $OUT/overhead${TAG:-}.txt ;;
 *)
