@@ -381,7 +381,7 @@ def _arg_spec(a):
     if t is torch.Tensor or t is torch.nn.Parameter:  # the common cases first: this runs for every argument
         return (a.dtype, a.data_ptr() % 16 == 0)
     if t is int:
-        return ("i", a % 16 == 0, a == 1, -(2 ** 31) <= a < 2 ** 31)
+        return ("i",) + int_spec(a)
     if t is float:
         return "f"
     if isinstance(a, torch.Tensor):
@@ -389,7 +389,7 @@ def _arg_spec(a):
     if isinstance(a, bool):
         return ("b", a)
     if isinstance(a, int):
-        return ("i", a % 16 == 0, a == 1, -(2 ** 31) <= a < 2 ** 31)
+        return ("i",) + int_spec(a)
     if isinstance(a, float):
         return "f"
     if type(a).__name__ == "TensorDescriptor":  # TMA descriptor: block shape, dtype, alignment of base/strides

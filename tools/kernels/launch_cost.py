@@ -10,6 +10,7 @@ import math
 import time
 
 import torch
+import triton
 
 from bitnet_dist.kernels import gemm, norm_hadamard_quant as NHQ
 from bitnet_dist.kernels._common import _arg_spec
@@ -51,7 +52,7 @@ def main():
     if mx:
         consts["maxnreg"] = mx
     args = (x, g, q, scale, rstd, T, D, x.stride(0), q.stride(0), 1e-5, float(D), 1.0 / math.sqrt(256))
-    grid = (triton_cdiv(T, bm),)
+    grid = (triton.cdiv(T, bm),)
     fl = NHQ._FWD_SHFL
     compiled = fl._launch(grid, args, consts)
     key = (torch.cuda.current_device(), tuple(consts.items()), tuple(_arg_spec(v) for v in args))
@@ -60,7 +61,7 @@ def main():
     s = torch.cuda.current_stream().cuda_stream
     runner = compiled[g3]
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "triton": __import__("triton").__version__}
+           "triton": triton.__version__}
     buf = torch.zeros(1024, device="cuda")
     cases = {
         "norm_hadamard_quant": lambda: NHQ.norm_hadamard_quant(x, g, **kw),
@@ -94,10 +95,6 @@ def main():
     if a.out:
         with open(a.out, "w") as fh:
             json.dump(res, fh, indent=1)
-
-
-def triton_cdiv(a, b):
-    return -(-a // b)
 
 
 if __name__ == "__main__":
