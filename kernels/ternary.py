@@ -3,8 +3,12 @@
     alpha_s = max(mean_{rows in segment s, all columns} |W|, 1e-5)      (sums and counts all-reduced over TP)
     codes   = RoundClip(W / alpha_row, -1, 1)                          int8, and the same values in FP8 e4m3
 
-``quantize_weight`` runs two kernels (row abs-sums; codes) plus a tiny segment reduction in torch between
-them, so the caller's TP group can all-reduce the [2, segments] statistic. ``cached_ternary`` keys the
+``quantize_weight`` runs three kernels: row abs-sums; the [2, segments] statistic (abs-sum, count x K per
+segment, one program, one fixed order), which the caller's TP group all-reduces; the per-row scale and the
+codes. Launched by caller-built keys, no torch op in between: the first micro-batch of every step quantizes
+every weight of the model, and with a dozen small torch ops per weight that pass left the GPU idle on the
+host (docs/kernels.md "Per-step weight quantization"). ``BITNET_FUSED_WEIGHT_QUANT=0`` runs the earlier
+composition (``weight_scales`` in torch ops between the abs-sum and codes kernels). ``cached_ternary`` keys the
 result on the step generation that the engines open per train_step / eval_loss (bitnet_dist.step_cache;
 megatron's optimizers write weights through ``.data``, which the version counter does not see) and on the
 weight's storage and version counter: micro-batches of one step reuse the codes, the next step
@@ -16,6 +20,7 @@ of four columns with code 0.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -26,7 +31,7 @@ import triton.language as tl
 
 from bitnet_dist.quant import segment_sums
 
-from ._common import FastLaunch, next_pow2, rint
+from ._common import FastLaunch, int_spec, next_pow2, rint
 
 SCALE_EPS = 1e-5
 
@@ -48,6 +53,52 @@ def _codes_kernel(W, SCALE, Q, Q8, K, stride_w, BK: tl.constexpr, WRITE_FP8: tl.
     m = cols < K
     w = tl.load(W + row * stride_w + cols, mask=m, other=0.0).to(tl.float32)
     s = tl.load(SCALE + row)
+    c = tl.minimum(tl.maximum(rint(tl.math.div_rn(w, s)), -1.0), 1.0)
+    tl.store(Q + row * K + cols, c.to(tl.int8), mask=m)
+    if WRITE_FP8:
+        tl.store(Q8 + row * K + cols, c.to(tl.float8e4nv), mask=m)
+
+
+@triton.jit
+def _segment_stat_kernel(ABSSUM, SEG, STAT, R, K, NSEG, HAS_SEG: tl.constexpr, NS: tl.constexpr, BR: tl.constexpr):
+    """One program: STAT[0, s] = sum of ABSSUM over the rows of segment s, STAT[1, s] = their count x K (fp32),
+    [2, NSEG] row-major; blocks of BR rows in order, each reduced by a fixed tree: the same bits on every run."""
+    sid = tl.arange(0, NS)
+    acc = tl.zeros([NS], tl.float32)
+    cnt = tl.zeros([NS], tl.int32)
+    for r0 in range(0, R, BR):
+        r = r0 + tl.arange(0, BR)
+        m = r < R
+        a = tl.load(ABSSUM + r, mask=m, other=0.0)
+        if HAS_SEG:
+            s = tl.load(SEG + r, mask=m, other=-1).to(tl.int32)
+        else:
+            s = tl.where(m, 0, -1)
+        hit = s[:, None] == sid[None, :]
+        acc += tl.sum(tl.where(hit, a[:, None], 0.0), axis=0)
+        cnt += tl.sum(hit.to(tl.int32), axis=0)
+    ms = sid < NSEG
+    tl.store(STAT + sid, acc, mask=ms)
+    tl.store(STAT + NSEG + sid, (cnt.to(tl.int64) * K).to(tl.float32), mask=ms)
+
+
+@triton.jit
+def _scale_codes_kernel(W, STAT, SEG, SCALE, Q, Q8, K, stride_w, NSEG, HAS_SEG: tl.constexpr, BK: tl.constexpr,
+                        WRITE_FP8: tl.constexpr, EPS: tl.constexpr):
+    """Row scale max(STAT[0, s] / max(STAT[1, s], 1), EPS) of the row's segment s (written by column block 0) and
+    the codes RoundClip(W / scale, -1, 1) as int8 (and FP8 e4m3)."""
+    row = tl.program_id(0)
+    if HAS_SEG:
+        sid = tl.load(SEG + row)
+    else:
+        sid = 0
+    tot = tl.load(STAT + sid)
+    n = tl.load(STAT + NSEG + sid)
+    s = tl.maximum(tl.math.div_rn(tot, tl.maximum(n, 1.0)), EPS)
+    tl.store(SCALE + row, s, mask=tl.program_id(1) == 0)
+    cols = tl.program_id(1) * BK + tl.arange(0, BK)
+    m = cols < K
+    w = tl.load(W + row * stride_w + cols, mask=m, other=0.0).to(tl.float32)
     c = tl.minimum(tl.maximum(rint(tl.math.div_rn(w, s)), -1.0), 1.0)
     tl.store(Q + row * K + cols, c.to(tl.int8), mask=m)
     if WRITE_FP8:
@@ -86,7 +137,10 @@ def _unpack_kernel(P, Q, K, KP, BP: tl.constexpr):
         tl.store(Q + row * K + k, c.to(tl.int8), mask=(k < K) & (j < KP))
 
 
-_ABSSUM, _CODES, _DEQUANT = (FastLaunch(k) for k in (_row_abssum_kernel, _codes_kernel, _dequant_kernel))
+_ABSSUM, _CODES, _DEQUANT, _SEGSTAT, _SCALE_CODES = (
+    FastLaunch(k) for k in (_row_abssum_kernel, _codes_kernel, _dequant_kernel, _segment_stat_kernel,
+                            _scale_codes_kernel))
+FUSED_WEIGHT_QUANT = os.environ.get("BITNET_FUSED_WEIGHT_QUANT", "1") not in ("", "0")
 
 
 def _group_size(group) -> int:
@@ -100,9 +154,7 @@ def weight_scales(w: torch.Tensor, segments: Optional[torch.Tensor] = None, num_
     """Per-row fp32 absmean scale [rows] of w [rows, K]; ``segments`` [rows] ids (None = one segment);
     the [2, segments] (abs-sum, count) statistic is all-reduced over ``group``."""
     rows, K = w.shape
-    abssum = torch.empty(rows, device=w.device, dtype=torch.float32)
-    if rows:
-        _ABSSUM[(rows,)](w, abssum, K, w.stride(0), BK=min(1024, max(16, next_pow2(K))))
+    abssum = _row_abssums(w)
     if segments is None:
         # No host round trip in the step: the count is filled in by a kernel, not copied from the host.
         stat = torch.empty((2, 1), device=w.device, dtype=torch.float32)
@@ -212,9 +264,46 @@ def quantize_weight(w: torch.Tensor, segments: Optional[torch.Tensor] = None, nu
     w = w.detach()
     if w.stride(-1) != 1:
         w = w.contiguous()
-    scale = weight_scales(w, segments, num_segments, group)
-    q, q8 = ternary_codes(w, scale, fp8=fp8)
-    return TernaryWeight(q, scale, q8)
+    if not FUSED_WEIGHT_QUANT:
+        scale = weight_scales(w, segments, num_segments, group)
+        q, q8 = ternary_codes(w, scale, fp8=fp8)
+        return TernaryWeight(q, scale, q8)
+    rows, K = w.shape
+    dev = w.device
+    has_seg = segments is not None
+    nseg = _num_segments(segments) if has_seg and num_segments is None else (num_segments if has_seg else 1)
+    seg = segments if has_seg else w  # not read without segments
+    abssum = _row_abssums(w)
+    stat = torch.empty((2, nseg), device=dev, dtype=torch.float32)
+    NS = max(2, next_pow2(nseg))
+    BR = max(16, min(1024, 4096 // NS, next_pow2(rows)))
+    _SEGSTAT.launch_keyed((dev.index, "stat", has_seg, seg.dtype, int_spec(rows), int_spec(K), int_spec(nseg),
+                           seg.data_ptr() % 16 == 0, NS, BR),
+                          (1, 1, 1), (abssum, seg, stat, rows, K, nseg), {"HAS_SEG": has_seg, "NS": NS, "BR": BR})
+    if _group_size(group) > 1:
+        dist.all_reduce(stat, op=dist.ReduceOp.SUM, group=group)
+    scale = torch.empty(rows, device=dev, dtype=torch.float32)
+    q = torch.empty((rows, K), device=dev, dtype=torch.int8)
+    q8 = torch.empty((rows, K), device=dev, dtype=torch.float8_e4m3fn) if fp8 else q
+    if rows and K:
+        BK = min(2048, max(16, next_pow2(K)))
+        _SCALE_CODES.launch_keyed(
+            (dev.index, w.dtype, seg.dtype, int_spec(K), int_spec(w.stride(0)), int_spec(nseg), w.data_ptr() % 16 == 0,
+             seg.data_ptr() % 16 == 0, has_seg, BK, fp8),
+            (rows, triton.cdiv(K, BK), 1), (w, stat, seg, scale, q, q8, K, w.stride(0), nseg),
+            {"HAS_SEG": has_seg, "BK": BK, "WRITE_FP8": fp8, "EPS": SCALE_EPS})
+    return TernaryWeight(q, scale, q8 if fp8 else None)
+
+
+def _row_abssums(w: torch.Tensor) -> torch.Tensor:
+    """sum_k |w[r, k]| in fp32 [rows] (w's last dim contiguous)."""
+    rows, K = w.shape
+    abssum = torch.empty(rows, device=w.device, dtype=torch.float32)
+    if rows:
+        BK = min(1024, max(16, next_pow2(K)))
+        _ABSSUM.launch_keyed((w.device.index, w.dtype, int_spec(K), int_spec(w.stride(0)), w.data_ptr() % 16 == 0, BK),
+                             (rows, 1, 1), (w, abssum, K, w.stride(0)), {"BK": BK})
+    return abssum
 
 
 _CACHE_ATTR = "_bitnet_ternary_cache"
@@ -227,7 +316,7 @@ def _num_segments(segments: torch.Tensor) -> int:
     key = (segments.data_ptr(), segments._version, segments.numel(), str(segments.device))
     n = _NSEG.get(key)
     if n is None:
-        n = _NSEG[key] = int(segments.max().item()) + 1
+        n = _NSEG[key] = int(segments.max().item()) + 1 if segments.numel() else 1
     return n
 
 

@@ -240,3 +240,13 @@ def test_trace_gaps_finds_idle_gpu_and_the_cpu_ops_across_it(tmp_path):
     assert g["gap_us"] == 300 and g["after_kernel"] == "c" and g["before_kernel"] == "d"
     assert g["cpu_ops"] == ["aten::item x1"]
     assert r["idle_before_kernel_ms"] == {"d": 0.3}
+    # by phase: attention forward / backward kernels and the optimizer's multi-tensor kernels mark the phases
+    ph = [k("prep", 0, 10), k("sdpa_fprop", 30, 10), k("gemm", 40, 10), k("gemm", 90, 10),  # 1F: idle 40
+          k("sdpa_bprop", 100, 20), k("gemm", 125, 5),  # 2B: idle 5
+          k("sdpa_fprop", 130, 10), k("multi_tensor_apply_kernel", 200, 10)]  # 3F: 0; 4O: idle 60
+    assert tg.idle_by_phase(ph) == [
+        {"phase": "0", "span_ms": 0.01, "idle_ms": 0.0, "kernels": 1},
+        {"phase": "1F", "span_ms": 0.07, "idle_ms": 0.06, "kernels": 3},
+        {"phase": "2B", "span_ms": 0.03, "idle_ms": 0.005, "kernels": 2},
+        {"phase": "3F", "span_ms": 0.01, "idle_ms": 0.0, "kernels": 1},
+        {"phase": "4O", "span_ms": 0.01, "idle_ms": 0.06, "kernels": 1}]

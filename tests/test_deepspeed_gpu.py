@@ -64,11 +64,18 @@ def test_zero_stages_train_in_bf16_on_gpu():
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     assert len(rows) == len(CONFIGS), out.stdout[-3000:] + out.stderr[-5000:]
     first = rows[0]["losses"]
+    zero1 = next(r["losses"] for r in rows if r["zero"] == 1)
     for r in rows:
         assert r["dtype"] == "torch.bfloat16" and r["device"].startswith("cuda")
         assert r["losses"][-1] < r["losses"][0] - 1.0, r  # memorizes a fixed batch
-        # bf16 stages differ in rounding only: the curves stay close.
-        assert abs(r["losses"][-1] - first[-1]) < 0.1 * first[-1], (r, first)
+        # Same model, data and first update: the first two losses agree across stages up to rounding.
+        assert abs(r["losses"][0] - first[0]) < 1e-3 and abs(r["losses"][1] - first[1]) < 0.02 * first[1], (r, first)
+        # Thirty steps on: the stages that partition (1, 2, 3, offload) run ZeRO's optimizer and stay close to
+        # ZeRO-1. Stage 0 runs DeepSpeed's other bf16 optimizer wrapper, and a ternary model at lr 3e-3 amplifies
+        # rounding: measured on the H100 (2026-11-25), stage 0 ended 9% and 23% below ZeRO-1 with two weight-scale
+        # summation orders (docs/benchmarks/raw/round20_2026-11-25/c8), so only the above binds it.
+        if r["zero"] > 0:
+            assert abs(r["losses"][-1] - zero1[-1]) < 0.1 * zero1[-1], (r, zero1)
         # qkv / fc1 / wo / wdown x 11 statistics, plus the histograms (pre, post, edges) of the two H-BitLinear
         # inputs (44 before the histograms were added; this test had not run on a GPU since)
         assert r["stats_keys"] == 4 * 11 + 2 * 3

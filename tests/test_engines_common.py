@@ -75,3 +75,48 @@ def test_trainer_state_round_trip(tmp_path):
     assert back["step"] == 7 and torch.equal(back["rng"], state["rng"]) and back["data"] == {"pos": [1, 2]}
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         common.load_trainer_state(tmp_path / "missing")
+
+
+def test_foreach_multi_tensor_ops_replace_megatrons_local_fallbacks(monkeypatch):
+    """bitnet_dist.compat: the L2 norm over a list of tensors (fp32 and bf16, fp32 result [1]) equals the float64
+    formula; the scale is dst = src * scale, in place when the lists hold the same tensors; the install swaps
+    megatron's local (no TE / apex) fallbacks, and only those, wherever a megatron module holds them."""
+    import importlib
+
+    from bitnet_dist import compat
+
+    torch.manual_seed(0)
+    ts = [torch.randn(7, 5), torch.randn(300).to(torch.bfloat16), torch.zeros(3), torch.randn(2, 2, 2) * 1e3]
+    flag = torch.zeros(1, dtype=torch.int)
+    norm, per = compat.foreach_l2_norm(2048 * 32, flag, [ts], False)
+    want = torch.sqrt(sum((t.double() ** 2).sum() for t in ts))
+    assert norm.shape == (1,) and norm.dtype == torch.float32 and per is None
+    torch.testing.assert_close(norm.double(), want.reshape(1), rtol=1e-6, atol=0)
+    empty, _ = compat.foreach_l2_norm(2048 * 32, flag, [[]], False)
+    assert torch.equal(empty, torch.zeros(1))
+
+    g = [torch.randn(4, 3), torch.randn(6)]
+    before = [t.clone() for t in g]
+    compat.foreach_scale(2048 * 32, flag, [g, g], 0.25)  # in place, as the gradient clipping calls it
+    assert all(torch.equal(a, b * 0.25) for a, b in zip(g, before))
+    dst = [torch.empty(4, 3), torch.empty(6)]
+    compat.foreach_scale(2048 * 32, flag, [before, dst], 3.0)
+    assert all(torch.equal(d, s * 3.0) for d, s in zip(dst, before))
+
+    mu = importlib.import_module("megatron.core.utils")
+    mods = [importlib.import_module(m) for m in ("megatron.core.optimizer.clip_grads",
+                                                 "megatron.core.optimizer.optimizer")]
+    for m in mods:  # restored after the test
+        for attr in ("l2_norm_impl", "multi_tensor_scale_impl"):
+            if hasattr(m, attr):
+                monkeypatch.setattr(m, attr, getattr(m, attr))
+    clip = mods[0]
+    monkeypatch.setattr(clip, "l2_norm_impl", mu.local_multi_tensor_l2_norm)
+    monkeypatch.setattr(clip, "multi_tensor_scale_impl", mu.local_multi_tensor_scale)
+    monkeypatch.setattr(mods[1], "multi_tensor_scale_impl", "amp_C stand-in")  # not a local fallback: kept
+    done = compat.install_foreach_multi_tensor()
+    assert sorted(done) == ["megatron.core.optimizer.clip_grads.l2_norm_impl",
+                            "megatron.core.optimizer.clip_grads.multi_tensor_scale_impl"]
+    assert clip.l2_norm_impl is compat.foreach_l2_norm and clip.multi_tensor_scale_impl is compat.foreach_scale
+    assert mods[1].multi_tensor_scale_impl == "amp_C stand-in"
+    assert compat.install_foreach_multi_tensor() == []  # nothing left to swap

@@ -147,6 +147,42 @@ def test_ternary_codes_scales_and_packing():
         unpack2bit(p, 3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_weight_quant_equals_the_composed_path(monkeypatch, dtype):
+    """The three-kernel weight quantization (abs-sums, the per-segment statistic in one program, scale + codes)
+    against the composition with the statistic in torch ops (BITNET_FUSED_WEIGHT_QUANT=0) and the float64
+    formula: scales within an ulp (another fp32 summation order), codes equal away from the rounding ties,
+    the FP8 codes equal to the int8 ones, and the same bits on a second call. Segments contiguous, interleaved,
+    more than four (a wider statistic tile), absent; no rows; a strided (non-contiguous rows) weight."""
+    from bitnet_dist.kernels import ternary
+
+    torch.manual_seed(11)
+    w = (torch.randn(70, 45) * 0.02).to(dtype)
+    cases = [(w, None), (w, torch.tensor([0] * 30 + [1] * 20 + [2] * 20)),
+             (w, torch.arange(70) % 3), (w, torch.arange(70) // 10),  # 7 segments: NS = 8
+             (torch.randn(40, 100).to(dtype)[:, 10:74], torch.arange(40) // 20),  # row stride 100
+             (w[:0], None), (w[:0], torch.zeros(0, dtype=torch.long))]
+    for wt, seg in cases:
+        fused = quantize_weight(wt, seg, fp8=True)
+        again = quantize_weight(wt, seg, fp8=True)
+        assert torch.equal(fused.scale, again.scale) and torch.equal(fused.codes, again.codes)
+        monkeypatch.setattr(ternary, "FUSED_WEIGHT_QUANT", False)
+        composed = quantize_weight(wt, seg, fp8=True)
+        monkeypatch.setattr(ternary, "FUSED_WEIGHT_QUANT", True)
+        assert fused.scale.shape == composed.scale.shape == (wt.shape[0],) and fused.scale.dtype == torch.float32
+        assert fused.codes.shape == wt.shape and fused.codes.dtype == torch.int8
+        if not wt.shape[0]:
+            continue
+        torch.testing.assert_close(fused.scale, composed.scale, rtol=2.5e-7, atol=0)
+        rc, ra = quantize_weight_reference(wt, seg)
+        torch.testing.assert_close(fused.scale, ra, rtol=1e-6, atol=0)
+        tie = ((wt.float().abs() / ra[:, None]) - 0.5).abs() < 1e-6
+        assert torch.equal(fused.codes[~tie], rc[~tie]) and torch.equal(fused.codes[~tie], composed.codes[~tie])
+        assert torch.equal(fused.fp8.float(), fused.codes.float())
+        # its codes are those of its own scale, exactly
+        assert torch.equal(fused.codes, quant.ternary_codes(wt.float(), fused.scale[:, None]))
+
+
 def test_weight_cache_follows_step_generation_and_version():
     from bitnet_dist import step_cache
 

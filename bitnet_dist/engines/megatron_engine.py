@@ -286,6 +286,10 @@ class MegatronEngine(MegatronDataParallelTopology, Engine):
             ]
         for m in self._chunks:
             m.broadcast_params()  # DP replicas start identical (they already are: same CPU seed)
+        # without TE / apex: megatron's per-tensor grad-norm fallback syncs the host once per tensor
+        from bitnet_dist.compat import install_foreach_multi_tensor
+
+        self.multi_tensor_swaps = install_foreach_multi_tensor()
         self.optimizer = self._make_optimizer()
 
         # what the schedules call around micro-batches (megatron-LM training.py, setup of `config`)

@@ -127,6 +127,29 @@ NOTES = [
     "ran with the stale ternary-code cache (codes computed once per run) and the older kernels; superseded.",
     "* 1.3B v2_a4 at 8 x 2048 ran out of memory in r6 after bf16 and v2_a8 had run in the same process (62-64 GiB "
     "peaks); measured alone in r8: 50.2k tokens/s, 1.15x the r6 bf16 row (43.8k; ratio across two runs), 63.5 GiB peak.",
+    "* **Per-step weight quantization in three kernels, and megatron's grad norm without host syncs (session 17 of "
+    "2026-11-25).** What the CUDA graph removed was measured: one more step traced with CUDA activity only "
+    "(`gpu_check.py bench --profile-cuda`: no CPU-op recording, so the host runs near its own speed) and split by "
+    "phase (tools/megatron/trace_gaps.py `idle_by_phase`). In `r20-before` (c1, the code of session 16) the GPU idled "
+    "83 ms of a 690 ms v2_a4 step against 28 of 654 for bf16, and 58 of those 83 ms fell in the first micro-batch's "
+    "forward (bf16: 6 ms; every other phase within 1 ms of bf16). That forward quantizes every weight of the step: 72 "
+    "weights x ~13 small kernels (row abs-sums, torch ops for the segment statistic, codes), queued by the host while "
+    "the GPU waited. The weight quantization is now three keyed kernel launches per weight, no torch op between "
+    "them (kernels/ternary.py; docs/kernels.md): for the 72 weights of the 1.3B model, 8.0 ms of host time against "
+    "26.7 ms (A8; 8.4 against 28.3 ms A4 with the FP8 codes) and 3.5 against 5.2 ms of GPU time "
+    "(tools/kernels/weight_quant_host.py, c2). The first forward's idle time fell to 24 ms (r20b, c3). And without "
+    "Transformer Engine or apex, megatron's grad-norm fallback synced the host once per gradient tensor (147 per v2 "
+    "step, 111 for bf16; `--sync-debug`): torch._foreach_norm / _foreach_mul_ replace it (bitnet_dist/compat.py; "
+    "3 syncs per step remain: megatron's token count, the loss, the norm), from r20d on. Eager v2_a4 at 4 x 2048: "
+    "`r20b` (c3; bf16 and v2_a4 each in a process of its own, same machine) 1.044x; `r20c` (c4, one process) "
+    "1.033x, `r20c-gcoff` (Python's cyclic GC off over the timed steps: not a factor) 1.037x; `r20d` (c5, with the "
+    "foreach grad norm) 1.030x; `r20e` (c7, the final code) v2_a4 1.041x, v2_a8 1.023x. `r20a` (c2, the first "
+    "process on a fresh machine) 0.955x: its v2 step took 0.680 s, every part of it (schedule and optimizer) slower "
+    "than in the two processes after it on the same machine (`r20a-alone`: v2_a4 0.636 s, and 0.644 s with the "
+    "composed weight quantization, rows relabelled; ratios there against the bf16 row of the first process); not "
+    "explained. `r20b-twice` (c3): v2_a4 twice in one process, 0.641 / 0.638 s (a preceding engine does not slow the "
+    "next). With the CUDA graph: `r20-before-graph` 1.039x, `r20-graph` (c6) 1.044x. Raw "
+    "docs/benchmarks/raw/round20_2026-11-25/.",
 ]
 
 

@@ -341,6 +341,103 @@ def probe_costs(eng, steps, profile_dir=None, name_tag="") -> dict:
     return out
 
 
+class _HostSplit:
+    """Host-side split of the timed eager steps (megatron engine): how long the host takes to queue the
+    forward / backward schedule (its return), until the schedule's loss is on the host (the GPU has drained),
+    and the optimizer step. Queue time close to the drain time: the GPU waited on the host."""
+
+    def __init__(self, eng):
+        self.t = {"queue": [], "drain": [], "optim": []}
+        fbf, run, opt_step = eng._forward_backward_func, eng._run_schedule, eng.optimizer.step
+
+        def timed_fbf(forward_only):
+            fb = fbf(forward_only)
+
+            def call(*args, **kw):
+                out = fb(*args, **kw)
+                self.t["queue"].append(time.perf_counter() - self._t0)
+                return out
+            return call
+
+        def timed_run(*args, **kw):
+            self._t0 = time.perf_counter()
+            out = run(*args, **kw)
+            self.t["drain"].append(time.perf_counter() - self._t0)
+            return out
+
+        def timed_step(*args, **kw):
+            t0 = time.perf_counter()
+            out = opt_step(*args, **kw)
+            self.t["optim"].append(time.perf_counter() - t0)
+            return out
+
+        eng._forward_backward_func, eng._run_schedule, eng.optimizer.step = timed_fbf, timed_run, timed_step
+
+    def summary(self) -> dict:
+        import statistics
+
+        return {f"host_{k}_s": statistics.median(v) for k, v in self.t.items() if v}
+
+
+def _cuda_trace(eng, steps, trace: Path) -> dict:
+    """One training step under torch.profiler with CUDA activity only (no CPU-op recording, so the host runs
+    near its unprofiled speed); the GPU's idle time from the trace (tools/megatron/trace_gaps.py)."""
+    import gzip
+    import shutil
+
+    from torch.profiler import ProfilerActivity, profile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from trace_gaps import gaps, idle_by_phase
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        eng.train_step(steps[0], 1e-4, 0.1)
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    trace.parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(trace))
+    with open(trace) as f:
+        ev = json.load(f)["traceEvents"]
+    g = {**gaps(ev, top=12, min_us=5.0), "by_phase": idle_by_phase(ev)}
+    with open(trace, "rb") as fi, gzip.open(f"{trace}.gz", "wb") as fo:
+        shutil.copyfileobj(fi, fo)
+    trace.unlink()
+    (trace.parent / (trace.name + ".gaps.json")).write_text(json.dumps(g, indent=1))
+    return {"cuda_trace_step_s": wall, "cuda_trace_span_ms": g.get("span_ms"), "cuda_trace_busy_ms": g.get("gpu_busy_ms"),
+            "cuda_trace_idle_ms": g.get("gpu_idle_ms"), "cuda_trace_n_gaps": g.get("n_gaps"),
+            "cuda_trace_idle_by_phase": " ".join(f"{p['phase']}:{p['idle_ms']:.1f}/{p['span_ms']:.1f}"
+                                                 for p in g["by_phase"])}
+
+
+def _sync_points(eng, steps) -> dict:
+    """One training step with torch.cuda.set_sync_debug_mode('warn'): where the host waits for the GPU (the
+    innermost Python frames of each synchronizing call, with counts)."""
+    import collections
+    import traceback
+    import warnings
+
+    seen: collections.Counter = collections.Counter()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message):
+            frames = [f for f in traceback.extract_stack()[:-1] if "warnings" not in f.filename]
+            seen[" <- ".join(f"{f.filename.split('site-packages/')[-1]}:{f.lineno} {f.name}"
+                             for f in reversed(frames[-4:]))] += 1
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            eng.train_step(steps[0], 1e-4, 0.1)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return {"sync_points": dict(seen.most_common(20))}
+
+
 def cmd_bench(a):
     from bitnet_dist.engines import make_engine
 
@@ -359,12 +456,25 @@ def cmd_bench(a):
             for i in range(a.warmup):
                 eng.train_step(steps[i % 2], 1e-4, 0.1)
             torch.cuda.synchronize()
+            split = _HostSplit(eng) if a.host_split else None
+            if a.gc_off:  # Python's cyclic GC off over the timed steps (after a full collection)
+                import gc
+
+                gc.collect()
+                gc.disable()
             t0 = time.perf_counter()
             for i in range(a.iters):
                 st = eng.train_step(steps[i % 2], 1e-4, 0.1)
             torch.cuda.synchronize()
             dt = (time.perf_counter() - t0) / a.iters
+            if a.gc_off:
+                gc.enable()
             peak = torch.cuda.max_memory_allocated()
+            split = split.summary() if split else {}
+            if a.sync_debug:
+                split.update(_sync_points(eng, steps))
+            if a.profile_cuda:  # one more step traced with CUDA activity only: GPU idle with little host cost
+                split.update(_cuda_trace(eng, steps, Path(a.profile_cuda) / f"{a.model}_{prec}_cuda.trace.json"))
             probe = (probe_costs(eng, steps, a.profile, f"{a.model}_{prec}_mbs{a.mbs}") if a.probe_check else {})
             if a.profile:  # one more step under the profiler: where the step's GPU time goes
                 from torch.profiler import ProfilerActivity, profile
@@ -391,7 +501,7 @@ def cmd_bench(a):
                    "loss": st.loss, "fp8_backward": bool(cfg.precision.fp8_backward),
                    "fused_swiglu": bool(cfg.precision.fused_swiglu),
                    "cuda_graph": bool(cfg.engine.cuda_graph), "graph_replays": getattr(eng, "graph_replays", 0),
-                   **probe}
+                   **({"gc_off": True} if a.gc_off else {}), **probe, **split}
         except Exception as e:
             row = {"model": a.model, "precision": prec, "error": f"{type(e).__name__}: {str(e)[:400]}"}
         print("[bench]", json.dumps(row), flush=True)
@@ -464,6 +574,14 @@ def main(argv=None):
     q.add_argument("--warmup", type=int, default=3)
     q.add_argument("--iters", type=int, default=8)
     q.add_argument("--profile", default=None, help="folder for a torch.profiler table of one extra step")
+    q.add_argument("--profile-cuda", dest="profile_cuda", default=None,
+                   help="folder for a CUDA-only torch.profiler trace of one extra step, with its GPU idle time")
+    q.add_argument("--gc-off", dest="gc_off", action="store_true",
+                   help="Python's cyclic garbage collector off over the timed steps")
+    q.add_argument("--sync-debug", dest="sync_debug", action="store_true",
+                   help="one more step with torch.cuda.set_sync_debug_mode('warn'): the host's waits, by caller")
+    q.add_argument("--host-split", dest="host_split", action="store_true",
+                   help="time the host's queueing of each timed step's schedule against its drain (megatron engine)")
     q.add_argument("--probe-check", dest="probe_check", action="store_true",
                    help="after the timed steps: memory and time of a plain, a probed (forward pass) and an "
                         "in-step-probed training step")

@@ -1,6 +1,7 @@
 """Where a profiled training step leaves the GPU idle: from a torch.profiler chrome trace (gpu_check.py bench
 --profile DIR writes DIR/<model>_<precision>.trace.json.gz), the GPU's busy time (union of kernel / memcpy
-intervals), its idle time inside the step, and the largest idle gaps with the CPU ops running across them.
+intervals), its idle time inside the step, the largest idle gaps with the CPU ops running across them, and the
+idle time by phase of the step (each micro-batch's forward and backward, the optimizer).
 
     python tools/megatron/trace_gaps.py FILE.trace.json.gz [--top 15]
 """
@@ -54,13 +55,50 @@ def gaps(events, top=15, min_us=20.0):
     return out
 
 
+def _phase(name: str):
+    """Which part of a training step a kernel marks: cuDNN / flash attention forward 'F', its backward 'B',
+    the optimizer's multi-tensor kernels 'O'; other kernels belong to the phase they run in."""
+    if "fprop" in name or "flash_fwd" in name:
+        return "F"
+    if "bprop" in name or "flash_bwd" in name:
+        return "B"
+    if "multi_tensor" in name:
+        return "O"
+    return None
+
+
+def idle_by_phase(events) -> list:
+    """The step's GPU idle time split by phase, in order: [{"phase": "1F", "span_ms", "idle_ms", "kernels"}, ...]
+    (1F = the first micro-batch's forward, 2B its backward, ..., the last O the optimizer; "0" before the first
+    marker). A phase starts at its first marking kernel; a gap counts in the phase of the kernel that ends it."""
+    gpu = sorted((e["ts"], e["ts"] + e.get("dur", 0), e["name"]) for e in events
+                 if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    out, seq, end = [], [], None
+    for s, e, n in gpu:
+        p = _phase(n)
+        if p and (not seq or seq[-1] != p):
+            seq.append(p)
+        label = f"{len(seq)}{seq[-1]}" if seq else "0"
+        if not out or out[-1]["phase"] != label:
+            out.append({"phase": label, "start": s, "end": e, "idle": 0.0, "kernels": 0})
+        cur = out[-1]
+        if end is not None and s > end:
+            cur["idle"] += s - end
+        cur["end"] = max(cur["end"], e)
+        cur["kernels"] += 1
+        end = e if end is None else max(end, e)
+    return [{"phase": c["phase"], "span_ms": round((c["end"] - c["start"]) / 1e3, 3),
+             "idle_ms": round(c["idle"] / 1e3, 3), "kernels": c["kernels"]} for c in out]
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("trace")
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--min-us", type=float, default=20.0)
     a = p.parse_args()
-    print(json.dumps(gaps(load(a.trace), a.top, a.min_us), indent=1))
+    ev = load(a.trace)
+    print(json.dumps({**gaps(ev, a.top, a.min_us), "by_phase": idle_by_phase(ev)}, indent=1))
 
 
 if __name__ == "__main__":
