@@ -307,16 +307,22 @@ def _row_abssums(w: torch.Tensor) -> torch.Tensor:
 
 
 _CACHE_ATTR = "_bitnet_ternary_cache"
-_NSEG: dict = {}
+_NSEG_ATTR = "_bitnet_num_segments"
 
 
 def _num_segments(segments: torch.Tensor) -> int:
-    """max(segments) + 1, read from the device once per segments tensor (a host sync) and then cached,
-    so the per-step weight quantization does not stall the launch queue."""
-    key = (segments.data_ptr(), segments._version, segments.numel(), str(segments.device))
-    n = _NSEG.get(key)
-    if n is None:
-        n = _NSEG[key] = int(segments.max().item()) + 1 if segments.numel() else 1
+    """max(segments) + 1, read from the device once per segments tensor (a host sync) and then kept on the tensor
+    itself with its version counter, so the per-step weight quantization does not stall the launch queue. (A
+    process-wide cache keyed on the storage address served a stale count to a new tensor at a freed one's address,
+    and the fused kernel would then read the statistic out of bounds.)"""
+    hit = getattr(segments, _NSEG_ATTR, None)
+    if hit is not None and hit[0] == segments._version:
+        return hit[1]
+    n = int(segments.max().item()) + 1 if segments.numel() else 1
+    try:
+        setattr(segments, _NSEG_ATTR, (segments._version, n))
+    except (AttributeError, RuntimeError):  # no attributes on this tensor: recomputed per call, still correct
+        pass
     return n
 
 

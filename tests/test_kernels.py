@@ -183,6 +183,28 @@ def test_fused_weight_quant_equals_the_composed_path(monkeypatch, dtype):
         assert torch.equal(fused.codes, quant.ternary_codes(wt.float(), fused.scale[:, None]))
 
 
+def test_segment_count_follows_the_tensor_not_its_address():
+    """The segment count kept per segments tensor: a new tensor at a freed one's address gets its own count (a
+    cache keyed on the address served the old one, and the fused kernel then read past its statistic), and an
+    in-place change of the ids is seen through the version counter."""
+    from bitnet_dist.kernels.ternary import _num_segments
+
+    hits = 0
+    for _ in range(20):
+        a = torch.tensor([0] * 30 + [1] * 20 + [2] * 20)
+        assert _num_segments(a) == 3
+        ptr = a.data_ptr()
+        del a
+        b = torch.arange(70) // 10
+        hits += b.data_ptr() == ptr
+        assert _num_segments(b) == 7
+    ids = torch.zeros(70, dtype=torch.long)
+    assert _num_segments(ids) == 1
+    ids.copy_(torch.arange(70) % 5)
+    assert _num_segments(ids) == 5
+    assert _num_segments(torch.zeros(0, dtype=torch.long)) == 1
+
+
 def test_weight_cache_follows_step_generation_and_version():
     from bitnet_dist import step_cache
 
