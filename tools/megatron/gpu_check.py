@@ -342,9 +342,11 @@ def probe_costs(eng, steps, profile_dir=None, name_tag="") -> dict:
 
 
 class _HostSplit:
-    """Host-side split of the timed eager steps (megatron engine): how long the host takes to queue the
-    forward / backward schedule (its return), until the schedule's loss is on the host (the GPU has drained),
-    and the optimizer step. Queue time close to the drain time: the GPU waited on the host."""
+    """Host-side split of the timed eager steps (megatron engine): time to the return of megatron's forward /
+    backward schedule, to the schedule's loss on the host (the GPU has drained), and of the optimizer step.
+    megatron-core's finalize_model_grads reads the token count on the host at the end of the schedule (a sync,
+    ``--sync-debug``), so the schedule returns only once the GPU has caught up: the first two differ by the
+    work queued after that read, not by how far the host ran ahead."""
 
     def __init__(self, eng):
         self.t = {"queue": [], "drain": [], "optim": []}
@@ -463,12 +465,14 @@ def cmd_bench(a):
                 gc.collect()
                 gc.disable()
             t0 = time.perf_counter()
-            for i in range(a.iters):
-                st = eng.train_step(steps[i % 2], 1e-4, 0.1)
-            torch.cuda.synchronize()
+            try:
+                for i in range(a.iters):
+                    st = eng.train_step(steps[i % 2], 1e-4, 0.1)
+                torch.cuda.synchronize()
+            finally:
+                if a.gc_off:
+                    gc.enable()
             dt = (time.perf_counter() - t0) / a.iters
-            if a.gc_off:
-                gc.enable()
             peak = torch.cuda.max_memory_allocated()
             split = split.summary() if split else {}
             if a.sync_debug:
