@@ -326,6 +326,33 @@ def bit_layers(module: torch.nn.Module):
     return [m for m in module.modules() if isinstance(m, BIT_LAYERS)]
 
 
+def batchable_layers(modules) -> list:
+    """The BitLinear layers under ``modules`` whose forward takes the Triton path's per-step weight codes: kernels
+    not forced to torch, and not a column-parallel layer under sequence parallelism (that one runs the torch
+    path). The device is not checked here (see ``batch_weight_quant``)."""
+    return [layer for m in modules for layer in bit_layers(m)
+            if layer.kernels != "torch"
+            and not (isinstance(layer, BitColumnParallelLinear) and getattr(layer, "sequence_parallel", False))]
+
+
+def batch_weight_quant(modules) -> int:
+    """Quantize the ternary weights of these layers together, once per step (kernels/ternary.py ``WeightBatch``:
+    a handful of launches instead of three per weight in the first micro-batch's forward). For engines whose
+    weights stay materialized for the whole step (not DeepSpeed ZeRO-3, not megatron's overlapped parameter
+    all-gather). Returns how many weights were batched (0 without CUDA / Triton, or with
+    BITNET_BATCHED_WEIGHT_QUANT=0)."""
+    if _kernels() is None:
+        return 0
+    from bitnet_dist.kernels.hbit_autograd import weight_fp8
+    from bitnet_dist.kernels.ternary import WeightBatch, WeightMember
+
+    members = [WeightMember(layer.weight, layer.segments, layer.tp_group,
+                            (lambda lay=layer: weight_fp8(lay.act_bits, lay.weight)))
+               for layer in batchable_layers(modules) if layer.weight.is_cuda]
+    batch = WeightBatch.attach(members)
+    return 0 if batch is None else len(batch.members)
+
+
 def set_act_bits(module: torch.nn.Module, bits: int) -> int:
     """Switch every BitLinear / H-BitLinear under ``module`` to ``bits`` at run time (no rebuild, no
     change to parameters or optimizer state). Returns how many layers were switched."""

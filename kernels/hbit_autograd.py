@@ -30,6 +30,12 @@ def _fp8_ok(*dims: int) -> bool:
     return all(d % 16 == 0 and d > 0 for d in dims)
 
 
+def weight_fp8(act_bits: int, weight: torch.Tensor) -> bool:
+    """Whether the forward runs the FP8 GEMM (A4) and so wants the weight's FP8 codes."""
+    N, D = weight.shape
+    return act_bits == 4 and fp8_available(weight.device) and _fp8_ok(D, N)
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """[..., D] -> [T, D] with unit feature stride (a copy only where the rows are not evenly strided)."""
     if x.dim() == 2 and x.stride(1) == 1:
@@ -45,7 +51,7 @@ class HBitLinearFunction(torch.autograd.Function):
         src = x  # what backward keeps: the input as handed in (h for glu)
         x2 = _rows(x)
         N, D = weight.shape
-        use_fp8 = act_bits == 4 and fp8_available(x.device) and _fp8_ok(D, N)
+        use_fp8 = weight_fp8(act_bits, weight)
         tw = cached_ternary(weight, segments, tp_group, fp8=use_fp8)
         # glu: the SwiGLU product is formed inside the fused kernel where it can be (else by the SwiGLU kernel)
         codes, s_a, rstd = norm_hadamard_quant(x2, norm_weight, act_bits=act_bits, hadamard_block=hadamard_block,

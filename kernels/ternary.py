@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -31,38 +31,37 @@ import triton.language as tl
 
 from bitnet_dist.quant import segment_sums
 
-from ._common import FastLaunch, int_spec, next_pow2, rint
+from ._common import FastLaunch, int_spec, interpreting, next_pow2, rint
 
 SCALE_EPS = 1e-5
 
 
 @triton.jit
-def _row_abssum_kernel(W, OUT, K, stride_w, BK: tl.constexpr):
-    row = tl.program_id(0)
+def _abssum_of_row(Wrow, K, BK: tl.constexpr):
+    """sum_k |Wrow[k]| in fp32: BK-wide partial sums over the row, then one tree (shared by both launchers)."""
     acc = tl.zeros([BK], tl.float32)
     for k0 in range(0, K, BK):
         cols = k0 + tl.arange(0, BK)
-        acc += tl.abs(tl.load(W + row * stride_w + cols, mask=cols < K, other=0.0).to(tl.float32))
-    tl.store(OUT + row, tl.sum(acc, axis=0))
+        acc += tl.abs(tl.load(Wrow + cols, mask=cols < K, other=0.0).to(tl.float32))
+    return tl.sum(acc, axis=0)
 
 
 @triton.jit
-def _codes_kernel(W, SCALE, Q, Q8, K, stride_w, BK: tl.constexpr, WRITE_FP8: tl.constexpr):
-    row = tl.program_id(0)
-    cols = tl.program_id(1) * BK + tl.arange(0, BK)
-    m = cols < K
-    w = tl.load(W + row * stride_w + cols, mask=m, other=0.0).to(tl.float32)
-    s = tl.load(SCALE + row)
-    c = tl.minimum(tl.maximum(rint(tl.math.div_rn(w, s)), -1.0), 1.0)
-    tl.store(Q + row * K + cols, c.to(tl.int8), mask=m)
-    if WRITE_FP8:
-        tl.store(Q8 + row * K + cols, c.to(tl.float8e4nv), mask=m)
+def _row_scale(tot, n, EPS: tl.constexpr):
+    """A segment's absmean max(abs-sum / max(count, 1), EPS), IEEE division."""
+    return tl.maximum(tl.math.div_rn(tot, tl.maximum(n, 1.0)), EPS)
 
 
 @triton.jit
-def _segment_stat_kernel(ABSSUM, SEG, STAT, R, K, NSEG, HAS_SEG: tl.constexpr, NS: tl.constexpr, BR: tl.constexpr):
-    """One program: STAT[0, s] = sum of ABSSUM over the rows of segment s, STAT[1, s] = their count x K (fp32),
-    [2, NSEG] row-major; blocks of BR rows in order, each reduced by a fixed tree: the same bits on every run."""
+def _ternary_of(w, s):
+    """RoundClip(w / s, -1, 1) in fp32 (IEEE division, round half to even)."""
+    return tl.minimum(tl.maximum(rint(tl.math.div_rn(w, s)), -1.0), 1.0)
+
+
+@triton.jit
+def _segment_stat_of(ABSSUM, SEG, R, HAS_SEG, NS: tl.constexpr, BR: tl.constexpr):
+    """(abs-sum, row count) per segment id < NS over rows [0, R): blocks of BR rows in order, each reduced by a
+    fixed tree, so the same bits on every run."""
     sid = tl.arange(0, NS)
     acc = tl.zeros([NS], tl.float32)
     cnt = tl.zeros([NS], tl.int32)
@@ -77,6 +76,33 @@ def _segment_stat_kernel(ABSSUM, SEG, STAT, R, K, NSEG, HAS_SEG: tl.constexpr, N
         hit = s[:, None] == sid[None, :]
         acc += tl.sum(tl.where(hit, a[:, None], 0.0), axis=0)
         cnt += tl.sum(hit.to(tl.int32), axis=0)
+    return acc, cnt
+
+
+@triton.jit
+def _row_abssum_kernel(W, OUT, K, stride_w, BK: tl.constexpr):
+    row = tl.program_id(0)
+    tl.store(OUT + row, _abssum_of_row(W + row * stride_w, K, BK))
+
+
+@triton.jit
+def _codes_kernel(W, SCALE, Q, Q8, K, stride_w, BK: tl.constexpr, WRITE_FP8: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BK + tl.arange(0, BK)
+    m = cols < K
+    w = tl.load(W + row * stride_w + cols, mask=m, other=0.0).to(tl.float32)
+    c = _ternary_of(w, tl.load(SCALE + row))
+    tl.store(Q + row * K + cols, c.to(tl.int8), mask=m)
+    if WRITE_FP8:
+        tl.store(Q8 + row * K + cols, c.to(tl.float8e4nv), mask=m)
+
+
+@triton.jit
+def _segment_stat_kernel(ABSSUM, SEG, STAT, R, K, NSEG, HAS_SEG: tl.constexpr, NS: tl.constexpr, BR: tl.constexpr):
+    """One program: STAT[0, s] = sum of ABSSUM over the rows of segment s, STAT[1, s] = their count x K (fp32),
+    [2, NSEG] row-major (``_segment_stat_of``)."""
+    sid = tl.arange(0, NS)
+    acc, cnt = _segment_stat_of(ABSSUM, SEG, R, HAS_SEG, NS, BR)
     ms = sid < NSEG
     tl.store(STAT + sid, acc, mask=ms)
     tl.store(STAT + NSEG + sid, (cnt.to(tl.int64) * K).to(tl.float32), mask=ms)
@@ -94,15 +120,91 @@ def _scale_codes_kernel(W, STAT, SEG, SCALE, Q, Q8, K, stride_w, NSEG, HAS_SEG: 
         sid = 0
     tot = tl.load(STAT + sid)
     n = tl.load(STAT + NSEG + sid)
-    s = tl.maximum(tl.math.div_rn(tot, tl.maximum(n, 1.0)), EPS)
+    s = _row_scale(tot, n, EPS)
     tl.store(SCALE + row, s, mask=tl.program_id(1) == 0)
     cols = tl.program_id(1) * BK + tl.arange(0, BK)
     m = cols < K
     w = tl.load(W + row * stride_w + cols, mask=m, other=0.0).to(tl.float32)
-    c = tl.minimum(tl.maximum(rint(tl.math.div_rn(w, s)), -1.0), 1.0)
+    c = _ternary_of(w, s)
     tl.store(Q + row * K + cols, c.to(tl.int8), mask=m)
     if WRITE_FP8:
         tl.store(Q8 + row * K + cols, c.to(tl.float8e4nv), mask=m)
+
+
+# ---------------------------------------------------------------------- every weight of a model at once
+# The same arithmetic as the three kernels above (the shared helpers), over a batch of weights described by
+# tables: weight w's rows are rows [ROW0[w], ROW0[w] + N[w]) of the batch; its elements sit WOFF[w] elements
+# from W0 (another weight of the batch: one dtype), its codes QOFF[w] from Q (and Q8OFF[w] from Q8, -1 = no FP8),
+# its statistic [2, NSEG[w]] at STOFF[w] of STAT, its segment ids SEGOFF[w] from SEG0 (-1 = one segment), its row
+# abs-sums ASOFF[w] from ABSSUM. W_AL / K16: every base and row stride is W_AL elements aligned / every K a
+# multiple of 16, the facts the per-weight launches let Triton specialize on (the same load layouts, so the
+# same reduction trees and bits).
+@triton.jit
+def _batch_row(r, WID, ROW0, WN, WK, WSTRIDE, WOFF, W_AL: tl.constexpr, K16: tl.constexpr):
+    wi = tl.load(WID + r)
+    row = r - tl.load(ROW0 + wi)
+    K = tl.load(WK + wi)
+    base = tl.load(WOFF + wi) + row * tl.load(WSTRIDE + wi)
+    if W_AL > 1:
+        base = tl.multiple_of(base, W_AL)
+    if K16:
+        K = tl.multiple_of(K, 16)
+    return wi, row, K, base
+
+
+@triton.jit
+def _batch_abssum_kernel(W0, WID, ROW0, WN, WK, WSTRIDE, WOFF, ASOFF, ABSSUM, R0, BK: tl.constexpr,
+                         W_AL: tl.constexpr, K16: tl.constexpr):
+    """Rows R0 + program id (the weights launched together share BK)."""
+    r = R0 + tl.program_id(0).to(tl.int64)
+    wi, row, K, base = _batch_row(r, WID, ROW0, WN, WK, WSTRIDE, WOFF, W_AL, K16)
+    tl.store(ABSSUM + tl.load(ASOFF + wi) + row, _abssum_of_row(W0 + base, K, BK))
+
+
+@triton.jit
+def _batch_segstat_kernel(MEMBERS, WN, WK, ASOFF, SEG0, SEGOFF, NSEG, STOFF, ABSSUM, STAT, NS: tl.constexpr,
+                          BR: tl.constexpr):
+    """Program j: the statistic of weight MEMBERS[j] (the weights launched together share NS and BR)."""
+    wi = tl.load(MEMBERS + tl.program_id(0))
+    R = tl.load(WN + wi)
+    segoff = tl.load(SEGOFF + wi)
+    has_seg = segoff >= 0
+    acc, cnt = _segment_stat_of(ABSSUM + tl.multiple_of(tl.load(ASOFF + wi), 16),
+                                SEG0 + tl.multiple_of(tl.maximum(segoff, 0), 2), R, has_seg, NS, BR)
+    nseg = tl.load(NSEG + wi)
+    st = STAT + tl.load(STOFF + wi)
+    sid = tl.arange(0, NS)
+    ms = sid < nseg
+    tl.store(st + sid, acc, mask=ms)
+    tl.store(st + nseg + sid, (cnt.to(tl.int64) * tl.load(WK + wi)).to(tl.float32), mask=ms)
+
+
+@triton.jit
+def _batch_scale_codes_kernel(W0, WID, ROW0, WN, WK, WSTRIDE, WOFF, SEG0, SEGOFF, NSEG, STOFF, STAT, QOFF, Q8OFF,
+                              SCALE, Q, Q8, BK: tl.constexpr, W_AL: tl.constexpr, K16: tl.constexpr,
+                              ANY_FP8: tl.constexpr, EPS: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    wi, row, K, base = _batch_row(r, WID, ROW0, WN, WK, WSTRIDE, WOFF, W_AL, K16)
+    segoff = tl.load(SEGOFF + wi)
+    has_seg = segoff >= 0  # else one segment: a valid address is read (row 0 of SEG0) and not used
+    sid = tl.where(has_seg, tl.load(SEG0 + tl.maximum(segoff, 0) + tl.where(has_seg, row, 0)), 0)
+    st = STAT + tl.load(STOFF + wi)
+    s = _row_scale(tl.load(st + sid), tl.load(st + tl.load(NSEG + wi) + sid), EPS)
+    tl.store(SCALE + r, s)
+    qb = tl.load(QOFF + wi) + row * K
+    q8off = tl.load(Q8OFF + wi)
+    q8b = q8off + row * K
+    if K16:  # every K a multiple of 16, so every code offset too (16-byte vector stores)
+        qb = tl.multiple_of(qb, 16)
+        q8b = tl.multiple_of(q8b, 16)
+    for k0 in range(0, K, BK):
+        cols = k0 + tl.arange(0, BK)
+        m = cols < K
+        c = _ternary_of(tl.load(W0 + base + cols, mask=m, other=0.0).to(tl.float32), s)
+        tl.store(Q + qb + cols, c.to(tl.int8), mask=m)
+        if ANY_FP8:
+            if q8off >= 0:
+                tl.store(Q8 + q8b + cols, c.to(tl.float8e4nv), mask=m)
 
 
 @triton.jit
@@ -140,6 +242,8 @@ def _unpack_kernel(P, Q, K, KP, BP: tl.constexpr):
 _ABSSUM, _CODES, _DEQUANT, _SEGSTAT, _SCALE_CODES = (
     FastLaunch(k) for k in (_row_abssum_kernel, _codes_kernel, _dequant_kernel, _segment_stat_kernel,
                             _scale_codes_kernel))
+_B_ABSSUM, _B_SEGSTAT, _B_SCALE_CODES = (
+    FastLaunch(k) for k in (_batch_abssum_kernel, _batch_segstat_kernel, _batch_scale_codes_kernel))
 FUSED_WEIGHT_QUANT = os.environ.get("BITNET_FUSED_WEIGHT_QUANT", "1") not in ("", "0")
 
 
@@ -275,8 +379,7 @@ def quantize_weight(w: torch.Tensor, segments: Optional[torch.Tensor] = None, nu
     seg = segments if has_seg else w  # not read without segments
     abssum = _row_abssums(w)
     stat = torch.empty((2, nseg), device=dev, dtype=torch.float32)
-    NS = max(2, next_pow2(nseg))
-    BR = max(16, min(1024, 4096 // NS, next_pow2(rows)))
+    NS, BR = _stat_block(rows, nseg)
     _SEGSTAT.launch_keyed((dev.index, "stat", has_seg, seg.dtype, int_spec(rows), int_spec(K), int_spec(nseg),
                            seg.data_ptr() % 16 == 0, NS, BR),
                           (1, 1, 1), (abssum, seg, stat, rows, K, nseg), {"HAS_SEG": has_seg, "NS": NS, "BR": BR})
@@ -295,12 +398,22 @@ def quantize_weight(w: torch.Tensor, segments: Optional[torch.Tensor] = None, nu
     return TernaryWeight(q, scale, q8 if fp8 else None)
 
 
+def _abssum_block(K: int) -> int:
+    return min(1024, max(16, next_pow2(K)))
+
+
+def _stat_block(rows: int, nseg: int) -> tuple:
+    """(NS, BR) of the segment-statistic program: segment slots, rows per block."""
+    NS = max(2, next_pow2(nseg))
+    return NS, max(16, min(1024, 4096 // NS, next_pow2(rows)))
+
+
 def _row_abssums(w: torch.Tensor) -> torch.Tensor:
     """sum_k |w[r, k]| in fp32 [rows] (w's last dim contiguous)."""
     rows, K = w.shape
     abssum = torch.empty(rows, device=w.device, dtype=torch.float32)
     if rows:
-        BK = min(1024, max(16, next_pow2(K)))
+        BK = _abssum_block(K)
         _ABSSUM.launch_keyed((w.device.index, w.dtype, int_spec(K), int_spec(w.stride(0)), w.data_ptr() % 16 == 0, BK),
                              (rows, 1, 1), (w, abssum, K, w.stride(0)), {"BK": BK})
     return abssum
@@ -326,6 +439,11 @@ def _num_segments(segments: torch.Tensor) -> int:
     return n
 
 
+def _cache_key(generation, weight: torch.Tensor, segments: Optional[torch.Tensor], group) -> tuple:
+    seg_key = None if segments is None else (segments.data_ptr(), segments._version, segments.numel())
+    return (generation, weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype, seg_key, id(group))
+
+
 def cached_ternary(weight: torch.Tensor, segments: Optional[torch.Tensor] = None, group=None,
                    *, fp8: bool = False) -> TernaryWeight:
     """``quantize_weight`` once per step generation and weight version: the key is the generation
@@ -335,9 +453,13 @@ def cached_ternary(weight: torch.Tensor, segments: Optional[torch.Tensor] = None
     from bitnet_dist import step_cache
 
     generation = step_cache.current()
-    seg_key = None if segments is None else (segments.data_ptr(), segments._version, segments.numel())
-    key = (generation, weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype, seg_key, id(group))
+    key = _cache_key(generation, weight, segments, group)
     hit = getattr(weight, _CACHE_ATTR, None)
+    if hit is None or hit[0] != key:
+        # the first weight of a batch (``WeightBatch``) asked for in this generation quantizes the whole batch
+        batch = getattr(weight, _BATCH_ATTR, None)
+        if batch is not None and generation is not None and batch.run(generation):
+            hit = getattr(weight, _CACHE_ATTR, None)
     if hit is not None and hit[0] == key:
         tw = hit[1]
         if fp8:
@@ -353,6 +475,187 @@ def cached_ternary(weight: torch.Tensor, segments: Optional[torch.Tensor] = None
     except (AttributeError, RuntimeError):  # a non-leaf view: no cache, still correct
         pass
     return tw
+
+
+# ------------------------------------------------------------------------------ one pass over all weights
+BATCHED_WEIGHT_QUANT = os.environ.get("BITNET_BATCHED_WEIGHT_QUANT", "1") not in ("", "0")
+_BATCH_ATTR = "_bitnet_quant_batch"
+
+
+@dataclass
+class WeightMember:
+    """One weight of a ``WeightBatch``: the Parameter, its segment ids (None = one segment), the TP group its
+    statistic is all-reduced over, and whether the layer's forward will want FP8 codes (asked at every step:
+    the activation bits change during a run)."""
+
+    weight: torch.Tensor
+    segments: Optional[torch.Tensor] = None
+    group: object = None
+    fp8: Callable[[], bool] = lambda: False
+
+
+class _Plan:
+    """Device tables of one set of members (one device, dtype and TP group), rebuilt when a weight moves or a
+    member's FP8 need changes (host-side comparison of ``sig``)."""
+
+    def __init__(self, members: list, fp8: list, sig: tuple):
+        self.sig = sig
+        w0 = members[0].weight
+        dev, el = w0.device, w0.element_size()
+        # members in order of the abs-sum kernel's block (one launch per block size, contiguous rows)
+        order = sorted(range(len(members)), key=lambda i: _abssum_block(members[i].weight.shape[1]))
+        self.members = [members[i] for i in order]
+        self.fp8 = [fp8[i] for i in order]
+        # segment ids are addressed from the lowest-addressed ids tensor: offsets >= 0, -1 = one segment
+        seg0 = min((m.segments for m in self.members if m.segments is not None), key=lambda t: t.data_ptr(),
+                   default=None)
+        self.w0, self.seg0 = self.members[0].weight, seg0
+        rows, ks, strides, woff, row0, asoff, segoff, nseg, stoff, qoff, q8off = ([] for _ in range(11))
+        r = a = st = q = q8 = 0
+        for m, f in zip(self.members, self.fp8):
+            w = m.weight
+            N, K = w.shape
+            rows.append(N), ks.append(K), strides.append(w.stride(0)), row0.append(r), asoff.append(a)
+            woff.append((w.data_ptr() - self.w0.data_ptr()) // el)
+            segoff.append(-1 if m.segments is None else (m.segments.data_ptr() - seg0.data_ptr()) // 8)
+            n = 1 if m.segments is None else _num_segments(m.segments)
+            nseg.append(n), stoff.append(st), qoff.append(q), q8off.append(q8 if f else -1)
+            r, a, st, q = r + N, a + -(-N // 16) * 16, st + 2 * n, q + N * K
+            q8 += N * K if f else 0
+        self.rows, self.row0, self.sizes = rows, row0, (r, a, st, q, q8)
+        self.ks, self.stoff, self.qoff, self.q8off, self.nseg = ks, stoff, qoff, q8off, nseg
+
+        def i64(v):
+            return torch.tensor(v, dtype=torch.int64).to(dev)
+
+        self.t = dict(WN=i64(rows), WK=i64(ks), WSTRIDE=i64(strides), WOFF=i64(woff), ROW0=i64(row0),
+                      ASOFF=i64(asoff), SEGOFF=i64(segoff), NSEG=i64(nseg), STOFF=i64(stoff), QOFF=i64(qoff),
+                      Q8OFF=i64(q8off))
+        self.t["WID"] = torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int32),
+                                                torch.tensor(rows)).to(dev)
+        aligned = all(m.weight.data_ptr() % 16 == 0 and (m.weight.stride(0) * el) % 16 == 0 for m in self.members)
+        self.w_al = 16 // el if aligned and 16 % el == 0 else 1
+        self.k16 = all(k % 16 == 0 for k in ks)
+        # abs-sum launches: (first row, rows, BK); statistic launches: (NS, BR) -> member indices
+        self.abssum_runs, cur = [], None
+        for i, K in enumerate(ks):
+            bk = _abssum_block(K)
+            if cur is not None and cur[2] == bk:
+                cur[1] += rows[i]
+            else:
+                cur = [row0[i], rows[i], bk]
+                self.abssum_runs.append(cur)
+        by_stat: dict = {}
+        for i in range(len(rows)):
+            by_stat.setdefault(_stat_block(rows[i], nseg[i]), []).append(i)
+        self.stat_runs = [(ns, br, torch.tensor(ix, dtype=torch.int32).to(dev)) for (ns, br), ix in by_stat.items()]
+        self.codes_bk = min(2048, max(16, next_pow2(max(ks))))
+
+
+class WeightBatch:
+    """Quantizes a model's ternary weights together, once per step generation, in a handful of launches: the
+    row abs-sums (one launch per abs-sum block size), the segment statistics (one per statistic block shape),
+    one all-reduce of all statistics per TP group, and the scales and codes (one launch). The results are the
+    per-weight ``quantize_weight`` values (the same kernel arithmetic and, with the same specialization facts,
+    the same reduction trees) in one buffer per kind, handed to each weight's ``cached_ternary`` entry.
+
+    Why: the first micro-batch of an eager step quantized every weight just before its GEMM, three launches
+    each (216 for the 1.3B model), and the host's time for those launches left the GPU idle
+    (docs/kernels.md "Per-step weight quantization"). Attached to the weights by ``attach``; the first
+    ``cached_ternary`` call of a generation on any member runs it (inside the step, so a captured CUDA graph
+    holds it too). Members it cannot take (another dtype mix, a non-contiguous row, int32 segment ids) and
+    calls that miss its entries fall back to the per-weight path. Not for weights that are not materialized
+    for the whole step (DeepSpeed ZeRO-3, megatron's overlapped parameter all-gather): the engines do not
+    attach it there. ``BITNET_BATCHED_WEIGHT_QUANT=0`` turns it off."""
+
+    def __init__(self, members: Sequence[WeightMember]):
+        self.members = list(members)
+        self.generation = None
+        self.runs = 0
+        self._plans: dict = {}
+
+    @classmethod
+    def attach(cls, members: Sequence[WeightMember]) -> Optional["WeightBatch"]:
+        ok = [m for m in members if cls._takes(m)]
+        if not ok or not (BATCHED_WEIGHT_QUANT and FUSED_WEIGHT_QUANT):
+            return None
+        batch = cls(ok)
+        for m in ok:
+            setattr(m.weight, _BATCH_ATTR, batch)
+        return batch
+
+    @staticmethod
+    def detach(weights) -> None:
+        for w in weights:
+            if getattr(w, _BATCH_ATTR, None) is not None:
+                delattr(w, _BATCH_ATTR)
+
+    @staticmethod
+    def _takes(m: WeightMember) -> bool:
+        w = m.weight
+        return (w.dim() == 2 and w.numel() > 0 and w.stride(1) == 1 and (w.is_cuda or interpreting())
+                and (m.segments is None or (m.segments.dtype == torch.int64 and m.segments.is_contiguous()
+                                            and m.segments.numel() == w.shape[0])))
+
+    def run(self, generation) -> bool:
+        """Quantize every member for ``generation`` (once; False if it already ran for it, or cannot run)."""
+        if generation is None or generation == self.generation:
+            return False
+        self.generation = generation
+        sets: dict = {}
+        for m in self.members:
+            if self._takes(m):
+                sets.setdefault((m.weight.device, m.weight.dtype, id(m.group)), []).append(m)
+        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        ran = False
+        with torch.no_grad():
+            for key, ms in sets.items():
+                fp8 = [bool(m.fp8()) for m in ms]
+                sig = tuple((m.weight.data_ptr(), tuple(m.weight.shape), m.weight.stride(0),
+                             None if m.segments is None else (m.segments.data_ptr(), m.segments.numel()))
+                            for m in ms) + (tuple(fp8),)
+                plan = self._plans.get(key)
+                if plan is None or plan.sig != sig:
+                    if capturing:  # tables are built outside a capture; this set goes the per-weight way
+                        continue
+                    plan = self._plans[key] = _Plan(ms, fp8, sig)
+                self._quantize(plan, generation)
+                ran = True
+        self.runs += ran
+        return ran
+
+    @staticmethod
+    def _quantize(p: _Plan, generation) -> None:
+        for m in p.members:  # the last step's codes go first: no second copy of every weight's codes at the peak
+            if getattr(m.weight, _CACHE_ATTR, None) is not None:
+                setattr(m.weight, _CACHE_ATTR, None)
+        dev = p.w0.device
+        R, A, ST, QN, Q8N = p.sizes
+        t = p.t
+        abssum = torch.empty(A, device=dev, dtype=torch.float32)
+        stat = torch.empty(ST, device=dev, dtype=torch.float32)
+        scale = torch.empty(R, device=dev, dtype=torch.float32)
+        q = torch.empty(QN, device=dev, dtype=torch.int8)
+        q8 = torch.empty(Q8N, device=dev, dtype=torch.float8_e4m3fn) if Q8N else q
+        for r0, n, bk in p.abssum_runs:
+            _B_ABSSUM[(n,)](p.w0, t["WID"], t["ROW0"], t["WN"], t["WK"], t["WSTRIDE"], t["WOFF"], t["ASOFF"],
+                            abssum, r0, BK=bk, W_AL=p.w_al, K16=p.k16)
+        seg0 = p.seg0 if p.seg0 is not None else t["SEGOFF"]  # not read without segments
+        for ns, br, ix in p.stat_runs:
+            _B_SEGSTAT[(ix.numel(),)](ix, t["WN"], t["WK"], t["ASOFF"], seg0, t["SEGOFF"], t["NSEG"], t["STOFF"],
+                                      abssum, stat, NS=ns, BR=br)
+        group = p.members[0].group
+        if _group_size(group) > 1:
+            dist.all_reduce(stat, op=dist.ReduceOp.SUM, group=group)
+        _B_SCALE_CODES[(R,)](p.w0, t["WID"], t["ROW0"], t["WN"], t["WK"], t["WSTRIDE"], t["WOFF"], seg0,
+                             t["SEGOFF"], t["NSEG"], t["STOFF"], stat, t["QOFF"], t["Q8OFF"], scale, q, q8,
+                             BK=p.codes_bk, W_AL=p.w_al, K16=p.k16, ANY_FP8=bool(Q8N), EPS=SCALE_EPS)
+        for i, m in enumerate(p.members):
+            N, K = p.rows[i], p.ks[i]
+            codes = q[p.qoff[i]:p.qoff[i] + N * K].view(N, K)
+            c8 = q8[p.q8off[i]:p.q8off[i] + N * K].view(N, K) if p.q8off[i] >= 0 else None
+            tw = TernaryWeight(codes, scale[p.row0[i]:p.row0[i] + N], c8)
+            setattr(m.weight, _CACHE_ATTR, (_cache_key(generation, m.weight, m.segments, group), tw))
 
 
 # ------------------------------------------------------------------------------- torch reference twin

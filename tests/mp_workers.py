@@ -1,6 +1,8 @@
 """Worker functions for the multi-process core tests (run through dist_utils.run_ranks)."""
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -165,3 +167,36 @@ def train_presets(rank, world, presets, steps=50):
             curve.append(loss.item())
         curves[name] = curve
     return curves
+
+
+def weight_batch_tp(rank, world, sequence=False):
+    """The tiny v2 model at TP=world (CPU, kernels interpreted): its batchable layers' weights quantized by one
+    WeightBatch (one all-reduce of every statistic) against quantize_weight per weight (one all-reduce each) and
+    the torch path's absmean. -> (layers batched, batch runs, bit mismatches, max |scale - torch path| / scale)."""
+    os.environ["TRITON_INTERPRET"] = "1"
+    setup(world)
+    from bitnet_dist import quant, step_cache
+    from bitnet_dist.kernels.ternary import WeightBatch, WeightMember, cached_ternary, quantize_weight
+    from bitnet_dist.layers import bit_layers, batchable_layers
+    from bitnet_dist.model import build_model, transformer_config
+    from bitnet_dist.presets import ParallelConfig, model_preset, precision_preset
+
+    m = model_preset("tiny")
+    cfg = transformer_config(m, ParallelConfig(tensor=world, sequence=sequence))
+    gpt = build_model(m, precision_preset("v2_a4"), cfg, vocab_size=96, seed=1234)
+    layers = batchable_layers([gpt])
+    members = [WeightMember(x.weight, x.segments, x.tp_group, (lambda: True)) for x in layers]
+    batch = WeightBatch.attach(members)
+    step_cache.advance()
+    mismatches, rel = 0, 0.0
+    try:
+        for x in reversed(layers):
+            tw = cached_ternary(x.weight, x.segments, x.tp_group, fp8=True)
+            ref = quantize_weight(x.weight, x.segments, None, x.tp_group, fp8=True)
+            mismatches += int(not (torch.equal(tw.scale, ref.scale) and torch.equal(tw.codes, ref.codes)
+                                   and torch.equal(tw.fp8.float(), ref.fp8.float())))
+            alpha = quant.weight_absmean(x.weight.detach(), x.segments, x._num_segments, x.tp_group)[:, 0]
+            rel = max(rel, ((tw.scale - alpha).abs() / alpha).max().item())
+    finally:
+        step_cache.reset()
+    return len(layers), len(bit_layers(gpt)), batch.runs, mismatches, rel

@@ -1025,3 +1025,77 @@ def test_launch_plan_keys_cover_what_the_default_path_reads(monkeypatch):
     n = len(nhq._PLANS)
     norm_hadamard_quant(x, g, act_bits=4, hadamard_block=256, eps=1e-5)
     assert len(nhq._PLANS) == n
+
+
+def test_weight_batch_equals_the_per_weight_quantization():
+    """WeightBatch (every weight of a model quantized in a few launches, per step generation) against
+    quantize_weight on each weight alone: the same scales and codes bit for bit (the same kernel arithmetic),
+    FP8 codes where a member wants them and only there; two dtypes (two sets), separate allocations, a strided
+    weight, 1, 3 and 7 segments, two abs-sum block sizes. It runs once per generation, on the first member asked
+    for; the next generation sees weights written through .data; a member whose FP8 need changes gets its
+    tables rebuilt; a call whose key the batch did not fill (other segments) takes the per-weight path."""
+    from bitnet_dist import step_cache
+    from bitnet_dist.kernels import ternary
+
+    torch.manual_seed(21)
+    P = torch.nn.Parameter
+    ws = [P(torch.randn(70, 45) * 0.02), P(torch.randn(40, 64)), P(torch.randn(33, 1030) * 3),
+          P(torch.randn(40, 100)[:, 10:74]), P((torch.randn(70, 45) * 0.02).bfloat16()),
+          P(torch.randn(24, 32).bfloat16())]
+    segs = [torch.tensor([0] * 30 + [1] * 20 + [2] * 20), None, None, torch.arange(40) // 20,
+            torch.arange(70) // 10, None]
+    want8 = [True, False, True, False, True, True]
+    flags = list(want8)
+    members = [ternary.WeightMember(w, s, None, (lambda i=i: flags[i])) for i, (w, s) in enumerate(zip(ws, segs))]
+    odd = ternary.WeightMember(P(torch.randn(8, 16)), torch.zeros(8, dtype=torch.int32))  # int32 ids: not taken
+    try:
+        step_cache.advance()
+        batch = ternary.WeightBatch.attach(members + [odd])
+        assert batch is not None and len(batch.members) == 6 and not hasattr(odd.weight, ternary._BATCH_ATTR)
+
+        def check():
+            for i in reversed(range(6)):  # the last member asked first: it runs the whole batch
+                got = cached_ternary(ws[i], segs[i], fp8=flags[i])
+                ref = quantize_weight(ws[i], segs[i], fp8=flags[i])
+                assert torch.equal(got.scale, ref.scale) and torch.equal(got.codes, ref.codes), i
+                assert (got.fp8 is not None) == flags[i], i
+                if flags[i]:
+                    assert torch.equal(got.fp8.float(), ref.fp8.float())
+                assert cached_ternary(ws[i], segs[i], fp8=flags[i]) is got
+
+        check()
+        assert batch.runs == 1 and len(batch._plans) == 2
+        plans = dict(batch._plans)
+        with torch.no_grad():
+            ws[2].data.mul_(-1.0)  # through .data: no version bump; the next generation must see it
+        step_cache.advance()
+        check()
+        assert batch.runs == 2 and all(batch._plans[k] is plans[k] for k in plans)  # tables reused
+        flags[1] = True  # the layer now wants FP8 codes (A8 -> A4)
+        step_cache.advance()
+        check()
+        assert batch.runs == 3 and any(batch._plans[k] is not plans[k] for k in plans)
+        other = torch.arange(70) % 3  # not the registered ids: the batch's entry does not match
+        got = cached_ternary(ws[0], other)
+        ref = quantize_weight(ws[0], other)
+        assert torch.equal(got.scale, ref.scale) and torch.equal(got.codes, ref.codes) and batch.runs == 3
+        step_cache.reset()
+        assert cached_ternary(ws[0], segs[0]) is not cached_ternary(ws[0], segs[0])  # no generation: no batch
+        assert batch.runs == 3
+    finally:
+        step_cache.reset()
+        ternary.WeightBatch.detach(ws)
+
+
+@pytest.mark.parametrize("tp,sequence", [(2, False), (2, True)])
+def test_weight_batch_under_tensor_parallelism(tp, sequence):
+    """A model's weights batched at TP=2 (one all-reduce of the concatenated statistics) give the bits of the
+    per-weight path (one all-reduce each) and the torch path's absmean; under sequence parallelism the
+    column-parallel layers (which run the torch path there) are left out."""
+    from dist_utils import run_ranks
+    from mp_workers import weight_batch_tp
+
+    for batched, total, runs, mismatches, rel in run_ranks(weight_batch_tp, tp, sequence):
+        assert total == 8 and batched == (4 if sequence else 8), (batched, total)
+        assert runs == 1 and mismatches == 0
+        assert rel <= 1e-6

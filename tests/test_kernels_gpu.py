@@ -112,6 +112,42 @@ def test_weight_scales_are_run_to_run_identical():
         assert torch.equal(again.scale, first.scale) and torch.equal(again.codes, first.codes)
 
 
+def test_weight_batch_gives_the_per_weight_bits_on_gpu():
+    """WeightBatch on the 1.3B layer shapes (QKV with 3 segments per 128-row group, Wo, fc1 gate | up, Wdown with
+    5632 input features: two abs-sum block sizes, two statistic shapes) and an fp32 set: scales and codes equal to
+    quantize_weight's bit for bit (same arithmetic and, with the alignment hints, the same reduction trees), and
+    the same bits on every run."""
+    from bitnet_dist import step_cache
+    from bitnet_dist.kernels.ternary import WeightBatch, WeightMember, cached_ternary
+
+    torch.manual_seed(5)
+    shapes = [(6144, 2048, torch.tensor([0] * 64 + [1] * 32 + [2] * 32).repeat(48)), (2048, 2048, None),
+              (11264, 2048, torch.arange(11264) // 5632), (2048, 5632, None)]
+    ws, segs = [], []
+    for dtype in (torch.bfloat16, torch.float32):
+        for n, k, seg in shapes[:4 if dtype == torch.bfloat16 else 2]:
+            ws.append(torch.nn.Parameter(0.02 * torch.randn(n, k, device=DEV, dtype=dtype)))
+            segs.append(None if seg is None else seg.to(DEV))
+    want8 = [i % 2 == 0 for i in range(len(ws))]
+    batch = WeightBatch.attach([WeightMember(w, s, None, (lambda f=f: f)) for w, s, f in zip(ws, segs, want8)])
+    try:
+        first = None
+        for _ in range(3):
+            step_cache.advance()
+            got = [cached_ternary(w, s, fp8=f) for w, s, f in zip(ws, segs, want8)]
+            for w, s, f, tw in zip(ws, segs, want8, got):
+                ref = quantize_weight(w, s, fp8=f)
+                assert torch.equal(tw.scale, ref.scale) and torch.equal(tw.codes, ref.codes)
+                assert (tw.fp8 is not None) == f and (not f or torch.equal(tw.fp8.float(), ref.fp8.float()))
+            if first is None:
+                first = [(tw.scale.clone(), tw.codes.clone()) for tw in got]
+            assert all(torch.equal(a, tw.scale) and torch.equal(b, tw.codes) for (a, b), tw in zip(first, got))
+        assert batch.runs == 3
+    finally:
+        step_cache.reset()
+        WeightBatch.detach(ws)
+
+
 @pytest.mark.parametrize("bits,hb,fp8b", [(8, 256, False), (4, 256, False), (8, 0, False), (8, 256, True),
                                           (4, 256, True)])
 def test_hbit_linear_gpu(bits, hb, fp8b):

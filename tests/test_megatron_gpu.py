@@ -125,6 +125,31 @@ def test_act_bits_switch_reaches_every_layer_and_changes_the_loss():
     assert l4 != l8 and abs(l4 - l8) < 0.5
 
 
+def test_batched_weight_quantization_gives_the_per_weight_curve(monkeypatch):
+    """The engine quantizes every ternary weight in one pass per step (layers.batch_weight_quant): the same
+    losses and grad norms, bit for bit, as the per-weight quantization in each layer's first call (which
+    BITNET_BATCHED_WEIGHT_QUANT=0 keeps), across the A8 -> A4 switch (the FP8 codes join the batch)."""
+    from bitnet_dist.kernels import ternary
+    from bitnet_dist.layers import bit_layers
+
+    def curve(batched):
+        monkeypatch.setattr(ternary, "BATCHED_WEIGHT_QUANT", batched)
+        e = make(cfg_for(precision="v2_a8_to_a4"))
+        n = sum(len(bit_layers(m)) for m in e.model_chunks())
+        assert e.batched_weights == (n if batched else 0) and n > 0
+        rows = []
+        for s in range(6):
+            if s == 3:
+                e.set_act_bits(4)
+            st = e.train_step(step_batches(s), 3e-3, 0.1)
+            rows.append((st.loss, st.grad_norm))
+        rows.append(e.eval_loss(step_batches(6)))
+        return rows
+
+    per_weight, batched = curve(False), curve(True)
+    assert batched == per_weight, list(zip(per_weight, batched))
+
+
 def test_no_decay_groups_keep_zero_weight_decay():
     e = make(cfg_for())
     e.train_step(step_batches(0), 1e-3, 0.25)

@@ -82,6 +82,7 @@ class DeepSpeedEngine(MegatronDataParallelTopology, Engine):
         self._device: torch.device | None = None
         self._dtype: torch.dtype | None = None
         self._grad_acc_steps: int | None = None
+        self.batched_weights = 0  # weights quantized together per step (layers.batch_weight_quant)
 
     # -- set-up ------------------------------------------------------------------------------------------------
     def init_parallel(self) -> None:
@@ -164,6 +165,11 @@ class DeepSpeedEngine(MegatronDataParallelTopology, Engine):
         if self.cfg.parallel.zero_stage == 3 and getattr(model, "share_embeddings_and_output_weights", False):
             # The tied output head uses the embedding's weight outside the embedding module.
             deepspeed.zero.register_external_parameter(model.output_layer, model.shared_embedding_or_output_weight())
+        # all ternary weights quantized in one pass per step; not under ZeRO-3, whose parameters are gathered
+        # module by module inside the forward
+        from bitnet_dist.layers import batch_weight_quant
+
+        self.batched_weights = 0 if self.cfg.parallel.zero_stage == 3 else batch_weight_quant([model])
         for g in self._ds.optimizer.param_groups:  # fail now, not at the first step
             if common.DECAY_KEY not in g:
                 raise RuntimeError("DeepSpeed's optimizer dropped our parameter-group tags")

@@ -158,6 +158,7 @@ class MegatronEngine(MegatronDataParallelTopology, Engine):
         self.config = None  # megatron TransformerConfig
         self._vocab_size: Optional[int] = None
         self._graph = None  # megatron-core FullCudaGraphWrapper (engine.cuda_graph)
+        self.batched_weights = 0  # weights quantized together per step (layers.batch_weight_quant)
         self.graph_replays = 0  # training steps run by replaying the captured graph
 
     # -- process groups ------------------------------------------------------------------------------------
@@ -265,6 +266,7 @@ class MegatronEngine(MegatronDataParallelTopology, Engine):
             raise RuntimeError("MegatronEngine.build() before init_parallel()")
         self._vocab_size = vocab_size
         self._raw = self.build_model_chunks(vocab_size)
+        self.batched_weights = self._batch_weight_quant()
         if self.model_only:
             self._chunks = list(self._raw)
             return
@@ -304,6 +306,16 @@ class MegatronEngine(MegatronDataParallelTopology, Engine):
         config.finalize_model_grads_func = (finalize_model_grads_capturable if getattr(eng, "cuda_graph", False)
                                             else finalize_model_grads)
         config.grad_scale_func = self.optimizer.scale_loss
+
+    def _batch_weight_quant(self) -> int:
+        """All of this rank's ternary weights quantized in one pass per step (layers.batch_weight_quant), unless
+        the distributed optimizer's overlapped all-gather is on: the weights of later buckets are then still in
+        flight when the first layer runs."""
+        if self.cfg.engine.overlap_param_gather:
+            return 0
+        from bitnet_dist.layers import batch_weight_quant
+
+        return batch_weight_quant(self._raw)
 
     @contextlib.contextmanager
     def _ddp_stream_context(self):

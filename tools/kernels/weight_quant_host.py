@@ -1,8 +1,9 @@
 """Host and GPU time of one step's weight quantization (GPU): every H-BitLinear weight of a model preset
 (QKV with its [q, k, v] segments per query group, Wo, fc1 with its [gate; up] segments, Wdown), quantized the
 way the first micro-batch of every training step does it (``quantize_weight``, int8 codes and, for A4, FP8
-codes), with the three-kernel path and with the composed one (``BITNET_FUSED_WEIGHT_QUANT=0``: the statistic
-in torch ops), alternating over rounds in one process.
+codes), with the three-kernel path, with the composed one (``BITNET_FUSED_WEIGHT_QUANT=0``: the statistic
+in torch ops), and all weights at once (``WeightBatch``, what the engines attach since session 18), alternating
+over rounds in one process.
 
 * host ms: the loop over all weights queued behind a long GPU sleep, so the host never waits for the GPU;
 * GPU ms: CUDA events around the same queued work (after the sleep): the kernels' own time.
@@ -17,6 +18,7 @@ import time
 
 import torch
 
+from bitnet_dist import step_cache
 from bitnet_dist.kernels import ternary
 from bitnet_dist.presets import MODEL_PRESETS
 
@@ -36,14 +38,17 @@ def weights(model: str, dev) -> list:
     return out
 
 
-def one_round(ws, fp8: bool) -> tuple:
+def one_round(ws, fp8: bool, batch=None) -> tuple:
     torch.cuda.synchronize()
     torch.cuda._sleep(int(2e8))  # ~0.1 s of GPU time: the host queues everything before the GPU gets to it
     e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     e0.record()
     t = time.perf_counter()
-    for w, seg in ws:
-        ternary.quantize_weight(w, seg, fp8=fp8)
+    if batch is not None:  # what the first layer's cached_ternary call runs in a new step generation
+        batch.run(step_cache.advance())
+    else:
+        for w, seg in ws:
+            ternary.quantize_weight(w, seg, fp8=fp8)
     host = time.perf_counter() - t
     e1.record()
     torch.cuda.synchronize()
@@ -60,11 +65,13 @@ def main():
     ws = weights(a.model, dev)
     res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "model": a.model, "weights": len(ws)}
     for fp8 in (False, True):
-        arms = {"fused": [], "composed": []}
-        for r in range(a.rounds + 1):  # round 0 compiles / warms up
+        arms = {"fused": [], "composed": [], "batched": []}
+        batch = ternary.WeightBatch([ternary.WeightMember(torch.nn.Parameter(w), seg, None, (lambda: fp8))
+                                     for w, seg in ws])
+        for r in range(a.rounds + 1):  # round 0 compiles / warms up (and builds the batch's tables)
             for arm in arms:
-                ternary.FUSED_WEIGHT_QUANT = arm == "fused"
-                hm, gm = one_round(ws, fp8)
+                ternary.FUSED_WEIGHT_QUANT = arm != "composed"
+                hm, gm = one_round(ws, fp8, batch if arm == "batched" else None)
                 if r:
                     arms[arm].append((hm, gm))
         ternary.FUSED_WEIGHT_QUANT = True

@@ -150,6 +150,17 @@ NOTES = [
     "explained. `r20b-twice` (c3): v2_a4 twice in one process, 0.641 / 0.638 s (a preceding engine does not slow the "
     "next). With the CUDA graph: `r20-before-graph` 1.039x, `r20-graph` (c6) 1.044x. Raw "
     "docs/benchmarks/raw/round20_2026-11-25/.",
+    "* `r21*` (session 18 of 2026-11-25): all of a rank's ternary weights quantized in one pass per step "
+    "(kernels/ternary.py `WeightBatch`, docs/kernels.md \"All weights in one pass\"); `v2_a4@nobatch` is the same "
+    "code with the batch off (the per-weight quantization of session 17). `r21-ab1` / `r21-ab2` (c2): one process, "
+    "bf16, v2_a4, v2_a4@nobatch, then bf16, v2_a4@nobatch, v2_a4 (`gpu_check.py bench --precision ...`, 8 timed "
+    "steps each; each triple's ratios against its own bf16 row): v2_a4 1.037x / 1.039x with the batch, 1.031x / "
+    "1.038x without. The first micro-batch's forward idled 2.6 / 6.3 ms with the batch, 13.1 / 6.6 ms without (bf16 "
+    "1.3 / 1.4). `r21c1` / `r21c1-nobatch` (c1): separate processes on a slower host, 1.000x / 1.011x (a cross-process "
+    "comparison; there the first forward idled 6.3 ms with the batch against 27.7 ms without). `r21-graph` (c3): "
+    "with the CUDA graph 1.044x. The peak memory of the later rows of r21-ab1 / -ab2 (61-62 GiB) includes what the "
+    "earlier engines of that process left allocated; the first v2_a4 row, with the batch, peaks at 37.3 GiB as "
+    "without it (r20). Raw docs/benchmarks/raw/round21_2026-11-25/.",
 ]
 
 

@@ -443,15 +443,26 @@ def _sync_points(eng, steps) -> dict:
 def cmd_bench(a):
     from bitnet_dist.engines import make_engine
 
+    from bitnet_dist.kernels import ternary
+
     rows = []
-    for prec in a.precision:
+    for idx, label in enumerate(a.precision):
+        # PREC@nobatch: the engine built without the per-step weight batch (BITNET_BATCHED_WEIGHT_QUANT=0), for
+        # an A / B in one process
+        prec, _, variant = label.partition("@")
+        tag = f"{prec}_{variant}_{idx}" if variant else (prec if a.precision.count(label) == 1 else f"{prec}_{idx}")
+        if variant not in ("", "nobatch"):
+            raise SystemExit(f"--precision {label}: the only variant is @nobatch")
         ns = argparse.Namespace(**{**vars(a), "precision": prec, "engine": "megatron"})
         cfg = make_cfg(ns)
         data = MarkovText(a.vocab, seed=a.seed)
+        batched = ternary.BATCHED_WEIGHT_QUANT
         try:
+            ternary.BATCHED_WEIGHT_QUANT = batched and variant != "nobatch"
             eng = make_engine(cfg)
             eng.init_parallel()
             eng.build(a.vocab)
+            ternary.BATCHED_WEIGHT_QUANT = batched
             n_micro = cfg.trainer.global_batch_size // cfg.trainer.micro_batch_size
             steps = [[data.batch(s, j, a.mbs, a.seq) for j in range(n_micro)] for s in range(2)]
             torch.cuda.reset_peak_memory_stats()
@@ -478,8 +489,8 @@ def cmd_bench(a):
             if a.sync_debug:
                 split.update(_sync_points(eng, steps))
             if a.profile_cuda:  # one more step traced with CUDA activity only: GPU idle with little host cost
-                split.update(_cuda_trace(eng, steps, Path(a.profile_cuda) / f"{a.model}_{prec}_cuda.trace.json"))
-            probe = (probe_costs(eng, steps, a.profile, f"{a.model}_{prec}_mbs{a.mbs}") if a.probe_check else {})
+                split.update(_cuda_trace(eng, steps, Path(a.profile_cuda) / f"{a.model}_{tag}_cuda.trace.json"))
+            probe = (probe_costs(eng, steps, a.profile, f"{a.model}_{tag}_mbs{a.mbs}") if a.probe_check else {})
             if a.profile:  # one more step under the profiler: where the step's GPU time goes
                 from torch.profiler import ProfilerActivity, profile
 
@@ -488,8 +499,8 @@ def cmd_bench(a):
                     torch.cuda.synchronize()
                 table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
                 Path(a.profile).mkdir(parents=True, exist_ok=True)
-                (Path(a.profile) / f"{a.model}_{prec}.txt").write_text(table)
-                trace = Path(a.profile) / f"{a.model}_{prec}.trace.json"  # GPU idle gaps: tools/megatron/trace_gaps.py
+                (Path(a.profile) / f"{a.model}_{tag}.txt").write_text(table)
+                trace = Path(a.profile) / f"{a.model}_{tag}.trace.json"  # GPU idle gaps: tools/megatron/trace_gaps.py
                 prof.export_chrome_trace(str(trace))
                 import gzip
                 import shutil
@@ -499,7 +510,8 @@ def cmd_bench(a):
                 trace.unlink()
             tok = a.gbs * a.seq
             fpt = flops_per_token(cfg.model, a.seq, a.vocab)
-            row = {"model": a.model, "precision": prec, "kernels": cfg.precision.kernels, "seq": a.seq, "mbs": a.mbs,
+            row = {"model": a.model, "precision": prec, **({"variant": variant} if variant else {}),
+                   "batched_weights": getattr(eng, "batched_weights", 0), "kernels": cfg.precision.kernels, "seq": a.seq, "mbs": a.mbs,
                    "gbs": a.gbs, "step_s": dt, "tokens_per_s": tok / dt, "tflops": fpt * tok / dt / 1e12,
                    "mfu": fpt * tok / dt / H100_BF16_DENSE, "peak_mem_gib": peak / 2**30,
                    "loss": st.loss, "fp8_backward": bool(cfg.precision.fp8_backward),
@@ -508,6 +520,8 @@ def cmd_bench(a):
                    **({"gc_off": True} if a.gc_off else {}), **probe, **split}
         except Exception as e:
             row = {"model": a.model, "precision": prec, "error": f"{type(e).__name__}: {str(e)[:400]}"}
+        finally:
+            ternary.BATCHED_WEIGHT_QUANT = batched
         print("[bench]", json.dumps(row), flush=True)
         rows.append(row)
         # free this engine before the next precision
