@@ -19,6 +19,7 @@ Tensor-parallel invariance (the model computes the same function at every TP deg
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -346,9 +347,11 @@ def batch_weight_quant(modules) -> int:
     from bitnet_dist.kernels.hbit_autograd import weight_fp8
     from bitnet_dist.kernels.ternary import WeightBatch, WeightMember
 
-    members = [WeightMember(layer.weight, layer.segments, layer.tp_group,
-                            (lambda lay=layer: weight_fp8(lay.act_bits, lay.weight)))
-               for layer in batchable_layers(modules) if layer.weight.is_cuda]
+    def wants_fp8(ref):  # the layer by weak reference: the batch must not keep the model alive (WeightBatch)
+        return lambda: (lay := ref()) is not None and weight_fp8(lay.act_bits, lay.weight)
+
+    members = [WeightMember(layer.weight, layer.segments, layer.tp_group, wants_fp8(weakref.ref(layer)))
+               for layer in batchable_layers(modules)]  # WeightBatch takes CUDA weights (CPU ones interpreted)
     batch = WeightBatch.attach(members)
     return 0 if batch is None else len(batch.members)
 

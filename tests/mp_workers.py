@@ -200,3 +200,39 @@ def weight_batch_tp(rank, world, sequence=False):
     finally:
         step_cache.reset()
     return len(layers), len(bit_layers(gpt)), batch.runs, mismatches, rel
+
+
+def weight_batch_releases_the_model(rank, world):
+    """layers.batch_weight_quant on the tiny v2 model (CPU, kernels interpreted, the Triton path pretended
+    available), the parameters' AccumulateGrad nodes kept with hooks, as megatron DDP keeps them, one batched
+    quantization run; then the model deleted. -> (weights batched, batch runs, model freed, weight freed)."""
+    import gc
+    import weakref
+
+    os.environ["TRITON_INTERPRET"] = "1"
+    setup(world)
+    import bitnet_dist.layers as layers
+    from bitnet_dist import step_cache
+    from bitnet_dist.kernels.ternary import cached_ternary
+
+    layers._kernels = lambda: object()  # the layers' "Triton path available" check (CUDA) pretended on CPU
+
+    def hooked(gpt):  # (in a function of its own: no loop variable left holding a parameter or node)
+        gpt.grad_accs = []
+        for p in gpt.parameters():
+            acc = p.expand_as(p).grad_fn.next_functions[0][0]
+            acc.register_hook(lambda *grads, p=p, owner=gpt: None)
+            gpt.grad_accs.append(acc)
+        return gpt
+
+    gpt = hooked(build_tiny("v2_a4", world))
+    n = layers.batch_weight_quant([gpt])
+    first = layers.batchable_layers([gpt])[0]
+    step_cache.advance()
+    cached_ternary(first.weight, first.segments, first.tp_group)
+    runs = first.weight._bitnet_quant_batch.runs
+    ref_model, ref_w = weakref.ref(gpt), weakref.ref(first.weight)
+    del gpt, first
+    gc.collect()
+    step_cache.reset()
+    return n, runs, ref_model() is None, ref_w() is None

@@ -158,8 +158,12 @@ NOTES = [
     "1.038x without. The first micro-batch's forward idled 2.6 / 6.3 ms with the batch, 13.1 / 6.6 ms without (bf16 "
     "1.3 / 1.4). `r21c1` / `r21c1-nobatch` (c1): separate processes on a slower host, 1.000x / 1.011x (a cross-process "
     "comparison; there the first forward idled 6.3 ms with the batch against 27.7 ms without). `r21-graph` (c3): "
-    "with the CUDA graph 1.044x. The peak memory of the later rows of r21-ab1 / -ab2 (61-62 GiB) includes what the "
-    "earlier engines of that process left allocated; the first v2_a4 row, with the batch, peaks at 37.3 GiB as "
+    "with the CUDA graph 1.044x. `r21-ab3` (c4, another machine, one process: v2_a4@nobatch, bf16, v2_a4, "
+    "v2_a4@nobatch, v2_a4, bf16): 1.032x with and without the batch (ratios against the one bf16 row that ran); the "
+    "last bf16 engine ran out of memory, the leak of the batch's first version (each layer's FP8 callable held the "
+    "layer; with megatron DDP's hooked AccumulateGrad nodes the cycle was not collected, so every deleted engine "
+    "stayed allocated), fixed since (weak references; docs/kernels.md). The peak memory of the later rows of r21-ab1 / -ab2 (61-62 GiB) includes what the "
+    "earlier engines of that process left allocated (the leak); the first v2_a4 row, with the batch, peaks at 37.3 GiB as "
     "without it (r20). Raw docs/benchmarks/raw/round21_2026-11-25/.",
 ]
 
