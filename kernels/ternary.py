@@ -503,8 +503,7 @@ class _Plan:
         """members: this set's WeightMembers (strong references for the build only: the plan keeps none, see
         ``WeightBatch``)."""
         self.sig = sig
-        w0 = members[0].weight
-        dev, el = w0.device, w0.element_size()
+        dev, el = members[0].weight.device, members[0].weight.element_size()
         # members in order of the abs-sum kernel's block (one launch per block size, contiguous rows)
         self.order = sorted(range(len(members)), key=lambda i: _abssum_block(members[i].weight.shape[1]))
         members = [members[i] for i in self.order]
@@ -574,10 +573,11 @@ class WeightBatch:
     attach it there. ``BITNET_BATCHED_WEIGHT_QUANT=0`` turns it off.
 
     The batch holds its weights by weak reference and its plans hold no tensor of theirs: each weight refers to
-    the batch (an attribute), and a cycle through a Parameter that C++ also references (megatron DDP keeps every
-    parameter's AccumulateGrad node) is not collected by Python's GC; a strong reference kept a whole engine
-    (weights, gradients, optimizer state) alive after it was deleted (measured on the H100: +25 GiB per engine).
-    A member's ``fp8`` callable must not hold its weight or layer strongly either."""
+    the batch (an attribute), so anything the batch held strongly would close a cycle through the model. With
+    megatron DDP (which keeps every parameter's AccumulateGrad node, with a hook) such a cycle is not collected:
+    the first version's FP8 callables held their layers, and every deleted engine (weights, gradients, optimizer
+    state, ~25 GiB at 1.3B) stayed allocated (H100; test_megatron_gpu.py has the control). A member's ``fp8``
+    callable must not hold its weight or layer strongly either (layers.batch_weight_quant uses weak references)."""
 
     def __init__(self, members: Sequence[WeightMember]):
         self._refs = [(weakref.ref(m.weight), m.segments, m.group, m.fp8) for m in members]
