@@ -23,6 +23,7 @@ STEPS = 30
 def _child() -> None:
     from bitnet_dist.config import TrainConfig
     from bitnet_dist.engines import make_engine
+    from bitnet_dist.layers import bit_layers
     from bitnet_dist.presets import model_preset, precision_preset
     from bitnet_dist.telemetry import Telemetry
 
@@ -50,6 +51,7 @@ def _child() -> None:
             eng.load(Path(d))
             replay = [eng.train_step(batches, lr=3e-3, weight_decay=0.1).loss for _ in range(2)]
         print(json.dumps(dict(c, dtype=str(dtype), device=str(eng.device), losses=losses, after=after, replay=replay,
+                              batched=eng.batched_weights, bit_layers=len(bit_layers(eng.model_chunks()[0])),
                               stats_keys=len(tel.stats_probe_result),
                               wo_kurt=tel.stats_probe_result.get("stats/wo/kurtosis_post"),
                               max_mem_gib=torch.cuda.max_memory_allocated() / 2 ** 30)), flush=True)
@@ -67,6 +69,8 @@ def test_zero_stages_train_in_bf16_on_gpu():
     zero1 = next(r["losses"] for r in rows if r["zero"] == 1)
     for r in rows:
         assert r["dtype"] == "torch.bfloat16" and r["device"].startswith("cuda")
+        # every ternary weight quantized in one pass per step, except under ZeRO-3 (parameters gathered per module)
+        assert r["bit_layers"] > 0 and r["batched"] == (0 if r["zero"] == 3 else r["bit_layers"]), r
         assert r["losses"][-1] < r["losses"][0] - 1.0, r  # memorizes a fixed batch
         # Same model, data and first update: the first two losses agree across stages up to rounding.
         assert abs(r["losses"][0] - first[0]) < 1e-3 and abs(r["losses"][1] - first[1]) < 0.02 * first[1], (r, first)
