@@ -18,7 +18,7 @@ import torch
 
 def check_block(block: int, dim: int, key: str = "model.hadamard_block") -> None:
     if block < 1 or block & (block - 1) or dim % block:
-        from bitnet_dist.validate import ConfigError
+        from bitnet_dist.errors import ConfigError
 
         valid = [2 ** k for k in range(0, 16) if dim % 2 ** k == 0]
         raise ConfigError(key, block, f"a power of two dividing the dimension {dim}: one of {valid}")

@@ -74,7 +74,7 @@ class SDPACoreAttention(MegatronModule):
                  softmax_scale=None, cp_comm_type=None, pg_collection=None, **kwargs):
         super().__init__(config=config)
         if config.context_parallel_size != 1:
-            from bitnet_dist.validate import ConfigError
+            from bitnet_dist.errors import ConfigError
 
             raise ConfigError("parallel.context", config.context_parallel_size, "1 (context parallel is not supported)")
         self.attn_mask_type = attn_mask_type

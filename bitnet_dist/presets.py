@@ -92,7 +92,7 @@ PRECISION_PRESETS: dict[str, PrecisionConfig] = {
 
 
 def model_preset(name: str, **overrides) -> ModelConfig:
-    from bitnet_dist.validate import ConfigError
+    from bitnet_dist.errors import ConfigError
 
     if name not in MODEL_PRESETS:
         raise ConfigError("model", name, f"one of {sorted(MODEL_PRESETS)}")
@@ -100,7 +100,7 @@ def model_preset(name: str, **overrides) -> ModelConfig:
 
 
 def precision_preset(name: str, **overrides) -> PrecisionConfig:
-    from bitnet_dist.validate import ConfigError
+    from bitnet_dist.errors import ConfigError
 
     if name not in PRECISION_PRESETS:
         raise ConfigError("precision", name, f"one of {sorted(PRECISION_PRESETS)}")

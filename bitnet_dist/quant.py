@@ -69,7 +69,7 @@ def ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 def check_act_bits(bits: int) -> None:
     if bits not in _QRANGE:
-        from bitnet_dist.validate import ConfigError
+        from bitnet_dist.errors import ConfigError
 
         raise ConfigError("precision.act_bits", bits, "4 or 8")
 

@@ -278,7 +278,7 @@ class Telemetry:
     """Metrics sink of one run: see module docstring and docs/telemetry.md."""
 
     def __init__(self, cfg, run_dir, *, enabled: bool):
-        from bitnet_dist.validate import ConfigError
+        from bitnet_dist.errors import ConfigError
 
         mode = cfg.logging.wandb
         if mode not in WANDB_MODES:

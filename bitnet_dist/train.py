@@ -26,7 +26,8 @@ import torch
 
 from bitnet_dist import schedule
 from bitnet_dist.config import TrainConfig, cfg_from_omegaconf, register_configs
-from bitnet_dist.validate import ConfigError, check_train
+from bitnet_dist.errors import ConfigError
+from bitnet_dist.validate import check_train
 
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")

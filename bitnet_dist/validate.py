@@ -4,15 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from bitnet_dist.errors import ConfigError
 from bitnet_dist.presets import ModelConfig, ParallelConfig, PrecisionConfig
-
-
-class ConfigError(ValueError):
-    """A setting that cannot work. ``key`` is the Hydra key, ``value`` what was given, ``fix`` what works."""
-
-    def __init__(self, key: str, value: Any, fix: str):
-        self.key, self.value, self.fix = key, value, fix
-        super().__init__(f"invalid {key}={value!r}: {fix}")
 
 
 def _is_pow2(n: int) -> bool:

@@ -13,7 +13,8 @@ from omegaconf import OmegaConf
 
 from bitnet_dist.config import RUN_INVARIANT_KEYS, TrainConfig, cfg_from_omegaconf, register_configs, run_name
 from bitnet_dist.presets import MODEL_PRESETS, PRECISION_PRESETS
-from bitnet_dist.validate import ConfigError, check_batch, check_train
+from bitnet_dist.errors import ConfigError
+from bitnet_dist.validate import check_batch, check_train
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "precision", "parallel", "engine", "data", "optim", "logging", "experiment")

@@ -20,7 +20,7 @@ from bitnet_dist.data import corpus
 from bitnet_dist.data.indexed import DocTokens, write_indexed
 from bitnet_dist.data.loader import PackedSource, blend_assign
 from bitnet_dist.data.tokenizer import ByteTokenizer, Gpt2Tokenizer, HFTokenizer, train_bpe
-from bitnet_dist.validate import ConfigError
+from bitnet_dist.errors import ConfigError
 from test_data_helpers import fake_brown_tarball, random_docs
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -170,7 +170,7 @@ def test_config_errors_before_any_process_group_work():
     import torch.distributed as dist
 
     from bitnet_dist.engines import make_engine
-    from bitnet_dist.validate import ConfigError
+    from bitnet_dist.errors import ConfigError
 
     cases = [
         (dict(zero_stage=3, tensor=2), "parallel.zero_stage", "parallel.tensor=2"),
@@ -197,7 +197,7 @@ def test_config_errors_before_any_process_group_work():
 def test_make_engine_resolves_auto(monkeypatch):
     from bitnet_dist import engines
     from bitnet_dist.engines.deepspeed_engine import DeepSpeedEngine
-    from bitnet_dist.validate import ConfigError
+    from bitnet_dist.errors import ConfigError
 
     cfg = _cfg(0, 1, "bf16", 1.0)
     cfg.engine.name = "auto"

@@ -43,7 +43,7 @@ def test_apply_lr_wd_sets_decay_only_on_the_decay_group():
 
 
 def test_dtype_resolution():
-    from bitnet_dist.validate import ConfigError
+    from bitnet_dist.errors import ConfigError
 
     assert common.resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert common.resolve_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bitnet_dist.hadamard import fwht, hadamard_matrix
-from bitnet_dist.validate import ConfigError
+from bitnet_dist.errors import ConfigError
 
 
 def sylvester(n):

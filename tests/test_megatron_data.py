@@ -7,7 +7,7 @@ import torch
 
 from bitnet_dist.config import TrainConfig
 from bitnet_dist.engines import megatron_data as md
-from bitnet_dist.validate import ConfigError
+from bitnet_dist.errors import ConfigError
 
 EOD = 0
 

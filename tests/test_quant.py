@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from bitnet_dist import quant
-from bitnet_dist.validate import ConfigError
+from bitnet_dist.errors import ConfigError
 
 EPS = 1e-5
 

@@ -75,7 +75,7 @@ def test_truncate_after_keeps_steps_contiguous(tmp_path):
 
 
 def test_bad_wandb_mode_is_a_config_error(tmp_path):
-    from bitnet_dist.validate import ConfigError
+    from bitnet_dist.errors import ConfigError
 
     with pytest.raises(ConfigError, match="logging.wandb"):
         Telemetry(_cfg("maybe"), tmp_path, enabled=False)

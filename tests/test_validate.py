@@ -4,7 +4,8 @@ import pytest
 import torch.distributed as dist
 
 from bitnet_dist.presets import ParallelConfig, model_preset, precision_preset
-from bitnet_dist.validate import ConfigError, check_model
+from bitnet_dist.errors import ConfigError
+from bitnet_dist.validate import check_model
 
 
 def check(model="tiny", precision="v2_a8", **par):
@@ -90,7 +91,8 @@ def test_fp8_backward_setting_reaches_the_layers_and_is_checked():
 
     from bitnet_dist.layers import BitSettings, _BitMixin
     from bitnet_dist.presets import ParallelConfig, model_preset, precision_preset
-    from bitnet_dist.validate import ConfigError, check_model
+    from bitnet_dist.errors import ConfigError
+    from bitnet_dist.validate import check_model
 
     assert precision_preset("v2_a4").fp8_backward is False  # off by default
     layer = _BitMixin()

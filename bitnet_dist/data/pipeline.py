@@ -47,7 +47,7 @@ class DataBundle:
 
 
 def _config_error(key: str, value, fix: str) -> Exception:
-    from bitnet_dist.validate import ConfigError
+    from bitnet_dist.errors import ConfigError
 
     return ConfigError(key, value, fix)
 

@@ -15,7 +15,7 @@ ENGINE_NAMES = ("auto", "megatron", "deepspeed")
 
 def resolve_engine_name(name: str) -> str:
     """``engine.name`` -> "megatron" or "deepspeed" (auto: megatron on CUDA, deepspeed otherwise)."""
-    from bitnet_dist.validate import ConfigError
+    from bitnet_dist.errors import ConfigError
 
     if name not in ENGINE_NAMES:
         raise ConfigError("engine", name, f"one of {list(ENGINE_NAMES)}")

@@ -31,7 +31,7 @@ DECAY_KEY = "bitnet_decay"  # marks a parameter group that takes the step's weig
 # -- dtype and device ------------------------------------------------------------------------------------
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """``trainer.dtype`` -> torch dtype. auto: bf16 on CUDA, fp32 on CPU."""
-    from bitnet_dist.validate import ConfigError
+    from bitnet_dist.errors import ConfigError
 
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32

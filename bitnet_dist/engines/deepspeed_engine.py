@@ -26,7 +26,7 @@ from bitnet_dist import step_cache
 from bitnet_dist.engines import common
 from bitnet_dist.engines.base import Batch, Engine, StepStats
 from bitnet_dist.engines.common import MegatronDataParallelTopology
-from bitnet_dist.validate import ConfigError
+from bitnet_dist.errors import ConfigError
 
 CKPT_TAG = "state"  # DeepSpeed's sub-directory inside the checkpoint directory
 LAYOUT_FILE = "deepspeed_layout.json"

@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from bitnet_dist.validate import ConfigError
+from bitnet_dist.errors import ConfigError
 
 Batch = dict[str, torch.Tensor]
 SPLITS = ("train", "valid", "test")

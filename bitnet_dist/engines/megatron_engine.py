@@ -50,7 +50,8 @@ from bitnet_dist.engines.common import (
     resolve_dtype,
     save_trainer_state,
 )
-from bitnet_dist.validate import ConfigError, check_model
+from bitnet_dist.errors import ConfigError
+from bitnet_dist.validate import check_model
 
 CKPT_SUBDIR = "megatron"  # dist_checkpointing files inside the step directory
 LAYOUT_FILE = "megatron_layout.json"  # informative: the layout that wrote the checkpoint
