@@ -12,13 +12,13 @@
 #   --cpus-per-gpu    CPU cores per rank (default 8; CPU jobs: 1)
 # Prints the job id. Logs: runs/slurm/<job-name>-<jobid>.out (appended across requeues).
 #
-# Example (4 nodes x 8 GPUs, the 1.3B model):
+# Example (4 nodes x 8 GPUs, the paper's 400M recipe on data made by bitnet-preprocess):
 #   slurm/submit.sh --nodes 4 --gpus-per-node 8 --time 24:00:00 --partition gpu --account proj \
-#       -- model=1.3B precision=v2_a8_to_a4 experiment=b13_v2
+#       -- experiment=paper_400M 'data.paths=[data/mine]'
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 style=tasks nodes=1 gpus=0 procs=1 cpus="" time_limit=04:00:00 partition="" account="" name=bitnet dry=0
-usage() { sed -n '2,16p' "${BASH_SOURCE[0]}" >&2; exit 2; }
+usage() { sed -n '2,17p' "${BASH_SOURCE[0]}" >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --style) style=$2; shift 2;;
