@@ -2,9 +2,14 @@
 # The train app on one GPU with and without engine.cuda_graph (tiny model, synthetic tokens, the 8 -> 4-bit switch,
 # evaluations, statistics probes, checkpoints), plus a graph run stopped at step 15 and resumed, plus a graph run
 # without statistics probes: prints the loss records of each and whether they are equal (loss / grad norm / val
-# loss; the unprobed run lacks only the probes). Run on the device machine after the wheel line.
+# loss; the unprobed run lacks only the probes).
+#
+#   bash tools/megatron/graph_app_check.sh       (one GPU, repository root, bitnet-dist installed)
+#
+# The run directories and logs go to $OUT (default ./out/graph_app_check).
+case "${1:-}" in -h|--help) sed -n '2,9p' "$0"; exit 0;; esac
 set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+OUT=${OUT:-$PWD/out/graph_app_check}; mkdir -p "$OUT"
 A="python -m bitnet_dist.train experiment=smoke precision=v2_a8_to_a4 engine=megatron trainer.max_steps=30
    precision.switch_fraction=0.5 trainer.stats_interval=7 trainer.save_interval=10 logging.wandb=disabled
    trainer.progress_bar=false trainer.report=false"
