@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Tests on a real single-host Slurm cluster (issue 6), run by .ci/run as root after the unit tests,
+# Tests on a real single-host Slurm cluster, run by .ci/run as root after the unit tests,
 # on a Debian bookworm machine where ./launch/test.sh already created .venv:
 #
 #   a. sbatch slurm/train_tasks.sbatch: the small model, 2 tasks (gloo, CPU, engine=deepspeed) completes
