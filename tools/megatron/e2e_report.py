@@ -58,18 +58,16 @@ def table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def write_md(md: Path, rows: list[dict], meta: dict) -> None:
+def render_md(md: Path, rows: list[dict], meta: dict) -> str:
     block = [BEGIN, *table(rows), END]
     if md.is_file():
         text = md.read_text()
         if BEGIN not in text or END not in text:
             raise SystemExit(f"e2e_report: {md} has no {BEGIN} / {END} markers; add them where the table goes")
         head, rest = text.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1]
-        md.write_text(head + "\n".join(block) + tail)
-    else:
-        title = f"# End-to-end training throughput: {meta.get('device', '?')}, {meta.get('date', '?')}"
-        md.write_text("\n".join([title, "", *block, ""]) + "\n")
+        return head + "\n".join(block) + rest.split(END, 1)[1]
+    title = f"# End-to-end training throughput: {meta.get('device', '?')}, {meta.get('date', '?')}"
+    return "\n".join([title, "", *block, ""]) + "\n"
 
 
 def main(argv=None) -> int:
@@ -88,9 +86,10 @@ def main(argv=None) -> int:
     add_ratios(rows)
     ok = [r for r in rows if "error" not in r]
     meta = {k: ok[0].get(k) for k in ("device", "date", "torch")} if ok else {}
+    text = render_md(md, rows, meta)  # fails on a report without markers before anything is written
     js.parent.mkdir(parents=True, exist_ok=True)
     js.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    write_md(md, rows, meta)
+    md.write_text(text)
     print(f"e2e_report: {len(rows)} rows -> {js}, {md}")
     return 0
 
