@@ -103,7 +103,6 @@ def lr_at(step: int, peak: float, warmup: int = 5) -> float:
 def reference_curve(cfg, data, steps, vocab):
     """Plain loop: build_model (same init), torch AdamW on fp32 weights, bf16 autocast when asked,
     token-weighted loss over micro-batches, clip at cfg.optim.clip_grad."""
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     from bitnet_dist.engines import common
@@ -442,7 +441,6 @@ def _sync_points(eng, steps) -> dict:
 
 def cmd_bench(a):
     from bitnet_dist.engines import make_engine
-
     from bitnet_dist.kernels import ternary
 
     rows = []

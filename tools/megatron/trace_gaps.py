@@ -49,7 +49,7 @@ def gaps(events, top=15, min_us=20.0):
                            "cpu_ops": [f"{k[:60]} x{v}" for k, v in across.most_common(8)]})
     # idle by the kernel that ends the gap (what the GPU was waiting to run)
     by_next = Counter()
-    for d, s, e, before, after in holes:
+    for d, _s, _e, _before, after in holes:
         by_next[after[:70]] += d
     out["idle_before_kernel_ms"] = {k: round(v / 1e3, 3) for k, v in by_next.most_common(15)}
     return out
