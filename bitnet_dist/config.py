@@ -10,9 +10,31 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Optional
 
 from bitnet_dist.presets import ModelConfig, ParallelConfig, PrecisionConfig
+
+# The Hydra configs ship as package data (the repository's conf/ folder installs as bitnet_dist.conf), so
+# they are found through the package in a source checkout and in an installed wheel alike.
+CONF_PACKAGE = "bitnet_dist.conf"
+CONF_SEARCH_PATH = f"pkg://{CONF_PACKAGE}"
+
+
+def conf_options(group: str) -> list[str]:
+    """The options of a config group: the stems of ``conf/<group>/*.yaml`` inside the installed package."""
+    folder = resources.files(CONF_PACKAGE) / group
+    if not folder.is_dir():
+        return []
+    return sorted(f.name[:-5] for f in folder.iterdir() if f.name.endswith(".yaml") and f.is_file())
+
+
+def conf_file(*parts: str):
+    """A file of the shipped configs, e.g. ``conf_file("experiment", "smoke.yaml")`` (a Traversable)."""
+    node = resources.files(CONF_PACKAGE)
+    for part in parts:
+        node = node / part
+    return node
 
 
 @dataclass
@@ -183,7 +205,7 @@ def write_preset_yamls(conf_dir) -> list:
         d.mkdir(parents=True, exist_ok=True)
         for name, preset in presets.items():
             lines = [f"# {group.capitalize()} preset {name!r}: generated from bitnet_dist.presets.{origin} by "
-                     "`python -m bitnet_dist.config`; tests/test_config.py keeps them equal."]
+                     "`python -m bitnet_dist.config conf`; tests/test_config.py keeps them equal."]
             lines += [f"{k}: {value(v)}" for k, v in asdict(preset).items()]
             (d / f"{name}.yaml").write_text("\n".join(lines) + "\n")
             written.append(d / f"{name}.yaml")
@@ -192,7 +214,8 @@ def write_preset_yamls(conf_dir) -> list:
 
 if __name__ == "__main__":
     import sys
-    from pathlib import Path
 
-    for p in write_preset_yamls(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).resolve().parent.parent / "conf"):
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m bitnet_dist.config CONF_DIR   (the repository's conf/ folder)")
+    for p in write_preset_yamls(sys.argv[1]):
         print(p)

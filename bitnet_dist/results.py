@@ -20,6 +20,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from bitnet_dist.config import conf_file
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "docs" / "results" / "data"
 DOC = ROOT / "docs" / "results.md"
@@ -317,7 +319,7 @@ def _n_jobs(exp: str):
     """joblib's concurrency of an experiment (its hydra.launcher.n_jobs), read from conf/experiment/<exp>.yaml."""
     import yaml
 
-    f = ROOT / "conf" / "experiment" / f"{exp}.yaml"
+    f = conf_file("experiment", f"{exp}.yaml")
     try:
         return yaml.safe_load(f.read_text())["hydra"]["launcher"]["n_jobs"]
     except (OSError, KeyError, TypeError):

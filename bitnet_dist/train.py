@@ -25,12 +25,11 @@ from typing import Any, Optional
 import torch
 
 from bitnet_dist import schedule
-from bitnet_dist.config import TrainConfig, cfg_from_omegaconf, register_configs
+from bitnet_dist.config import CONF_SEARCH_PATH, TrainConfig, cfg_from_omegaconf, register_configs
 from bitnet_dist.errors import ConfigError
-from bitnet_dist.validate import check_train
+from bitnet_dist.validate import check_group_choices, check_train
 
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 RANK_STATE = "trainer_rank{rank:05d}.pt"  # per-rank data position and RNG states inside a checkpoint
 
 
@@ -329,7 +328,7 @@ register_configs()
 def _hydra_entry():
     import hydra
 
-    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+    @hydra.main(version_base="1.3", config_path=CONF_SEARCH_PATH, config_name="train")
     def _main(dcfg) -> Optional[float]:
         from bitnet_dist.checkpoint import CheckpointError
         from bitnet_dist.distributed import LaunchEnvError
@@ -355,10 +354,8 @@ def _hydra_entry():
 
 def main() -> None:
     """Console script ``bitnet-train``."""
-    from bitnet_dist.validate import check_group_choices
-
     try:
-        check_group_choices(sys.argv[1:], CONF_DIR)
+        check_group_choices(sys.argv[1:])
     except ConfigError as e:
         print(f"bitnet-train: config error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from bitnet_dist.config import conf_options
 from bitnet_dist.errors import ConfigError
 from bitnet_dist.presets import ModelConfig, ParallelConfig, PrecisionConfig
 
@@ -210,20 +211,20 @@ def check_train(cfg, world_size: int, engine_name: str | None = None) -> None:
 CONFIG_GROUPS = ("model", "precision", "parallel", "engine", "data", "optim", "logging", "experiment")
 
 
-def check_group_choices(overrides, conf_dir) -> None:
+def check_group_choices(overrides, options=None) -> None:
     """``group=option`` command-line overrides name existing options (conf/<group>/<option>.yaml).
 
     Checked before Hydra composes, so ``model=huge`` gets the same one-line ConfigError as every other
     bad setting, listing the choices. Sweeps (``precision=v2_a8,bf16``) check each option; Hydra's
-    sweep functions (``choice(...)``, ``glob(...)``) are left to Hydra.
+    sweep functions (``choice(...)``, ``glob(...)``) are left to Hydra. ``options(group)`` lists a
+    group's options (default: the configs shipped in the package, bitnet_dist.config.conf_options).
     """
-    from pathlib import Path
-
+    options = options or conf_options
     for arg in overrides:
         key, sep, value = str(arg).partition("=")
         if not sep or key not in CONFIG_GROUPS or "(" in value or value in ("null", ""):
             continue
-        choices = sorted(p.stem for p in (Path(conf_dir) / key).glob("*.yaml"))
+        choices = options(key)
         for option in value.split(","):
             if option.strip() not in choices:
                 raise ConfigError(key, option.strip(), f"one of {choices} (the files in conf/{key}/)")

@@ -11,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
-from bitnet_dist.config import RUN_INVARIANT_KEYS, TrainConfig, cfg_from_omegaconf, register_configs, run_name
+from bitnet_dist.config import RUN_INVARIANT_KEYS, conf_options, TrainConfig, cfg_from_omegaconf, register_configs, run_name
 from bitnet_dist.presets import MODEL_PRESETS, PRECISION_PRESETS
 from bitnet_dist.errors import ConfigError
 from bitnet_dist.validate import check_batch, check_train
@@ -41,6 +41,7 @@ def make(overrides=(), hydra_cfg=False):
 def test_groups_exist_and_presets_mirror_presets_py(hydra_ctx):
     for g in GROUPS:
         assert options(g), f"conf/{g}/ is empty"
+        assert conf_options(g) == options(g), f"bitnet_dist.conf does not ship conf/{g}/ as in the repository"
     assert options("model") == sorted(MODEL_PRESETS)
     assert options("precision") == sorted(PRECISION_PRESETS)
     for name, preset in MODEL_PRESETS.items():
@@ -120,12 +121,12 @@ def test_group_choices_checked_before_hydra():
     from bitnet_dist.validate import check_group_choices
 
     check_group_choices(["model=tiny", "precision=v2_a8,bf16", "trainer.max_steps=3", "optim=choice(cosine)",
-                         "hydra/launcher=basic", "+foo=bar"], CONF)
+                         "hydra/launcher=basic", "+foo=bar"])
     with pytest.raises(ConfigError) as e:
-        check_group_choices(["model=huge"], CONF)
+        check_group_choices(["model=huge"])
     assert e.value.key == "model" and all(m in e.value.fix for m in MODEL_PRESETS)
     with pytest.raises(ConfigError, match="engine"):
-        check_group_choices(["engine=fsdp"], CONF)
+        check_group_choices(["engine=fsdp"])
 
 
 def test_type_errors_are_caught_at_composition(hydra_ctx):
