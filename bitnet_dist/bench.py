@@ -27,17 +27,10 @@ from typing import Callable, Dict, List, Sequence
 
 import torch
 
+from bitnet_dist import step_cache
+from bitnet_dist.bench_breakdown import HB, MODELS, bench_breakdown, layer_shapes
 from bitnet_dist.bench_breakdown import to_markdown as breakdown_markdown
-
-# (name, hidden, ffn, heads) of the presets whose layer shapes we measure; MHA, SwiGLU fc1 = 2 * ffn.
-MODELS = {"1.3B": (2048, 8192), "7B": (4096, 16384)}
-HB = 256
-
-
-def layer_shapes(hidden: int, ffn: int):
-    """(layer kind, in_features, out_features, hadamard)."""
-    return [("qkv", hidden, 3 * hidden, False), ("wo", hidden, hidden, True),
-            ("fc1", hidden, 2 * ffn, False), ("wdown", ffn, hidden, True)]
+from bitnet_dist.kernels import hbit_linear
 
 
 def timed(fn, warmup: int, reps: int, inner: int = 1) -> float:
@@ -95,7 +88,7 @@ def timed_gpu(fn, warmup: int, reps: int, inner: int = 10, strict: bool = False)
     torch.cuda.synchronize()
     try:
         graph = _capture(fn, inner)
-    except Exception:  # noqa: BLE001 - not capturable: time it unrolled instead
+    except Exception:
         torch.cuda.synchronize()
         if strict:
             raise
@@ -131,7 +124,7 @@ def timed_gpu_interleaved(fns: Dict[str, Callable], warmup: int, reps: int, inne
             for _ in range(warmup):
                 fn()
             graphs[name] = _capture(fn, inner)
-        except Exception as e:  # noqa: BLE001 - reported per variant
+        except Exception as e:
             torch.cuda.synchronize()
             errors[name] = repr(e)[:300]
 
@@ -151,6 +144,7 @@ def bench_copy(args, shape=(16384, 8192)):
 
 
 def bench_fused(args, copy_tbs: float):
+    # deferred: imports Triton
     from bitnet_dist.kernels.norm_hadamard_quant import flat_config, launch_config, norm_hadamard_quant
 
     rows = []
@@ -182,7 +176,7 @@ def bench_fused(args, copy_tbs: float):
                         host_ms = timed(lambda: norm_hadamard_quant(x, g, act_bits=bits, hadamard_block=hb, eps=1e-5,
                                                                     fp8_codes=fp8, prec=prec, config=cfg),
                                         args.warmup, args.reps)
-                    except Exception as e:  # noqa: BLE001 - a sweep point that does not compile is reported
+                    except Exception as e:
                         rows.append({"tokens": T, "dim": D, "act_bits": bits, "variant": name, "error": repr(e)[:200]})
                         continue
                     tbs = nbytes / ms / 1e9
@@ -203,7 +197,7 @@ def gemm_operands(T: int, K: int, N: int):
 
 
 def bench_gemm(args):
-    from bitnet_dist.kernels.gemm import fp8_available, fp8_gemm, int8_gemm
+    from bitnet_dist.kernels.gemm import fp8_available, fp8_gemm, int8_gemm  # deferred: imports Triton
 
     rows = []
     for model, (h, f) in MODELS.items():
@@ -216,7 +210,7 @@ def bench_gemm(args):
                 r["int8_ms"] = timed_gpu(lambda: int8_gemm(ai, wi, sa, sw), args.warmup, args.reps)
                 try:
                     r["int_mm_ms"] = timed_gpu(lambda: torch._int_mm(ai, wi.t()), args.warmup, args.reps)
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:
                     r["int_mm_error"] = repr(e)[:200]
                 if fp8_available(a.device):
                     a8 = (ai.float() / 16).clamp(-8, 7).round().to(torch.float8_e4m3fn)
@@ -253,7 +247,6 @@ def _saved_bytes(fn, params=()):
 def layer_variants(x, lin, g, had: bool) -> dict:
     """The layer benchmark's forward functions over one input x, nn.Linear ``lin`` and norm weight g: bf16
     Linear, bf16 RMSNorm + Linear, and H-BitLinear A8 / A4 with bf16 or FP8 backward GEMMs."""
-    from bitnet_dist.kernels import hbit_linear
 
     def rms_lin():  # torch's fused RMSNorm, as the bf16 model's pre-norms (bitnet_dist.norm.RMSNorm)
         return lin(torch.nn.functional.rms_norm(x, g.shape, g, 1e-5))
@@ -269,8 +262,7 @@ def layer_variants(x, lin, g, had: bool) -> dict:
 
 
 def bench_layer(args):
-    from bitnet_dist import step_cache
-    from bitnet_dist.kernels.ternary import quantize_weight
+    from bitnet_dist.kernels.ternary import quantize_weight  # deferred: imports Triton
 
     rows = []
     for model, (h, f) in MODELS.items():
@@ -312,7 +304,7 @@ def bench_layer(args):
                         r[f"{name}_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
                         r[f"{name}_saved_mib"] = saved / 2**20
                         del y
-                    except Exception as e:  # noqa: BLE001 - report and go on with the other variants
+                    except Exception as e:
                         r[f"{name}_error"] = repr(e)[:300]
                         print("layer error", name, repr(e)[:300], flush=True)
                 # the same steps replayed from CUDA graphs (engine.cuda_graph=true): GPU time only, the variants'
@@ -452,7 +444,6 @@ def main(argv=None) -> int:
     for r in res["layer"]:
         print("layer", json.dumps(r), flush=True)
     if "breakdown" in args.only:
-        from bitnet_dist.bench_breakdown import bench_breakdown
         res["breakdown"] = bench_breakdown(args, res["copy"]["tb_s"], res["layer"],
                                            lambda fn: timed_gpu(fn, args.warmup, args.reps))
     args.out.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,18 @@ from __future__ import annotations
 
 from typing import Callable, Dict, List, Optional
 
+import torch
+
+# (name, hidden, ffn) of the presets whose layer shapes the benchmark measures; MHA, SwiGLU fc1 = 2 * ffn.
+MODELS = {"1.3B": (2048, 8192), "7B": (4096, 16384)}
+HB = 256  # Hadamard block of the benchmarked layers
+
+
+def layer_shapes(hidden: int, ffn: int):
+    """(layer kind, in_features, out_features, hadamard)."""
+    return [("qkv", hidden, 3 * hidden, False), ("wo", hidden, hidden, True),
+            ("fc1", hidden, 2 * ffn, False), ("wdown", ffn, hidden, True)]
+
 VARIANTS = ("hbit_a8_bf16bwd", "hbit_a8_fp8bwd", "hbit_a4_bf16bwd", "hbit_a4_fp8bwd")
 TARGETS = {"bf16bwd": 1.1, "fp8bwd": 1.4}  # issue 5's targets against nn.Linear bf16
 
@@ -88,8 +100,6 @@ def bounds(parts_ms: Dict[str, float], T: int, K: int, N: int, copy_tb_s: float,
 
 def bench_shapes(tokens) -> list:
     """(model, layer, K, N, hadamard, tokens) of bitnet_dist.bench's layer table."""
-    from bitnet_dist.bench import MODELS, layer_shapes
-
     return [(model, kind, K, N, had, T) for model, (h, f) in MODELS.items()
             for kind, K, N, had in layer_shapes(h, f) for T in tokens]
 
@@ -98,9 +108,7 @@ def bench_breakdown(args, copy_tb_s: float, layer_rows: list, timer: Callable, *
                     shapes: Optional[list] = None) -> list:
     """Times every part of ``part_bytes`` for each layer shape (default: bitnet_dist.bench's) with ``timer``
     (fn -> ms). CUDA in the benchmark; the CPU test runs it with TRITON_INTERPRET=1 at a tiny shape."""
-    import torch
-
-    from bitnet_dist.bench import HB
+    # deferred: the kernel modules import Triton; the byte model above runs without it
     from bitnet_dist.kernels.gemm import dy_fp8_both, fp8_available, fp8_gemm, fp8_transpose, int8_gemm
     from bitnet_dist.kernels.norm_hadamard_quant import norm_hadamard_backward, norm_hadamard_quant
     from bitnet_dist.kernels.ternary import dequantize_rows, quantize_weight
@@ -156,7 +164,7 @@ def bench_breakdown(args, copy_tb_s: float, layer_rows: list, timer: Callable, *
         for name, fn in fns.items():
             try:
                 parts[name] = timer(fn)
-            except Exception as e:  # noqa: BLE001 - reported, the row goes on without this part
+            except Exception as e:
                 print("breakdown error", model, kind, T, name, repr(e)[:200], flush=True)
         lr = layer_graph.get((model, kind, T), {})
         measured = {v: lr[f"{v}_graph_ms"] for v in VARIANTS if f"{v}_graph_ms" in lr}

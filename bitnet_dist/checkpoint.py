@@ -202,7 +202,7 @@ class CheckpointManager:
         result = None
         if _rank() == 0:
             bad = []
-            for step, p in reversed(self.steps()):
+            for _step, p in reversed(self.steps()):
                 reason = verify(p)
                 if reason is None:
                     result = str(p)

@@ -9,11 +9,12 @@ bitnet_dist.validate (``check_train``), the one place that rejects impossible se
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib import resources
+from pathlib import Path
 from typing import Optional
 
-from bitnet_dist.presets import ModelConfig, ParallelConfig, PrecisionConfig
+from bitnet_dist.presets import MODEL_PRESETS, PRECISION_PRESETS, ModelConfig, ParallelConfig, PrecisionConfig
 
 # The Hydra configs ship as package data (the repository's conf/ folder installs as bitnet_dist.conf), so
 # they are found through the package in a source checkout and in an installed wheel alike.
@@ -184,11 +185,6 @@ def register_configs() -> None:
 def write_preset_yamls(conf_dir) -> list:
     """(Re)write conf/model/*.yaml and conf/precision/*.yaml from bitnet_dist.presets, the source of
     truth (tests/test_config.py fails when they drift). ``python -m bitnet_dist.config [CONF_DIR]``."""
-    from dataclasses import asdict
-    from pathlib import Path
-
-    from bitnet_dist.presets import MODEL_PRESETS, PRECISION_PRESETS
-
     def value(v):
         if v is None:
             return "null"

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -45,6 +45,7 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from bitnet_dist.errors import ConfigError
 from bitnet_dist.layers import (
     BitColumnParallelLinear,
     BitRowParallelLinear,
@@ -53,8 +54,8 @@ from bitnet_dist.layers import (
     SwiGLUMLP,
 )
 from bitnet_dist.norm import RMSNorm
-from bitnet_dist.presets import ModelConfig, ParallelConfig, PrecisionConfig, padded_vocab_size
-from bitnet_dist.validate import check_model
+from bitnet_dist.presets import ModelConfig, ParallelConfig, PrecisionConfig, check_model, padded_vocab_size
+
 
 @dataclass
 class BitNetTransformerConfig(TransformerConfig):
@@ -74,8 +75,6 @@ class SDPACoreAttention(MegatronModule):
                  softmax_scale=None, cp_comm_type=None, pg_collection=None, **kwargs):
         super().__init__(config=config)
         if config.context_parallel_size != 1:
-            from bitnet_dist.errors import ConfigError
-
             raise ConfigError("parallel.context", config.context_parallel_size, "1 (context parallel is not supported)")
         self.attn_mask_type = attn_mask_type
         self.softmax_scale = softmax_scale

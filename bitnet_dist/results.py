@@ -402,7 +402,7 @@ def _stats_table(by: dict) -> list[str]:
                 continue
             step = max(_last_stats(r, kind)["step"] for r in rs if _last_stats(r, kind))
 
-            def f(k, d=3, post=False):
+            def f(k, d=3, post=False, had=had, rs=rs, kind=kind):
                 return "-" if post and not had else _f(_stat_mean(rs, kind, k), d)
             out.append(f"| `{v}` | {kind} | {step} | {f('kurtosis_pre', 1)} | {f('kurtosis_post', 1, True)} | "
                        f"{f('outlier_ratio_pre', 4)} | {f('outlier_ratio_post', 4, True)} | {f('qerr_int4')} | {f('qerr_int8')} |")

@@ -20,6 +20,9 @@ from typing import Any, Iterable, Optional
 
 import torch
 
+from bitnet_dist import quant
+from bitnet_dist.errors import ConfigError
+
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_run_id"
 WANDB_MODES = ("offline", "online", "disabled")
@@ -146,8 +149,6 @@ def hist_edges() -> list[float]:
 
 def quant_error_sq(x: torch.Tensor, bits: int) -> torch.Tensor:
     """||x - Q(x)||^2 with bitnet_dist.quant's per-token quantizer (x holds whole tokens)."""
-    from bitnet_dist import quant
-
     codes, scale = quant.act_codes(x, bits)
     return (x.detach().float() - codes.float() * scale).pow(2).sum()
 
@@ -270,7 +271,7 @@ def _config_dict(cfg) -> dict:
         from omegaconf import OmegaConf
 
         return OmegaConf.to_container(cfg, resolve=True)
-    except Exception:  # noqa: BLE001 - a config wandb cannot show is not worth failing a run
+    except Exception:
         return {}
 
 
@@ -278,8 +279,6 @@ class Telemetry:
     """Metrics sink of one run: see module docstring and docs/telemetry.md."""
 
     def __init__(self, cfg, run_dir, *, enabled: bool):
-        from bitnet_dist.errors import ConfigError
-
         mode = cfg.logging.wandb
         if mode not in WANDB_MODES:
             raise ConfigError("logging.wandb", mode, "offline, online or disabled")

@@ -25,10 +25,18 @@ from typing import Any, Optional
 import torch
 
 from bitnet_dist import schedule
+from bitnet_dist.checkpoint import CheckpointError, CheckpointManager
 from bitnet_dist.config import CONF_SEARCH_PATH, TrainConfig, cfg_from_omegaconf, register_configs
+from bitnet_dist.data import build_data
+from bitnet_dist.data.errors import DataError
+from bitnet_dist.distributed import LaunchEnvError, destroy_distributed, init_distributed, parse_launch_env
+from bitnet_dist.engines import make_engine
+from bitnet_dist.engines.common import resolve_dtype
 from bitnet_dist.errors import ConfigError
+from bitnet_dist.preemption import PreemptionGuard
+from bitnet_dist.report import write_report
+from bitnet_dist.telemetry import Telemetry, device_peak_flops, flops_per_token, memory_stats, throughput_metrics
 from bitnet_dist.validate import check_group_choices, check_train
-
 
 RANK_STATE = "trainer_rank{rank:05d}.pt"  # per-rank data position and RNG states inside a checkpoint
 
@@ -73,14 +81,6 @@ class Trainer:
     """One training run in one process (every rank builds one). ``run()`` returns the final val loss."""
 
     def __init__(self, cfg: TrainConfig):
-        from bitnet_dist.checkpoint import CheckpointManager
-        from bitnet_dist.data import build_data
-        from bitnet_dist.distributed import init_distributed
-        from bitnet_dist.engines import make_engine
-        from bitnet_dist.engines.common import resolve_dtype
-        from bitnet_dist.preemption import PreemptionGuard
-        from bitnet_dist.telemetry import Telemetry, device_peak_flops, flops_per_token
-
         self.cfg = cfg
         t = cfg.trainer
         self.run_dir = Path(cfg.run_dir).resolve()
@@ -198,8 +198,6 @@ class Trainer:
                       flush=True)
             self.finish(evaluate=False)
             return None
-        from bitnet_dist.telemetry import memory_stats, throughput_metrics
-
         steps_here, window_tokens, window_time = 0, 0, 0.0
         self.tokens_per_s = float("nan")
         while self.step < self.max_steps:
@@ -279,8 +277,6 @@ class Trainer:
         self.telemetry.event(self.step, "finished")
         self.telemetry.close()
         if self.cfg.trainer.report and self.rank == 0:
-            from bitnet_dist.report import write_report
-
             path = write_report(self.run_dir, self.cfg, unigram_ppl=self.data.unigram_perplexity)
             print(f"[bitnet-train] report: {path}\n[bitnet-train] plot:   {path.with_name('report.png')}\n"
                   f"[bitnet-train] metrics: {self.run_dir / 'metrics.jsonl'}", flush=True)
@@ -303,8 +299,6 @@ def _standard_start_method() -> None:
 def train(cfg: TrainConfig) -> Optional[float]:
     """Validate, then run one training job in this process; returns the final validation loss (None when
     the run stopped early or was already complete)."""
-    from bitnet_dist.distributed import destroy_distributed, parse_launch_env
-
     world_size = parse_launch_env().world_size
     check_train(cfg, world_size=world_size)
     _standard_start_method()
@@ -326,13 +320,10 @@ register_configs()
 
 
 def _hydra_entry():
-    import hydra
+    import hydra  # deferred: importing the module (tests, train()) needs no Hydra app
 
     @hydra.main(version_base="1.3", config_path=CONF_SEARCH_PATH, config_name="train")
     def _main(dcfg) -> Optional[float]:
-        from bitnet_dist.checkpoint import CheckpointError
-        from bitnet_dist.distributed import LaunchEnvError
-
         cfg = cfg_from_omegaconf(dcfg)
         try:
             return train(cfg)
@@ -341,13 +332,9 @@ def _hydra_entry():
                     "checkpoint error" if isinstance(e, CheckpointError) else "launch error")
             print(f"bitnet-train: {kind}: {e}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
-        except Exception as e:
-            from bitnet_dist.data.errors import DataError
-
-            if isinstance(e, DataError):
-                print(f"bitnet-train: data error: {e}", file=sys.stderr, flush=True)
-                raise SystemExit(2) from None
-            raise
+        except DataError as e:
+            print(f"bitnet-train: data error: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
 
     return _main
 

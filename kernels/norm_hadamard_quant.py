@@ -38,13 +38,32 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from ._common import (FastLaunch, int_spec, bf16_norm_mul, bf16_to_f32, block_fwht, block_fwht_rows, default_prec,
-                      device_capability, dot16, fwht_shuffle, int8_rn, interpreting, next_pow2, num_sms, pair_join,
-                      pair_split, quotient, rint, round_bf16_pair, round_to)
-from .swiglu import swiglu, swiglu_backward, swiglu_grads, swiglu_values
-
 # One definition of the quantizers' constants: the reference numerics (bitnet_dist.quant).
-from bitnet_dist.quant import _QRANGE, SCALE_EPS, SQRT7, _group_size  # noqa: E402,F401
+from bitnet_dist.quant import QRANGE, SCALE_EPS, SQRT7, group_size
+
+from ._common import (
+    FastLaunch,
+    bf16_norm_mul,
+    bf16_to_f32,
+    block_fwht,
+    block_fwht_rows,
+    default_prec,
+    device_capability,
+    dot16,
+    fwht_shuffle,
+    int8_rn,
+    int_spec,
+    interpreting,
+    next_pow2,
+    num_sms,
+    pair_join,
+    pair_split,
+    quotient,
+    rint,
+    round_bf16_pair,
+    round_to,
+)
+from .swiglu import swiglu, swiglu_backward, swiglu_grads, swiglu_values
 
 
 # ----------------------------------------------------------------------------------------- kernels
@@ -725,7 +744,7 @@ def _valid(config, hb: int):
 
 
 def _check(x2: torch.Tensor, hadamard_block: int, act_bits: int) -> None:
-    if act_bits not in _QRANGE:
+    if act_bits not in QRANGE:
         raise ValueError(f"act_bits={act_bits}: use 4 or 8")
     D = x2.shape[1]
     hb = hadamard_block
@@ -755,7 +774,7 @@ def _plan_state() -> tuple:
 
 def _fwd_plan_key(x2, norm_weight, act_bits, hadamard_block, eps, full_dim, tp_group, fp8_codes, glu):
     D = x2.shape[1] // 2 if glu else x2.shape[1]
-    reduce_tp = full_dim is not None and full_dim != D and _group_size(tp_group) > 1
+    reduce_tp = full_dim is not None and full_dim != D and group_size(tp_group) > 1
     return ("fwd", x2.device.index, x2.dtype, x2.shape[1], x2.stride(0), x2.stride(1), x2.data_ptr() % 16 == 0,
             None if norm_weight is None else (norm_weight.dtype, norm_weight.data_ptr() % 16 == 0), act_bits,
             hadamard_block, eps, full_dim, reduce_tp, fp8_codes, glu, _plan_state())
@@ -786,7 +805,7 @@ class _FwdPlan:
 
 def _bwd_plan_key(grad_u, x2, norm_weight, hadamard_block, full_dim, tp_group, glu):
     D = grad_u.shape[1]
-    reduce_tp = full_dim is not None and full_dim != D and _group_size(tp_group) > 1
+    reduce_tp = full_dim is not None and full_dim != D and group_size(tp_group) > 1
     return ("bwd", x2.device.index, x2.dtype, x2.shape[1], x2.stride(0), x2.stride(1), x2.data_ptr() % 16 == 0,
             grad_u.dtype, D, grad_u.stride(0), grad_u.stride(1), grad_u.data_ptr() % 16 == 0,
             None if norm_weight is None else (norm_weight.dtype, norm_weight.data_ptr() % 16 == 0),
@@ -843,7 +862,7 @@ def norm_hadamard_quant(x2: torch.Tensor, norm_weight: Optional[torch.Tensor], *
     assert x2.stride(1) == 1, "last dim must be contiguous"
     T, D = x2.shape
     full = full_dim or D
-    reduce_tp = _group_size(tp_group) > 1 and full != D
+    reduce_tp = group_size(tp_group) > 1 and full != D
     hb = hadamard_block if hadamard_block and hadamard_block > 1 else 1
     dev = x2.device
     q = torch.empty((T, D), device=dev, dtype=torch.float8_e4m3fn if fp8_codes else torch.int8)
@@ -955,7 +974,7 @@ def _cuda_option_fields() -> frozenset:
         try:
             from triton.backends.nvidia.compiler import CUDAOptions
             _CUDA_OPTIONS = frozenset(CUDAOptions.__dataclass_fields__)
-        except Exception:  # noqa: BLE001 - no CUDA backend: no option
+        except Exception:
             _CUDA_OPTIONS = frozenset()
     return _CUDA_OPTIONS
 
@@ -1135,7 +1154,7 @@ def norm_hadamard_backward(grad_u: torch.Tensor, x2: torch.Tensor, norm_weight: 
                         tp_group=tp_group, prec=prec, config=config, plan_key=pkey)
     T, D = x2.shape
     full = full_dim or D
-    reduce_tp = _group_size(tp_group) > 1 and full != D
+    reduce_tp = group_size(tp_group) > 1 and full != D
     hb = hadamard_block if hadamard_block and hadamard_block > 1 else 1
     has_norm = norm_weight is not None
     grad_u = grad_u if grad_u.stride(1) == 1 else grad_u.contiguous()
@@ -1364,7 +1383,7 @@ def _nhq_glu(h2, norm_weight, *, act_bits, hadamard_block, eps, full_dim, tp_gro
     _check(gate, hadamard_block, act_bits)
     T = h2.shape[0]
     full = full_dim or D
-    reduce_tp = _group_size(tp_group) > 1 and full != D
+    reduce_tp = group_size(tp_group) > 1 and full != D
     hb = hadamard_block if hadamard_block and hadamard_block > 1 else 1
     has_norm = norm_weight is not None
     g = norm_weight if has_norm else h2
@@ -1407,7 +1426,7 @@ def _nhb_glu(grad_u, h2, norm_weight, rstd, *, hadamard_block, full_dim, tp_grou
     D = _glu_split(h2)
     T = h2.shape[0]
     full = full_dim or D
-    reduce_tp = _group_size(tp_group) > 1 and full != D
+    reduce_tp = group_size(tp_group) > 1 and full != D
     hb = hadamard_block if hadamard_block and hadamard_block > 1 else 1
     grad_u = grad_u if grad_u.stride(1) == 1 else grad_u.contiguous()
     cfg, checked = config, False
@@ -1472,6 +1491,6 @@ def norm_hadamard_quant_reference(x2: torch.Tensor, norm_weight: Optional[torch.
         scale = u.abs().amax(-1).clamp_min(SCALE_EPS) / 127.0
     else:
         scale = (u.abs().sum(-1) / x2.shape[-1]).clamp_min(SCALE_EPS) / SQRT7
-    lo, hi = _QRANGE[act_bits]
+    lo, hi = QRANGE[act_bits]
     codes = torch.round(u / scale[:, None]).clamp_(lo, hi).to(torch.int8)
     return codes, scale, rstd, u

@@ -217,7 +217,6 @@ def test_trace_gaps_finds_idle_gpu_and_the_cpu_ops_across_it(tmp_path):
     import gzip
     import importlib.util
     import json
-
     from pathlib import Path
 
     spec = importlib.util.spec_from_file_location(

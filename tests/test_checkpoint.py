@@ -54,7 +54,9 @@ def test_corrupt_latest_is_reported_skipped_and_kept(tmp_path, capsys, damage):
     p = m.save(20, _writer(b"b" * 100))
     f = p / "sub" / "opt.bin"
     if damage == "flip_byte":
-        data = bytearray(f.read_bytes()); data[3] ^= 1; f.write_bytes(bytes(data))
+        data = bytearray(f.read_bytes())
+        data[3] ^= 1
+        f.write_bytes(bytes(data))
     elif damage == "truncate":
         f.write_bytes(f.read_bytes()[:50])
     elif damage == "delete_file":
@@ -129,7 +131,8 @@ def test_two_ranks_write_one_checkpoint(tmp_path):
     """)
     import socket
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(r), str(port)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]

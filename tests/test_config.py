@@ -11,9 +11,16 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
-from bitnet_dist.config import RUN_INVARIANT_KEYS, conf_options, TrainConfig, cfg_from_omegaconf, register_configs, run_name
-from bitnet_dist.presets import MODEL_PRESETS, PRECISION_PRESETS
+from bitnet_dist.config import (
+    RUN_INVARIANT_KEYS,
+    TrainConfig,
+    cfg_from_omegaconf,
+    conf_options,
+    register_configs,
+    run_name,
+)
 from bitnet_dist.errors import ConfigError
+from bitnet_dist.presets import MODEL_PRESETS, PRECISION_PRESETS
 from bitnet_dist.validate import check_batch, check_train
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -237,7 +244,7 @@ def test_bad_setup_is_one_clear_line_and_exit_2(tmp_path, overrides, env, first_
                         f"run_dir={tmp_path}/r", "logging.wandb=disabled"],
                        capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 2, r.stdout + r.stderr
-    lines = [l for l in r.stderr.splitlines() if l.strip() and "warn" not in l.lower()]
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and "warn" not in ln.lower()]
     assert lines[-1].startswith(first_line), r.stderr
     assert "Traceback" not in r.stderr
     if "data error" in first_line:

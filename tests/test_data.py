@@ -13,15 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_data_helpers import fake_brown_tarball, random_docs
 
 from bitnet_dist.config import TrainConfig
-from bitnet_dist.data import DataError, build_data, check_data_config, parse_blend
-from bitnet_dist.data import corpus
+from bitnet_dist.data import DataError, build_data, check_data_config, corpus, parse_blend
 from bitnet_dist.data.indexed import DocTokens, write_indexed
 from bitnet_dist.data.loader import PackedSource, blend_assign
 from bitnet_dist.data.tokenizer import ByteTokenizer, Gpt2Tokenizer, HFTokenizer, train_bpe
 from bitnet_dist.errors import ConfigError
-from test_data_helpers import fake_brown_tarball, random_docs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,7 +148,7 @@ def test_gpt2_file_hash_mismatch(monkeypatch):
 def test_bpe_train_deterministic_and_round_trip(tmp_path):
     docs = random_docs(300, seed=1)
     a = train_bpe(docs, 400, tmp_path / "a" / "tokenizer.json")
-    b = train_bpe(docs, 400, tmp_path / "b" / "tokenizer.json")
+    train_bpe(docs, 400, tmp_path / "b" / "tokenizer.json")
     assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
     assert a.vocab_size == 400 and a.eod_id == 0
     for text in docs[:50] + ["unseen wörds ✓ 123", ""]:

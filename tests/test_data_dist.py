@@ -5,7 +5,6 @@ import hashlib
 
 import pytest
 import torch
-
 from dist_utils import run_ranks
 from test_data_helpers import fake_brown_tarball
 

@@ -12,13 +12,11 @@ The reference is the same job on one process (ZeRO 0, TP 1) with the same global
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
-
 from dist_utils import run_ranks
 
 VOCAB, SEQ, MBS, GBS, STEPS, SAVE_AT = 96, 16, 2, 4, 20, 10
@@ -118,7 +116,7 @@ def reference():
 
 def test_single_process_trains_and_resumes_bitwise(reference):
     smooth = reference["smooth"]
-    assert len(smooth) == STEPS and all(math.isfinite(l) and math.isfinite(g) for l, g, _, _ in smooth)
+    assert len(smooth) == STEPS and all(math.isfinite(loss) and math.isfinite(g) for loss, g, _, _ in smooth)
     assert smooth[-1][0] < smooth[0][0] - 0.05, "the loss should fall on a fixed random-token task"
     # Token count is the global mask sum, identical on every layout.
     assert [n for _, _, n, _ in smooth] == [int(sum(b["loss_mask"].sum() for b in _micro_batches(s, 0, 1)))

@@ -11,8 +11,15 @@ import textwrap
 import pytest
 import torch
 
-from bitnet_dist.distributed import (PORT_BASE, PORT_SPAN, LaunchEnvError, expand_hostlist, init_distributed,
-                                     parse_launch_env, slurm_master_port)
+from bitnet_dist.distributed import (
+    PORT_BASE,
+    PORT_SPAN,
+    LaunchEnvError,
+    expand_hostlist,
+    init_distributed,
+    parse_launch_env,
+    slurm_master_port,
+)
 
 TORCHRUN = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "4",
             "MASTER_ADDR": "node-a", "MASTER_PORT": "29500"}
@@ -195,7 +202,7 @@ def test_two_ranks_from_slurm_variables():
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    for p, (out, err) in zip(procs, outs):
+    for p, (_out, err) in zip(procs, outs):
         assert p.returncode == 0, err
     res = sorted((json.loads(o.strip().splitlines()[-1]) for o, _ in outs), key=lambda r: r["rank"])
     assert [r["rank"] for r in res] == [0, 1] and all(r["world"] == 2 for r in res)

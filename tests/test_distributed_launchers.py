@@ -34,8 +34,8 @@ def test_sbatch_preemption_directives(script):
     assert {"--requeue", "--open-mode=append", "--signal=B:USR2@300"} <= set(d)
     # directives after the first command are ignored by sbatch
     text = (ROOT / script).read_text().splitlines()
-    first_cmd = next(i for i, l in enumerate(text) if l.strip() and not l.startswith("#"))
-    assert all(not l.startswith("#SBATCH") for l in text[first_cmd:])
+    first_cmd = next(i for i, ln in enumerate(text) if ln.strip() and not ln.startswith("#"))
+    assert all(not ln.startswith("#SBATCH") for ln in text[first_cmd:])
 
 
 def test_templates_forward_or_flag_the_warning():

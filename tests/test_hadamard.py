@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from bitnet_dist.hadamard import fwht, hadamard_matrix
 from bitnet_dist.errors import ConfigError
+from bitnet_dist.hadamard import fwht, hadamard_matrix
 
 
 def sylvester(n):

@@ -29,11 +29,20 @@ from bitnet_dist.kernels import hbit_linear  # noqa: E402
 from bitnet_dist.kernels.gemm import int8_gemm, scaled_gemm_reference  # noqa: E402
 from bitnet_dist.kernels.hbit_autograd import hbit_linear_reference  # noqa: E402
 from bitnet_dist.kernels.norm_hadamard_quant import (  # noqa: E402
-    launch_config, norm_hadamard_backward, norm_hadamard_quant, norm_hadamard_quant_reference)
+    launch_config,
+    norm_hadamard_backward,
+    norm_hadamard_quant,
+    norm_hadamard_quant_reference,
+)
 from bitnet_dist.kernels.ternary import (  # noqa: E402
-    cached_ternary, pack2bit, pack2bit_reference, quantize_weight, quantize_weight_reference, unpack2bit)
+    cached_ternary,
+    pack2bit,
+    pack2bit_reference,
+    quantize_weight,
+    quantize_weight_reference,
+    unpack2bit,
+)
 from bitnet_dist.norm import rms_norm  # noqa: E402
-
 from tests.dist_utils import free_port  # noqa: E402
 
 
@@ -381,7 +390,7 @@ def _spawn_entry(rank, world, port, queue):
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world)
         queue.put((rank, "ok", _tp_worker(rank, world)))
-    except BaseException:  # noqa: BLE001 - report any failure to the parent
+    except BaseException:
         queue.put((rank, "error", traceback.format_exc()))
     finally:
         if dist.is_initialized():
@@ -775,7 +784,12 @@ def test_swiglu_kernels_against_torch(dtype, shape):
     against the float64 formula in fp32 (a few units: one rounding per op);
     the twin's backward is autograd's bit for bit; SwiGLUFunction keeps h and nothing else."""
     from bitnet_dist.kernels.swiglu import (
-        swiglu, swiglu_backward, swiglu_backward_reference, swiglu_op, swiglu_reference)
+        swiglu,
+        swiglu_backward,
+        swiglu_backward_reference,
+        swiglu_op,
+        swiglu_reference,
+    )
 
     torch.manual_seed(11)
     h = (3 * torch.randn(*shape)).to(dtype)
@@ -947,7 +961,7 @@ def test_strided_input_is_kept_as_given_not_copied():
         leaf = make()
         x = leaf.transpose(0, 1) if leaf.shape[0] == 2 else leaf  # [s, b, D]
 
-        def fwd():
+        def fwd(x=x):
             return hbit_linear(x, w, g, act_bits=8, hadamard_block=16, eps=1e-5)
 
         y, kept = _saved_storages(fwd)

@@ -283,7 +283,7 @@ def test_glu_input_on_gpu_is_swiglu_then_layer(bits, fp8b):
         hh, ww, gg = (t.clone().requires_grad_() for t in (h, w, g))
         sizes = []
 
-        def pack(t):
+        def pack(t, sizes=sizes):
             sizes.append(t.untyped_storage().nbytes())
             return t
 

@@ -1,7 +1,6 @@
 """BitLinear layers: fused QKV / gate|up scales, run-time act-bit switching, the CPU path."""
 import pytest
 import torch
-
 from dist_utils import run_ranks
 from mp_workers import fused_vs_separate, swiglu_variants
 

@@ -20,8 +20,8 @@ import torch
 
 from bitnet_dist.config import TrainConfig
 from bitnet_dist.engines.megatron_engine import MegatronEngine, check_megatron_config
-from bitnet_dist.presets import model_preset, precision_preset
 from bitnet_dist.errors import ConfigError
+from bitnet_dist.presets import model_preset, precision_preset
 
 VOCAB = 200
 SEQ = 32

@@ -1,9 +1,9 @@
 """A small model in every precision preset trains on CPU: loss falls over 50 steps on a fixed batch."""
 import pytest
-
-from bitnet_dist.presets import PRECISION_PRESETS
 from dist_utils import run_ranks
 from mp_workers import train_presets
+
+from bitnet_dist.presets import PRECISION_PRESETS
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """The reproduction study's renderer: numbers in docs/results.md come from the committed data files."""
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -73,7 +74,9 @@ def test_collect_and_render(paths):
     text = results.render()
     assert "| `bf16` | 2 (1,2) | 21.00 ± 1.00 | 20.00, 22.00 |" in text and "| finished |" in text
     assert "| `v2_a4_no_hadamard` | 2 (1,2) | 70.00 ± 10.00 | 60.00, 80.00 |" in text
-    assert "tokens/s, GPU shared (median)" in text and "several runs of the sweep shared one GPU" in text
+    repo = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())
+    n_jobs = yaml.safe_load((repo / "conf/experiment/repro.yaml").read_text())["hydra"]["launcher"]["n_jobs"]
+    assert "tokens/s, GPU shared (median)" in text and f"while {n_jobs} runs of the sweep shared one GPU" in text
     assert "Not measured" not in text
     # The ordering: the means against the seed spread, and the per-seed differences.
     assert "`v2_a4` << `v2_a4_no_hadamard`: 25.30 vs 70.00" in text

@@ -3,7 +3,8 @@ import math
 from dataclasses import replace
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bitnet_dist import schedule
 from bitnet_dist.config import OptimConfig

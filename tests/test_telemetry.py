@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from dist_utils import run_ranks
 
 from bitnet_dist.config import TrainConfig
 from bitnet_dist.presets import model_preset
@@ -18,7 +19,6 @@ from bitnet_dist.telemetry import (
     memory_stats,
     throughput_metrics,
 )
-from dist_utils import run_ranks
 
 
 def _cfg(wandb="disabled"):

@@ -1,7 +1,6 @@
 """Same seed and data at TP = 1, 2, 4 (gloo, CPU processes): same loss and same gathered gradients."""
 import pytest
 import torch
-
 from dist_utils import run_ranks
 from mp_workers import loss_and_grads
 

@@ -3,9 +3,8 @@ process-group work (no torch.distributed / megatron parallel state is initialize
 import pytest
 import torch.distributed as dist
 
-from bitnet_dist.presets import ParallelConfig, model_preset, precision_preset
 from bitnet_dist.errors import ConfigError
-from bitnet_dist.validate import check_model
+from bitnet_dist.presets import ParallelConfig, check_model, model_preset, precision_preset
 
 
 def check(model="tiny", precision="v2_a8", **par):
@@ -89,10 +88,9 @@ def test_paper_presets_valid_at_tp8():
 def test_fp8_backward_setting_reaches_the_layers_and_is_checked():
     from types import SimpleNamespace
 
-    from bitnet_dist.layers import BitSettings, _BitMixin
-    from bitnet_dist.presets import ParallelConfig, model_preset, precision_preset
     from bitnet_dist.errors import ConfigError
-    from bitnet_dist.validate import check_model
+    from bitnet_dist.layers import BitSettings, _BitMixin
+    from bitnet_dist.presets import ParallelConfig, check_model, model_preset, precision_preset
 
     assert precision_preset("v2_a4").fp8_backward is False  # off by default
     layer = _BitMixin()

@@ -22,6 +22,8 @@ from typing import Any, Iterable, Optional
 
 import torch
 
+from bitnet_dist.errors import ConfigError
+
 Batch = dict[str, torch.Tensor]
 
 TRAINER_STATE_FILE = "trainer_state.pt"
@@ -31,8 +33,6 @@ DECAY_KEY = "bitnet_decay"  # marks a parameter group that takes the step's weig
 # -- dtype and device ------------------------------------------------------------------------------------
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """``trainer.dtype`` -> torch dtype. auto: bf16 on CUDA, fp32 on CPU."""
-    from bitnet_dist.errors import ConfigError
-
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype == "bf16":

@@ -22,11 +22,13 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from bitnet_dist import step_cache
+from bitnet_dist import compat, step_cache
+from bitnet_dist import model as bm
 from bitnet_dist.engines import common
 from bitnet_dist.engines.base import Batch, Engine, StepStats
 from bitnet_dist.engines.common import MegatronDataParallelTopology
 from bitnet_dist.errors import ConfigError
+from bitnet_dist.layers import batch_weight_quant, set_act_bits
 
 CKPT_TAG = "state"  # DeepSpeed's sub-directory inside the checkpoint directory
 LAYOUT_FILE = "deepspeed_layout.json"
@@ -138,9 +140,7 @@ class DeepSpeedEngine(MegatronDataParallelTopology, Engine):
         return _deep_merge(conf, dict(c.engine.ds_config_overrides or {}))
 
     def build(self, vocab_size: int) -> None:
-        import deepspeed
-        from bitnet_dist import compat
-        from bitnet_dist import model as bm
+        import deepspeed  # deferred: DeepSpeed is heavy and only this engine needs it
 
         if self._device is None:
             raise RuntimeError("call init_parallel() before build()")
@@ -167,8 +167,6 @@ class DeepSpeedEngine(MegatronDataParallelTopology, Engine):
             deepspeed.zero.register_external_parameter(model.output_layer, model.shared_embedding_or_output_weight())
         # all ternary weights quantized in one pass per step; not under ZeRO-3, whose parameters are gathered
         # module by module inside the forward
-        from bitnet_dist.layers import batch_weight_quant
-
         self.batched_weights = 0 if self.cfg.parallel.zero_stage == 3 else batch_weight_quant([model])
         for g in self._ds.optimizer.param_groups:  # fail now, not at the first step
             if common.DECAY_KEY not in g:
@@ -267,8 +265,6 @@ class DeepSpeedEngine(MegatronDataParallelTopology, Engine):
 
     # -- model access ------------------------------------------------------------------------------------------
     def set_act_bits(self, bits: int) -> None:
-        from bitnet_dist.layers import set_act_bits
-
         for chunk in self.model_chunks():
             set_act_bits(chunk, bits)
 

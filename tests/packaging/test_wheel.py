@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -36,8 +37,15 @@ def installed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wheel")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     env.update(WANDB_MODE="disabled", OMP_NUM_THREADS="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
+    # build from a copy of the sources the wheel is made of, so a stale build/ folder of a checkout cannot leak in
+    src = tmp / "src"
+    for name in ("pyproject.toml", "README.md"):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / name, src / name)
+    for name in ("bitnet_dist", "kernels", "conf"):
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp / "dist",
-          REPO], cwd=tmp, env=env)
+          src], cwd=tmp, env=env)
     wheels = sorted((tmp / "dist").glob("bitnet_dist-*.whl"))
     assert len(wheels) == 1, wheels
 
