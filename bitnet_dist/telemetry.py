@@ -395,9 +395,16 @@ class Telemetry:
         self.stats_probe_result = probe.result()
 
     def progress(self, step: int, max_steps: int, **shown: Any) -> None:
-        """Terminal progress bar at ``step`` of ``max_steps`` with ``shown`` values (loss, tokens_per_s, ...)
-        and tqdm's time-left estimate; only on the logging rank with trainer.progress_bar."""
+        """Progress at ``step`` of ``max_steps`` with ``shown`` values (loss, tokens_per_s, ...), on the logging
+        rank with trainer.progress_bar. On a terminal: a tqdm bar with its time-left estimate. Otherwise (a log
+        file, a Slurm job's output): one plain line every trainer.log_interval steps and at the last step,
+        instead of a bar redrawn line by line."""
         if not self.enabled or not self.cfg.trainer.progress_bar:
+            return
+        if not _is_terminal(sys.stderr):
+            if step % self.cfg.trainer.log_interval == 0 or step == max_steps:
+                values = " ".join(f"{k}={_fmt(v)}" for k, v in shown.items())
+                print(f"[bitnet-train] step {step}/{max_steps} {values}".rstrip(), flush=True)
             return
         if self._bar is None:
             from tqdm import tqdm
@@ -417,6 +424,14 @@ class Telemetry:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+def _is_terminal(stream) -> bool:
+    """Whether ``stream`` (the progress bar's, sys.stderr) is an interactive terminal."""
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # replaced or closed streams
+        return False
 
 
 def _fmt(v: Any) -> str:

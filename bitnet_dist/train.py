@@ -26,6 +26,7 @@ import torch
 
 from bitnet_dist import schedule
 from bitnet_dist.checkpoint import CheckpointError, CheckpointManager
+from bitnet_dist.compat import filter_backend_warnings
 from bitnet_dist.config import CONF_SEARCH_PATH, TrainConfig, cfg_from_omegaconf, register_configs
 from bitnet_dist.data import build_data
 from bitnet_dist.data.errors import DataError
@@ -299,6 +300,7 @@ def _standard_start_method() -> None:
 def train(cfg: TrainConfig) -> Optional[float]:
     """Validate, then run one training job in this process; returns the final validation loss (None when
     the run stopped early or was already complete)."""
+    filter_backend_warnings()  # also in Hydra launcher workers, which call train() without main()
     world_size = parse_launch_env().world_size
     check_train(cfg, world_size=world_size)
     _standard_start_method()
@@ -341,6 +343,7 @@ def _hydra_entry():
 
 def main() -> None:
     """Console script ``bitnet-train``."""
+    filter_backend_warnings()
     try:
         check_group_choices(sys.argv[1:])
     except ConfigError as e:

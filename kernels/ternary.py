@@ -20,7 +20,6 @@ of four columns with code 0.
 """
 from __future__ import annotations
 
-import os
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -32,6 +31,7 @@ import triton.language as tl
 
 from bitnet_dist import step_cache
 from bitnet_dist.quant import group_size, segment_sums
+from bitnet_dist.switches import flag
 
 from ._common import FastLaunch, int_spec, interpreting, next_pow2, rint
 
@@ -246,7 +246,7 @@ _ABSSUM, _CODES, _DEQUANT, _SEGSTAT, _SCALE_CODES = (
                             _scale_codes_kernel))
 _B_ABSSUM, _B_SEGSTAT, _B_SCALE_CODES = (
     FastLaunch(k) for k in (_batch_abssum_kernel, _batch_segstat_kernel, _batch_scale_codes_kernel))
-FUSED_WEIGHT_QUANT = os.environ.get("BITNET_FUSED_WEIGHT_QUANT", "1") not in ("", "0")
+FUSED_WEIGHT_QUANT = flag("BITNET_FUSED_WEIGHT_QUANT")
 
 
 def weight_scales(w: torch.Tensor, segments: Optional[torch.Tensor] = None, num_segments: Optional[int] = None,
@@ -472,7 +472,7 @@ def cached_ternary(weight: torch.Tensor, segments: Optional[torch.Tensor] = None
 
 
 # ------------------------------------------------------------------------------ one pass over all weights
-BATCHED_WEIGHT_QUANT = os.environ.get("BITNET_BATCHED_WEIGHT_QUANT", "1") not in ("", "0")
+BATCHED_WEIGHT_QUANT = flag("BITNET_BATCHED_WEIGHT_QUANT")
 _BATCH_ATTR = "_bitnet_quant_batch"
 
 

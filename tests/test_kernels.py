@@ -583,14 +583,19 @@ def test_warp_shuffle_kernel_codes_equal_reference(T, D, hb, bits, cfg):
 
 
 def test_warp_shuffle_verifier_and_limits(monkeypatch):
-    """The one-time check turns the shuffle path off (with a warning) when its codes disagree with the
-    tensor-core kernel's, as they would under another register layout; unusable layouts fail clearly."""
+    """BITNET_KERNEL_SELF_CHECK: the one-time check raises when the shuffle kernel's codes disagree with the
+    tensor-core kernel's, as they would under another register layout; without the option no check runs (and
+    nothing switches path); unusable layouts fail clearly."""
     import bitnet_dist.kernels.norm_hadamard_quant as nhq
     torch.manual_seed(2)
     x, g = torch.randn(8, 256), 1 + 0.1 * torch.randn(256)
     kw = dict(act_bits=8, hb=64, has_norm=True, eps=1e-5, fp8_codes=False)
     monkeypatch.setattr(nhq, "_SHFL_CHECKED", {})
     monkeypatch.setattr(nhq, "_SHFL_DEFAULT", {})
+    monkeypatch.setattr(nhq, "SELF_CHECK", False)  # off (the default): the config is chosen without a check
+    assert nhq._default_shuffle(x, g, **kw) == nhq.shuffle_config(256) and not nhq._SHFL_CHECKED
+    monkeypatch.setattr(nhq, "_SHFL_DEFAULT", {})
+    monkeypatch.setattr(nhq, "SELF_CHECK", True)
     monkeypatch.setattr(nhq, "_capturing", lambda: True)  # first use inside CUDA-graph capture: no check, no cache
     assert nhq._default_shuffle(x, g, **kw) is None and not nhq._SHFL_DEFAULT and not nhq._SHFL_CHECKED
     monkeypatch.setattr(nhq, "_capturing", lambda: False)
@@ -605,10 +610,12 @@ def test_warp_shuffle_verifier_and_limits(monkeypatch):
         real(x2, g, q, scale, rstd, config, **k)
         q.copy_(q.roll(1, dims=1))
     monkeypatch.setattr(nhq, "_nhq_shfl", wrong_pairs)
-    with pytest.warns(UserWarning, match="disagrees"):
-        assert not nhq._shuffle_verified(x, g, ("shfl", 2, 2), **kw)
-    with pytest.warns(UserWarning, match="disagrees"):  # the default path then keeps the tensor-core kernel
-        assert nhq._default_shuffle(x, g, **{**kw, "act_bits": 4}) is None
+    with pytest.raises(RuntimeError, match="disagrees.*BITNET_SHUFFLE_HADAMARD=0"):
+        nhq._shuffle_verified(x, g, ("shfl", 2, 2), **kw)
+    with pytest.raises(RuntimeError, match="disagrees"):  # cached: it fails again, never switches path silently
+        nhq._shuffle_verified(x, g, ("shfl", 2, 2), **kw)
+    with pytest.raises(RuntimeError, match="disagrees"):  # the default path fails loudly too
+        nhq._default_shuffle(x, g, **{**kw, "act_bits": 4})
     assert nhq._SHFL_CHECKED[(None, torch.float32, torch.float32, 256, ("shfl", 2, 2), 8, 64, True, False)] is False
     assert "16-byte" in nhq.shuffle_layout_ok(torch.randn(4, 260)[:, :256], ("shfl", 1, 1), 64)
     assert "too small" in nhq.shuffle_layout_ok(x, ("shfl", 1, 8), 64)
@@ -714,10 +721,13 @@ def test_shuffle_register_cap_dropped_where_it_spills(monkeypatch):
                                         (19, 384, 128, ("shfl", 2, 1, 2, None, True)),
                                         (37, 512, 1, ("shfl", 1, 1, 1)),  # no Hadamard (QKV / fc1)
                                         (19, 384, 1, ("shfl", 2, 1, 2, None, True))])
-def test_warp_shuffle_backward_matches_autograd(T, D, hb, cfg):
+def test_warp_shuffle_backward_matches_autograd(T, D, hb, cfg, monkeypatch):
     """The warp-shuffle backward (persistent: more token blocks than programs) against autograd through the
-    torch path, with and without the norm weight; and its one-time check keeps it for a correct kernel."""
+    torch path, with and without the norm weight; and its one-time check (BITNET_KERNEL_SELF_CHECK) passes a
+    correct kernel."""
     import bitnet_dist.kernels.norm_hadamard_quant as nhq
+    monkeypatch.setattr(nhq, "SELF_CHECK", True)
+    monkeypatch.setattr(nhq, "_SHFL_BWD_DEFAULT", {})
     torch.manual_seed(4)
     x, g, gu, rstd = backward_matches_autograd(T, D, hb, cfg)
     gx0, none = norm_hadamard_backward(gu, x, None, rstd, hadamard_block=hb, config=cfg)
@@ -932,19 +942,24 @@ def test_glu_fold_launch_configs():
     assert nhq._default_shuffle_bwd(gu, x, None, torch.ones(4), hb=256, glu=True) is None
 
 
-def test_glu_fold_check_falls_back_with_a_warning(monkeypatch):
-    """The one-time GLU check: a disagreeing kernel turns the fold off for that configuration (cached, with a
-    warning); inside CUDA-graph capture an unchecked configuration is not checked (and not cached)."""
+def test_glu_fold_check_fails_loudly(monkeypatch):
+    """The one-time GLU check (BITNET_KERNEL_SELF_CHECK): a disagreeing kernel raises, naming the switch that
+    composes the two kernels (cached: it raises again); inside CUDA-graph capture an unchecked configuration is not
+    checked (and not cached); without the option there is no check."""
     import bitnet_dist.kernels.norm_hadamard_quant as nhq
 
     monkeypatch.setattr(nhq, "_GLU_CHECKED", {})
     h, g, cfg = torch.randn(4, 64), torch.ones(32), ("shfl", 1, 1)
+    monkeypatch.setattr(nhq, "SELF_CHECK", False)
+    assert nhq._glu_verified("forward", h, g, cfg, lambda: False) and not nhq._GLU_CHECKED
+    monkeypatch.setattr(nhq, "SELF_CHECK", True)
     monkeypatch.setattr(nhq, "_capturing", lambda: True)
     assert not nhq._glu_verified("forward", h, g, cfg, lambda: True) and not nhq._GLU_CHECKED
     monkeypatch.setattr(nhq, "_capturing", lambda: False)
-    with pytest.warns(UserWarning, match="SwiGLU folded in disagrees"):
-        assert not nhq._glu_verified("forward", h, g, cfg, lambda: False)
-    assert not nhq._glu_verified("forward", h, g, cfg, lambda: True)  # cached
+    with pytest.raises(RuntimeError, match="SwiGLU folded in disagrees.*BITNET_GLU_FOLD=0"):
+        nhq._glu_verified("forward", h, g, cfg, lambda: False)
+    with pytest.raises(RuntimeError, match="disagrees"):  # cached
+        nhq._glu_verified("forward", h, g, cfg, lambda: True)
     assert nhq._glu_verified("forward", h, g, cfg, lambda: True, (4, 256))  # another specialization: its own check
     assert nhq._glu_verified("backward", h, g, cfg, lambda: True)
 

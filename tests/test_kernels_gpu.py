@@ -267,10 +267,14 @@ def test_warp_shuffle_backward_default_bf16():
 
 
 @pytest.mark.parametrize("bits,fp8b", [(8, False), (4, False), (4, True)])
-def test_glu_input_on_gpu_is_swiglu_then_layer(bits, fp8b):
+def test_glu_input_on_gpu_is_swiglu_then_layer(bits, fp8b, monkeypatch):
     """glu=True on the GPU kernels: bit-identical to the SwiGLU kernel's product fed to the layer (output and
-    every gradient), and the product [T, K] is not kept for backward (h is)."""
+    every gradient), and the product [T, K] is not kept for backward (h is). The self-check
+    (BITNET_KERNEL_SELF_CHECK) is on, so the folded kernels are also compared with the composed ones."""
+    import bitnet_dist.kernels.norm_hadamard_quant as nhq
     from bitnet_dist.kernels.swiglu import swiglu_op as swiglu
+
+    monkeypatch.setattr(nhq, "SELF_CHECK", True)
 
     torch.manual_seed(4)
     T, K, N = 2048, 1024, 512
@@ -296,7 +300,6 @@ def test_glu_input_on_gpu_is_swiglu_then_layer(bits, fp8b):
         assert torch.equal(a, b)
     x_bytes = T * K * 2
     assert x_bytes not in res[True][4] and x_bytes in res[False][4]
-    import bitnet_dist.kernels.norm_hadamard_quant as nhq
     folded = {k[0] for k, ok in nhq._GLU_CHECKED.items() if ok and k[4] == 2 * K}
     assert folded == {"forward", "backward"}, nhq._GLU_CHECKED  # the SwiGLU ran folded into both kernels
 

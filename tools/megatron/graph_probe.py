@@ -6,11 +6,8 @@ Function (the autograd engine re-raises backward errors without it).
 """
 import sys
 import traceback
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
-
-from bitnet_dist.kernels import hbit_autograd as ha  # noqa: E402
+from bitnet_dist.kernels import hbit_autograd as ha
 
 
 def _wrap(fn, name):
@@ -26,7 +23,7 @@ def _wrap(fn, name):
 ha.HBitLinearFunction.forward = _wrap(ha.HBitLinearFunction.forward, "forward")
 ha.HBitLinearFunction.backward = _wrap(ha.HBitLinearFunction.backward, "backward")
 
-import test_megatron_gpu as t  # noqa: E402
+import tiny_run  # noqa: E402 - this folder's helper (the script's folder is on sys.path)
 import torch  # noqa: E402
 
 # a failing backward node is reported with the traceback of its forward call (no NaN checks: they sync)
@@ -36,8 +33,8 @@ prec = sys.argv[1] if len(sys.argv) > 1 else "v2_a8"
 if len(sys.argv) > 2 and sys.argv[2] == "repeat":  # run-to-run: eager twice, graph three times, one process
     torch.autograd.set_detect_anomaly(False)
     for mode in (False, False, True, True, True):
-        rows, n = t._graph_curve(mode, prec, 5)
+        rows, n = tiny_run.graph_curve(mode, prec, 5)
         print("[graph_probe]", "graph" if mode else "eager", n, " ".join(f"{a:.9f}/{b:.6f}" for a, b in rows), flush=True)
 else:
-    rows, n = t._graph_curve(True, prec, 5)
+    rows, n = tiny_run.graph_curve(True, prec, 5)
     print("[graph_probe] ok", rows, n)

@@ -1,14 +1,10 @@
 """Where does a megatron-engine resume diverge? Trains 3 steps, saves, loads into an engine built from other
 weights, and compares model params, fp32 main params, Adam moments and step counts (one GPU, NCCL). First
 measures the run-to-run spread of the same training without a checkpoint (two fresh engines)."""
-import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
-from test_megatron_gpu import cfg_for, make, step_batches  # noqa: E402
+from tiny_run import cfg_for, make, step_batches  # this folder's helper (the script's folder is on sys.path)
 
 
 def snapshot(e):
