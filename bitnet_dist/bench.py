@@ -159,7 +159,6 @@ def bench_fused(args, copy_tbs: float):
                 nbytes = T * D * 2 + T * D + 8 * T + 2 * D
                 # the default (the warp-shuffle kernel on CUDA) and the tensor-core flat kernel it replaced; the
                 # same row without the Hadamard (the QKV / fc1 inputs' kernel), default and the chunked kernel
-                # that was the default there before session 12
                 variants = [("default", None, None, HB), ("tensor_core_flat", None, flat_config(D, HB), HB),
                             ("no_hadamard", None, None, 0), ("no_hadamard_chunked", None, launch_config(D, 1), 0)]
                 if args.sweep and T == max(args.tokens) and bits == 8:
@@ -333,9 +332,8 @@ def to_markdown(res) -> str:
            "Kernel times (copy, fused kernel, GEMMs) are GPU times: 10 calls captured in a CUDA graph and replayed, "
            "so host launch overhead is not in them. Layer times are 10 forward+backward steps queued back to back "
            "as in training: there the host overhead counts wherever it exceeds the GPU time. The layer input's "
-           "gradient is set to None before each backward (an activation's gradient is handed on, not accumulated; "
-           "before 2026-11-24 session 7 an accumulation kernel over x.grad was in both variants' times); the "
-           "weights' gradients accumulate as over micro-batches.\n",
+           "gradient is set to None before each backward (an activation's gradient is handed on, not accumulated, "
+           "so no accumulation kernel over x.grad is in the times); the weights' gradients accumulate as over micro-batches.\n",
            f"Device-to-device copy (16384 x 8192 bf16): {res['copy']['tb_s']:.2f} TB/s (bytes read + written).\n",
            f"## Fused RMSNorm + Hadamard (block {res.get('hadamard_block', HB)}) + quantize (default launch config)\n",
            "`% of copy`: against the large copy above; `% same-size copy`: against a copy of the kernel's own "
@@ -343,7 +341,7 @@ def to_markdown(res) -> str:
            "`tensor-core kernel`: the flat kernel with the Hadamard as tensor-core products (the default before the "
            "warp-shuffle kernel), same run. `no Hadamard`: the same row length without the transform (RMSNorm + "
            "quantize, the QKV / fc1 inputs' kernel): the default (the warp-shuffle kernel, HB = 1) / the chunked "
-           "kernel that was the default there before 2026-11-25 session 12, % of copy.\n",
+           "kernel, % of copy.\n",
            "| tokens | dim | act bits | GPU ms | TB/s | % of copy | % same-size copy | 1 call ms | tensor-core kernel, % of copy "
            "| no Hadamard: default / chunked, % of copy |",
            "|---|---|---|---|---|---|---|---|---|---|"]
@@ -381,9 +379,7 @@ def to_markdown(res) -> str:
                 "host time in either variant. The weight codes are reused from the step's first micro-batch as above."
                 + (f" The variants' graphs are replayed in rounds, one replay of each per round in a new random order, "
                    f"median of {r0['graph_reps']} rounds: a drift of the GPU clock during the run moves every variant "
-                   "alike, and no variant always follows the same one (until 2026-11-25 session 12 each variant was "
-                   "timed in turn, 6 replays, nn.Linear first; in session 13's first interleaved runs in a fixed "
-                   "order)." if r0.get("graph_interleaved") == "shuffled" else
+                   "alike, and no variant always follows the same one." if r0.get("graph_interleaved") == "shuffled" else
                    f" The variants' graphs are replayed round-robin in a fixed order, median of {r0['graph_reps']} "
                    "rounds." if r0.get("graph_interleaved") else "") + "\n",
                 "| model | layer | tokens | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]

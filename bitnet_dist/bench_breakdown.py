@@ -18,8 +18,7 @@ layer table's number; the sum of its own kernels where that is missing):
 A target above the ``gemm`` ratio cannot be met by better memory-bound kernels; well above the ``floor``
 ratio, not by faster kernels of this decomposition (it would need fewer bytes moved, i.e. more fusion, or faster
 GEMMs). ``floor`` is an estimate, not a hard bound: in a real step consecutive kernels find part of their input
-in L2, and the layer replayed from a graph ran up to 7.5% faster than its floor on the H100 (docs/kernels.md; 7.4% with the
-variants' graphs replayed round-robin, session 13). The FP8 backward GEMMs are also timed with cuBLASLt's fast accumulation (fewer accumulator bits,
+in L2, and the layer replayed from a graph ran up to 7.5% faster than its floor on the H100 (docs/kernels.md). The FP8 backward GEMMs are also timed with cuBLASLt's fast accumulation (fewer accumulator bits,
 not used: docs/kernels.md) to show what that option would be worth.
 """
 from __future__ import annotations
@@ -39,7 +38,7 @@ def layer_shapes(hidden: int, ffn: int):
             ("fc1", hidden, 2 * ffn, False), ("wdown", ffn, hidden, True)]
 
 VARIANTS = ("hbit_a8_bf16bwd", "hbit_a8_fp8bwd", "hbit_a4_bf16bwd", "hbit_a4_fp8bwd")
-TARGETS = {"bf16bwd": 1.1, "fp8bwd": 1.4}  # issue 5's targets against nn.Linear bf16
+TARGETS = {"bf16bwd": 1.1, "fp8bwd": 1.4}  # the speed-up targets against nn.Linear bf16 (docs/kernels.md)
 
 
 def part_bytes(T: int, K: int, N: int) -> Dict[str, Optional[int]]:

@@ -184,7 +184,7 @@ def register_configs() -> None:
 
 def write_preset_yamls(conf_dir) -> list:
     """(Re)write conf/model/*.yaml and conf/precision/*.yaml from bitnet_dist.presets, the source of
-    truth (tests/test_config.py fails when they drift). ``python -m bitnet_dist.config [CONF_DIR]``."""
+    truth (tests/config/test_config.py fails when they drift). ``python -m bitnet_dist.config CONF_DIR``."""
     def value(v):
         if v is None:
             return "null"
@@ -201,7 +201,7 @@ def write_preset_yamls(conf_dir) -> list:
         d.mkdir(parents=True, exist_ok=True)
         for name, preset in presets.items():
             lines = [f"# {group.capitalize()} preset {name!r}: generated from bitnet_dist.presets.{origin} by "
-                     "`python -m bitnet_dist.config conf`; tests/test_config.py keeps them equal."]
+                     "`python -m bitnet_dist.config conf`; tests/config/test_config.py keeps them equal."]
             lines += [f"{k}: {value(v)}" for k, v in asdict(preset).items()]
             (d / f"{name}.yaml").write_text("\n".join(lines) + "\n")
             written.append(d / f"{name}.yaml")

@@ -304,7 +304,7 @@ def fwht_shuffle(v, cols, BM: tl.constexpr, C: tl.constexpr, HB: tl.constexpr, V
 # versions below, which the CPU tests run): the product of two bf16 values is exact in fp32 and the rounding
 # is round-to-nearest-even in both. SASS per element of the INT8 forward at 8192 features: 32.6 -> 26.8.
 # Measured slower and dropped: an absmax over packed pairs (max.xorsign.abs.bf16x2 in a tl.reduce), 62-67% of
-# copy against 69-80% without (H100, docs/benchmarks/raw/round10_2026-11-24/lab_pk.jsonl, pk=3/7).
+# copy against 69-80% without (H100).
 if interpreting():
     @triton.jit
     def bf16_to_f32(x):
@@ -371,8 +371,7 @@ def pair_join(a, b, BM: tl.constexpr, C: tl.constexpr):
 
 # ------------------------------------------------------------------------------------------ launching
 # On by default; BITNET_TRITON_FAST_LAUNCH=0 turns it off (every launch then goes through Triton's JIT path).
-# GPU evidence (H100, 2026-11-24, docs/benchmarks/raw/gpu_next_2026-11-24c): the kernel GPU tests and the megatron
-# resume test pass with it (the resume divergence once blamed on it was megatron's shared Adam step counter).
+# The kernel GPU tests and the megatron resume test run with it on.
 _FAST_LAUNCH = flag("BITNET_TRITON_FAST_LAUNCH")
 
 

@@ -174,7 +174,7 @@ _TUNED: dict = {}
 _TMA_LAUNCH = FastLaunch(_int8_gemm_tma_kernel.fn)
 
 
-# Chosen from the H100 comparison (docs/benchmarks/raw/sweep_2026-11-24d): the persistent TMA kernel was
+# Chosen from the H100 comparison of the GEMM implementations (docs/kernels.md): the persistent TMA kernel was
 # best or within 3% of best on all 8 layer shapes, 1.44-1.80x cuBLAS bf16 in GPU time.
 GEMM_DEFAULT_IMPL = "tma_persistent"
 
@@ -283,8 +283,8 @@ def _dy_amax_kernel(X, COLSCALE, ROWSCALE, RAMAX, CAMAX, T, N, stride_x, BT: tl.
     RAMAX[t] = max |X[t, n] * colscale[n]| (grad_x's per-token scale) and CAMAX[n] = max |X[t, n] * rowscale[t]|
     (grad_W's per-channel scale); the column maxima gathered over the R tiles before one atomic. The atomics
     are relaxed: only the values after the kernel matter, and Triton's default (acq_rel) fences each one, which
-    made this read-only pass 57-63% of copy bandwidth against 73-91% relaxed (H100, tools/kernels/fp8_block_lab.py
-    --prep, docs/benchmarks/raw/round16_2026-11-25/)."""
+    made this read-only pass 57-63% of copy bandwidth against 73-91% relaxed (H100, measured with the
+    block-FP8 preparation alone)."""
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     cm = cols < N
     cs = tl.load(COLSCALE + cols, mask=cm, other=0.0)

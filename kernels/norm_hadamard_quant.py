@@ -97,7 +97,7 @@ def _use_flat(config, D: int, hb: int, *, min_features: int = 0) -> bool:
     return hb > 1 and min_features < D <= FLAT_MAX_FEATURES
 
 
-# Defaults from the H100 sweeps (docs/benchmarks/raw/sweep_2026-11-24e, GPU time from CUDA-graph replays):
+# Defaults from the H100 launch-config sweeps (GPU time from CUDA-graph replays; docs/kernels.md):
 # forward: flat kernel with the batched two-stage Hadamard (HMODE 3), ~4096 features per tile, 2 programs
 # per SM: 35-43% of copy bandwidth against 23-35% for the chunked kernel. Backward: the chunked kernel up to
 # 2048 features (62% vs 52%), the flat kernel with HMODE 1, 8 warps, no prefetch above (48-63% vs 41-59%).
@@ -310,9 +310,8 @@ def norm_hadamard_quant(x2: torch.Tensor, norm_weight: Optional[torch.Tensor], *
 
 
 # The forward and backward default on CUDA without TP-reduced statistics (BITNET_SHUFFLE_HADAMARD=0 turns both
-# off): the warp-shuffle kernels, H100 sweeps docs/benchmarks/raw/round9_2026-11-24 (tools/kernels/hlab.py).
-# Since 2026-11-25 (session 12) also for layers without the Hadamard (BitLinear: QKV / fc1, BitNet v1), which
-# ran the chunked kernels before: the same row-wise kernels with no butterflies (HB = 1).
+# off): the warp-shuffle kernels (H100 sweeps, docs/kernels.md), also for layers without the Hadamard (BitLinear:
+# QKV / fc1, BitNet v1): the same row-wise kernels with no butterflies (HB = 1).
 SHUFFLE_FWD = flag("BITNET_SHUFFLE_HADAMARD")
 
 
@@ -330,7 +329,7 @@ def packed_default(device: torch.device) -> int:
 
 def shuffle_config(D: int, *, elems: Optional[int] = None, warps: Optional[int] = None):
     """("shfl", BM tokens, num_warps) for the warp-shuffle forward kernel: whole rows. Default from the H100
-    sweep of the packed-register kernel (docs/benchmarks/raw/round10_2026-11-24/lab_pk2.jsonl): one token per
+    sweep of the packed-register kernel (docs/kernels.md): one token per
     program and 64 features per thread from 2048 features (2 warps at 2048 and 4096, 4 at 8192, 8 at 16384);
     ~4096 features per tile with 4 warps below."""
     C = max(16, next_pow2(D))
@@ -351,7 +350,7 @@ def shuffle_vec(bm: int, C: int, warps: int) -> int:
 
 def shuffle_maxnreg(bm: int, C: int, warps: int, elem_bytes: int = 2, hadamard: bool = True) -> Optional[int]:
     """Register cap for the warp-shuffle forward on 16-bit activations, or None (ptxas decides). Measured on the
-    H100 with Triton 3.6 (tools/kernels/reglab.py; docs/benchmarks/raw/round14_2026-11-25/, three runs):
+    H100 with Triton 3.6 (three runs each):
     * whole rows of 16384 features on 8 warps took 128 registers per thread, so two programs (16 warps) fitted on
       an SM; capped at 80 (no spills), three fit (24 warps): 74 -> 78-80% (INT8) and 71 -> 77-78% (INT4) of copy
       at 8192 tokens, 76 -> 81-82% and 73 -> 79-81% at 16384 tokens. 76 spilled, 84 / 88 were slower;
@@ -359,7 +358,7 @@ def shuffle_maxnreg(bm: int, C: int, warps: int, elem_bytes: int = 2, hadamard: 
       per SM instead of 18), +0.6 to +2.8 points in each of three runs.
     Elsewhere a cap spilled (8192 features) or was slower (4096). fp32 activations hold twice the registers: no
     cap. Rows without the Hadamard (``hadamard=False``: QKV / fc1 inputs) were not measured under a cap (and
-    their kernel, with other live ranges, spilled under one in the GPU test of session 12): no cap.
+    their kernel, with other live ranges, spills under one in the GPU tests): no cap.
     ``BITNET_SHFL_MAXNREG=0`` turns it off."""
     if (not _SHFL_MAXNREG or not hadamard or elem_bytes != 2 or interpreting()
             or "maxnreg" not in _cuda_option_fields()):
@@ -609,8 +608,7 @@ def norm_hadamard_backward(grad_u: torch.Tensor, x2: torch.Tensor, norm_weight: 
 def shuffle_bwd_config(D: int, *, elems: int = 4096, warps: Optional[int] = None,
                        programs_per_sm: Optional[int] = None, g_tile: Optional[bool] = None):
     """("shfl", BM tokens, num_warps, programs per SM, VEC (None: Triton's), G_TILE) for the warp-shuffle
-    backward (persistent). Defaults from the H100 sweep at 16384 tokens (raw/round11_2026-11-24/lab_bwd.jsonl,
-    % of copy): ~4096 features per tile, 8 warps, 2 programs per SM up to 4096 features (79% / 82%); one
+    backward (persistent). Defaults from the H100 sweep at 16384 tokens (% of copy): ~4096 features per tile, 8 warps, 2 programs per SM up to 4096 features (79% / 82%); one
     token per tile with the norm weight re-read per tile (G_TILE) from 8192 features: 8 warps at 8192 (84%,
     was 68% with 4 warps holding g in registers, which spilled), 32 warps and one program per SM at 16384
     (88%, was 67%)."""
@@ -724,7 +722,7 @@ def _nhb_flat(grad_u, x2, norm_weight, rstd, gx, config, *, hb, full, reduce_tp,
 
 
 # ----------------------------------------------------------------------- SwiGLU folded in (fc2 / Wdown)
-# The SwiGLU folded into the warp-shuffle kernels (session 15); BITNET_GLU_FOLD=0 composes the SwiGLU kernels
+# The SwiGLU folded into the warp-shuffle kernels; BITNET_GLU_FOLD=0 composes the SwiGLU kernels
 # with the plain ones instead (same values; for A/B measurements and as an escape hatch).
 GLU_FOLD = flag("BITNET_GLU_FOLD")
 
@@ -740,7 +738,7 @@ def _glu_split(x2: torch.Tensor) -> int:
 def glu_shuffle_config(D: int):
     """Forward launch config with the SwiGLU folded in: the plain kernel's (``shuffle_config``) with at most 32
     features per thread (two halves are loaded, and exp / IEEE division added). H100, 8192 tokens, A4
-    (tools/kernels/glu_lab.py, docs/benchmarks/raw/round18_2026-11-25/): 8192 features on 8 warps 0.178 ms
+    (GPU time): 8192 features on 8 warps 0.178 ms
     (4 warps, the plain kernel's: 0.225; the SwiGLU kernel + plain kernel: 0.225), 16384 on 16 warps 0.390 ms
     (8 warps: 0.456; composed 0.454)."""
     _, bm, warps = shuffle_config(D)

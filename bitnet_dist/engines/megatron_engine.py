@@ -679,7 +679,7 @@ def unshare_adam_steps(optimizer) -> int:
     each state's step in place, so the shared counter advances once per parameter per optimizer step and the
     bias correction of a resumed run is wrong from its first step on. This is the likely cause of the resumed
     run separating from the continued one on the H100 (docs/megatron.md); the sharing itself is reproduced on
-    CPU in tests/test_megatron_engine.py. Returns how many states got their own copy.
+    CPU in tests/engines/test_megatron_engine.py. Returns how many states got their own copy.
     """
     fixed = 0
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):

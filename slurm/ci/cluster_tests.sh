@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Tests on a real single-host Slurm cluster (issue 6), run by .ci/run as root after the unit tests,
+# Tests on a real single-host Slurm cluster, run by .ci/run as root after the unit tests,
 # on a Debian bookworm machine where ./launch/test.sh already created .venv:
 #
 #   a. sbatch slurm/train_tasks.sbatch: the small model, 2 tasks (gloo, CPU, engine=deepspeed) completes
@@ -324,7 +324,7 @@ test_e() {
 }
 # -- h. our host-list expansion agrees with scontrol's ----------------------------------------------
 test_h() {
-  if python -m pytest -q -p no:cacheprovider tests/test_distributed.py -k matches_scontrol 2>&1 | tail -3 | tee "$work/h.out" \
+  if python -m pytest -q -p no:cacheprovider tests/distributed/test_distributed.py -k matches_scontrol 2>&1 | tail -3 | tee "$work/h.out" \
       | grep -q "1 passed"; then
     pass "h (expand_hostlist == scontrol show hostnames)"
   else

@@ -1,5 +1,5 @@
 """A tiny megatron-engine run on one CUDA GPU for the diagnostics in this folder (graph_probe.py,
-resume_diag.py): the same configuration as the GPU tests' (tests/test_megatron_gpu.py), kept here so the
+resume_diag.py): the same configuration as the GPU tests' (tests/engines/test_megatron_gpu.py), kept here so the
 tools do not import the test suite. Run the tools as scripts (``python tools/megatron/<tool>.py``): the
 script's folder is then on sys.path and ``import tiny_run`` finds this module.
 """

@@ -3,7 +3,7 @@ optimizer, bf16 with fp32 main weights, checkpoint resume with optimizer state, 
 
 megatron-core's schedules, optimizers and RNG tracker are CUDA-only, so these tests skip on CPU; the
 CPU part of the engine is in test_megatron_engine.py. Run on the GPU machine with
-``pytest -m gpu tests/test_megatron_gpu.py``.
+``pytest -m gpu tests/engines/test_megatron_gpu.py``.
 """
 from __future__ import annotations
 

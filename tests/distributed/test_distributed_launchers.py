@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SBATCH = ["slurm/train_tasks.sbatch", "slurm/train_torchrun.sbatch"]
 SCRIPTS = SBATCH + ["slurm/common.sh", "slurm/submit.sh", "slurm/ci/cluster_tests.sh", "launch/local.sh",
                     "launch/env.sh", "launch/test.sh", "launch/quickstart.sh"]

@@ -19,7 +19,7 @@ def test_fused_qkv_and_gate_up_equal_separate_projections(tp):
 def test_swiglu_variants_are_the_same_model(tp, preset):
     """SwiGLUMLP (with precision.fused_swiglu: the SwiGLU inside fc2) against fused_swiglu off and against
     megatron's MLP.forward: the same loss and gradients, bit for bit, at TP 1 and 2 (CPU path; the kernels'
-    memory and values: tests/test_kernels.py and the GPU tests)."""
+    memory and values: tests/kernels/test_kernels.py and the GPU tests)."""
     for rank_out in run_ranks(swiglu_variants, tp, preset):
         ref_loss, ref_grads = rank_out["megatron"]
         for variant in ("default", "unfused"):

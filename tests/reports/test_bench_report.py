@@ -48,7 +48,7 @@ def test_fp8_loss_summary_pairs_runs_by_seed(tmp_path):
     from pathlib import Path
 
     spec = importlib.util.spec_from_file_location(
-        "fp8_loss_summary", Path(__file__).resolve().parents[1] / "tools" / "megatron" / "fp8_loss_summary.py")
+        "fp8_loss_summary", Path(__file__).resolve().parents[2] / "tools" / "megatron" / "fp8_loss_summary.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
 
@@ -169,7 +169,7 @@ def test_saved_memory_attributes_storages_by_module():
     import torch
 
     spec = importlib.util.spec_from_file_location(
-        "saved_memory", Path(__file__).resolve().parents[1] / "tools" / "megatron" / "saved_memory.py")
+        "saved_memory", Path(__file__).resolve().parents[2] / "tools" / "megatron" / "saved_memory.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
 
@@ -220,7 +220,7 @@ def test_trace_gaps_finds_idle_gpu_and_the_cpu_ops_across_it(tmp_path):
     from pathlib import Path
 
     spec = importlib.util.spec_from_file_location(
-        "trace_gaps", Path(__file__).resolve().parents[1] / "tools" / "megatron" / "trace_gaps.py")
+        "trace_gaps", Path(__file__).resolve().parents[2] / "tools" / "megatron" / "trace_gaps.py")
     tg = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tg)
     k = lambda n, ts, dur: {"ph": "X", "cat": "kernel", "name": n, "ts": ts, "dur": dur}  # noqa: E731

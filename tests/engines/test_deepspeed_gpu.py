@@ -1,7 +1,7 @@
 """DeepSpeed engine on one CUDA device (NCCL, bf16 by trainer.dtype=auto): ZeRO 0-3, optimizer offload,
 the stats probe on the kernel path, save/load. Skipped without CUDA.
 
-Runs the configurations in one child process (``python tests/test_deepspeed_gpu.py``), which prints one
+Runs the configurations in one child process (``python tests/engines/test_deepspeed_gpu.py``), which prints one
 JSON line per configuration; the test checks them.
 """
 from __future__ import annotations
@@ -76,8 +76,8 @@ def test_zero_stages_train_in_bf16_on_gpu():
         assert abs(r["losses"][0] - first[0]) < 1e-3 and abs(r["losses"][1] - first[1]) < 0.02 * first[1], (r, first)
         # Thirty steps on: the stages that partition (1, 2, 3, offload) run ZeRO's optimizer and stay close to
         # ZeRO-1. Stage 0 runs DeepSpeed's other bf16 optimizer wrapper, and a ternary model at lr 3e-3 amplifies
-        # rounding: measured on the H100 (2026-11-25), stage 0 ended 9% and 23% below ZeRO-1 with two weight-scale
-        # summation orders (docs/benchmarks/raw/round20_2026-11-25/c8), so only the above binds it.
+        # rounding: measured on the H100, stage 0 ends 9% and 23% below ZeRO-1 with two weight-scale summation
+        # orders, so only the above binds it.
         if r["zero"] > 0:
             assert abs(r["losses"][-1] - zero1[-1]) < 0.1 * zero1[-1], (r, zero1)
         # qkv / fc1 / wo / wdown x 11 statistics, plus the histograms (pre, post, edges) of the two H-BitLinear

@@ -206,7 +206,7 @@ def test_warp_shuffle_layout_holds_for_default_shapes():
     import bitnet_dist.kernels.norm_hadamard_quant as nhq
     assert nhq.SHUFFLE_FWD, "BITNET_SHUFFLE_HADAMARD=0 in the environment"
     torch.manual_seed(3)
-    # hb 0: no Hadamard (QKV / fc1 inputs), on the warp-shuffle kernel since session 12
+    # hb 0: no Hadamard (QKV / fc1 inputs), on the warp-shuffle kernel
     for D, hb in ((2048, 256), (4096, 128), (5504, 64), (8192, 256), (16384, 256), (1024, 16), (2048, 0),
                   (4096, 0), (16384, 0)):
         x = (torch.randn(257, D, device=DEV) * torch.rand(257, 1, device=DEV) * 3).bfloat16()

@@ -24,6 +24,8 @@ for _m in _MODS:
     if f"bitnet_dist.kernels.{_m}" in sys.modules:
         importlib.reload(sys.modules[f"bitnet_dist.kernels.{_m}"])
 
+from dist_utils import free_port  # noqa: E402
+
 from bitnet_dist import hadamard, quant  # noqa: E402
 from bitnet_dist.kernels import hbit_linear  # noqa: E402
 from bitnet_dist.kernels.gemm import int8_gemm, scaled_gemm_reference  # noqa: E402
@@ -43,7 +45,6 @@ from bitnet_dist.kernels.ternary import (  # noqa: E402
     unpack2bit,
 )
 from bitnet_dist.norm import rms_norm  # noqa: E402
-from tests.dist_utils import free_port  # noqa: E402
 
 
 def reference_codes(x, g, bits, hb, eps=1e-5):
@@ -556,7 +557,7 @@ def test_flat_kernels_all_hadamard_modes(hmode, prefetch, hb):
                                              (37, 512, 256, 8, ("shfl", 1, 1, None, 5)),
                                              (19, 384, 128, 4, ("shfl", 2, 1, None, 5)),
                                              (16, 128, 16, 4, ("shfl", 2, 1, None, 5)),
-                                             # no Hadamard (BitLinear: QKV / fc1), the default there since session 12
+                                             # no Hadamard (BitLinear: QKV / fc1), the default there
                                              (29, 512, 0, 8, ("shfl", 1, 1)), (33, 256, 0, 4, ("shfl", 4, 2)),
                                              (19, 384, 1, 4, ("shfl", 2, 1, None, 5)),
                                              (37, 512, 0, 8, ("shfl", 1, 1, None, 5))])

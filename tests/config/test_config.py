@@ -23,7 +23,7 @@ from bitnet_dist.errors import ConfigError
 from bitnet_dist.presets import MODEL_PRESETS, PRECISION_PRESETS
 from bitnet_dist.validate import check_batch, check_train
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 GROUPS = ("model", "precision", "parallel", "engine", "data", "optim", "logging", "experiment")
 register_configs()
 

@@ -22,7 +22,7 @@ from bitnet_dist.data.loader import PackedSource, blend_assign
 from bitnet_dist.data.tokenizer import ByteTokenizer, Gpt2Tokenizer, HFTokenizer, train_bpe
 from bitnet_dist.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
