@@ -144,8 +144,11 @@ def bench_copy(args, shape=(16384, 8192)):
 
 
 def bench_fused(args, copy_tbs: float):
-    # deferred: imports Triton
-    from bitnet_dist.kernels.norm_hadamard_quant import flat_config, launch_config, norm_hadamard_quant
+    from bitnet_dist.kernels.norm_hadamard_quant import (  # deferred: imports Triton
+        flat_config,
+        launch_config,
+        norm_hadamard_quant,
+    )
 
     rows = []
     dims = sorted({d for h, f in MODELS.values() for d in (h, f)})
@@ -422,7 +425,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bitnet_dist.bench needs a CUDA device (none found); run it on the GPU machine.", file=sys.stderr)
         return 2
-    import triton
+    import triton  # deferred: the benchmark checks for CUDA first
 
     torch.manual_seed(0)
     res = {"device": torch.cuda.get_device_name(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

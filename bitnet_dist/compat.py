@@ -29,6 +29,7 @@ those warnings (``filter_backend_warnings``: by message and module); every other
 """
 from __future__ import annotations
 
+import importlib
 import warnings
 
 import torch
@@ -94,10 +95,8 @@ def foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
 def install_foreach_multi_tensor() -> list[str]:
     """Replace megatron's local (no TE / apex) multi-tensor L2 norm and scale with the ones above wherever a
     megatron module holds them. Returns what was replaced (empty with TE / apex, or without megatron)."""
-    import importlib
-
     try:
-        from megatron.core import utils as mu
+        from megatron.core import utils as mu  # deferred: megatron-core is heavy; only the megatron paths call this
     except ImportError:
         return []
     swaps = {getattr(mu, "local_multi_tensor_l2_norm", None): foreach_l2_norm,

@@ -14,6 +14,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Optional
 
+from omegaconf import OmegaConf
+
 from bitnet_dist.presets import MODEL_PRESETS, PRECISION_PRESETS, ModelConfig, ParallelConfig, PrecisionConfig
 
 # The Hydra configs ship as package data (the repository's conf/ folder installs as bitnet_dist.conf), so
@@ -147,7 +149,7 @@ def run_name(override_dirname: str | None = None) -> str:
     directories or confuse shells are replaced, so ``data.paths=[a/b]`` stays one path component.
     """
     if override_dirname is None:
-        from hydra.core.hydra_config import HydraConfig
+        from hydra.core.hydra_config import HydraConfig  # deferred: Hydra is loaded only inside a Hydra job
 
         override_dirname = HydraConfig.get().job.override_dirname if HydraConfig.initialized() else ""
     if not override_dirname:
@@ -157,8 +159,6 @@ def run_name(override_dirname: str | None = None) -> str:
 
 def cfg_from_omegaconf(cfg) -> TrainConfig:
     """A composed DictConfig (train_schema) -> TrainConfig dataclass instance."""
-    from omegaconf import OmegaConf
-
     obj = OmegaConf.to_object(cfg)
     if not isinstance(obj, TrainConfig):  # composed without the schema (should not happen)
         obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg))
@@ -173,8 +173,7 @@ def register_configs() -> None:
     global _registered
     if _registered:
         return
-    from hydra.core.config_store import ConfigStore
-    from omegaconf import OmegaConf
+    from hydra.core.config_store import ConfigStore  # deferred: Hydra is loaded only by the train app
 
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
     if not OmegaConf.has_resolver("bitnet_run_name"):

@@ -28,6 +28,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state as ps
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -240,8 +241,6 @@ def init_weights(gpt: GPTModel, seed: int, model: ModelConfig) -> None:
     init_std / sqrt(2 * num_layers) as megatron does. Norm weights stay 1. The slicing mirrors megatron's
     CPU init: split the master along the partition dim into chunks of local_size/stride, take rank::TP.
     """
-    from megatron.core import parallel_state as ps
-
     tp = ps.get_tensor_model_parallel_world_size()
     rank = ps.get_tensor_model_parallel_rank()
     out_std = model.init_std / math.sqrt(2.0 * model.num_layers)

@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+from tqdm import tqdm
 
 from bitnet_dist import quant
 from bitnet_dist.errors import ConfigError
@@ -155,8 +158,6 @@ def quant_error_sq(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 def _gather_features(x: torch.Tensor, layer) -> torch.Tensor:
     """Whole tokens: all-gather a TP feature shard [..., in/TP] over the layer's TP group (rank order)."""
-    import torch.distributed as dist
-
     full = getattr(layer, "input_size", x.shape[-1])
     if x.shape[-1] == full:
         return x
@@ -213,8 +214,6 @@ class _StatsProbe:
 
     def result(self) -> dict[str, float]:
         """Reduce over all ranks (SUM / MAX), one host sync, then the per-kind scalars."""
-        import torch.distributed as dist
-
         sums, maxes, hists = self.sums, self.maxes, self.hists
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(sums)
@@ -268,8 +267,6 @@ def _config_dict(cfg) -> dict:
     if dataclasses.is_dataclass(cfg):
         return dataclasses.asdict(cfg)
     try:
-        from omegaconf import OmegaConf
-
         return OmegaConf.to_container(cfg, resolve=True)
     except Exception:
         return {}
@@ -294,7 +291,7 @@ class Telemetry:
                 self._wandb = self._init_wandb(mode)
 
     def _init_wandb(self, mode: str):
-        import wandb
+        import wandb  # deferred: wandb is heavy and needed only when logging.wandb is on
 
         id_path = self.run_dir / WANDB_ID_FILE
         if id_path.is_file():  # a resumed or requeued job continues the same wandb run
@@ -327,7 +324,7 @@ class Telemetry:
 
     def _for_wandb(self, clean: dict[str, Any]) -> dict[str, Any]:
         """Scalars as they are (None -> NaN); histogram lists as wandb.Histogram; other lists left out."""
-        import wandb
+        import wandb  # deferred: wandb is heavy and needed only when logging.wandb is on
 
         out = {}
         for k, v in clean.items():
@@ -407,8 +404,6 @@ class Telemetry:
                 print(f"[bitnet-train] step {step}/{max_steps} {values}".rstrip(), flush=True)
             return
         if self._bar is None:
-            from tqdm import tqdm
-
             self._bar = tqdm(total=max_steps, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr,
                              mininterval=1.0, smoothing=0.1)
         self._bar.update(step - self._bar.n)

@@ -16,13 +16,16 @@ and schedule step all come back).
 from __future__ import annotations
 
 import math
+import multiprocessing as mp
 import random
 import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from bitnet_dist import schedule
 from bitnet_dist.checkpoint import CheckpointError, CheckpointManager
@@ -44,8 +47,6 @@ RANK_STATE = "trainer_rank{rank:05d}.pt"  # per-rank data position and RNG state
 
 # -- per-rank state ---------------------------------------------------------------------------------------
 def _rng_state() -> dict[str, Any]:
-    import numpy as np
-
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -53,8 +54,6 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    import numpy as np
-
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -63,8 +62,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _seed_everything(seed: int) -> None:
-    import numpy as np
-
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -291,8 +288,6 @@ def _standard_start_method() -> None:
     """Inside joblib's loky workers (hydra/launcher=joblib) multiprocessing reports the start method 'loky',
     which the spawned children of megatron's checkpoint writer cannot restore ("cannot find context for
     'loky'"): fall back to spawn there."""
-    import multiprocessing as mp
-
     if mp.get_start_method(allow_none=True) not in (None, "fork", "spawn", "forkserver"):
         mp.set_start_method("spawn", force=True)
 
@@ -308,8 +303,6 @@ def train(cfg: TrainConfig) -> Optional[float]:
     try:
         trainer = Trainer(cfg)
         if trainer.rank == 0:
-            from omegaconf import OmegaConf
-
             (trainer.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         return trainer.run()
     finally:

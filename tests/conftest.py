@@ -8,6 +8,14 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter. Set before any test module is collected:
+# Triton reads the variable when the first @triton.jit function is defined (megatron-core and DeepSpeed define
+# their own on import), so setting it inside tests/kernels/test_kernels.py alone would come too late.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 _TESTS = str(Path(__file__).resolve().parent)
 if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)

@@ -22,6 +22,8 @@ import numpy as np
 from bitnet_dist.data.errors import DataError
 from bitnet_dist.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 
+# megatron-core's indexed-dataset module is imported where used (megatron-core is heavy to import).
+
 _worker_tok = None
 
 

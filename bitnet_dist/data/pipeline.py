@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import torch.distributed as dist
 
 from bitnet_dist.data.corpus import prepare_brown_text, read_jsonl_texts, resolve_cache_dir
 from bitnet_dist.data.errors import DataError
@@ -122,8 +123,6 @@ def check_data_config(cfg) -> None:
 
 def _on_rank0(fn: Callable[[], Any]) -> Any:
     """Run ``fn`` on global rank 0 while the others wait; every rank gets its result or its error."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return fn()
     result, err, exc = None, None, None

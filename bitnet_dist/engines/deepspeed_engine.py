@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
+import torch.distributed as dist
 
 from bitnet_dist import compat, step_cache
 from bitnet_dist import model as bm
@@ -29,6 +30,8 @@ from bitnet_dist.engines.base import Batch, Engine, StepStats
 from bitnet_dist.engines.common import MegatronDataParallelTopology
 from bitnet_dist.errors import ConfigError
 from bitnet_dist.layers import batch_weight_quant, set_act_bits
+
+# DeepSpeed and megatron-core's parallel_state are imported where used (heavy; only the running engine needs them).
 
 CKPT_TAG = "state"  # DeepSpeed's sub-directory inside the checkpoint directory
 LAYOUT_FILE = "deepspeed_layout.json"
@@ -88,8 +91,6 @@ class DeepSpeedEngine(MegatronDataParallelTopology, Engine):
 
     # -- set-up ------------------------------------------------------------------------------------------------
     def init_parallel(self) -> None:
-        import torch.distributed as dist
-
         check_config(self.cfg)
         tp = self.cfg.parallel.tensor
         world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
@@ -235,8 +236,6 @@ class DeepSpeedEngine(MegatronDataParallelTopology, Engine):
                 "tensor": self.cfg.parallel.tensor, "data_parallel": self.dp_size}
 
     def save(self, ckpt_dir: Path, trainer_state: dict[str, Any]) -> None:
-        import torch.distributed as dist
-
         ckpt_dir = Path(ckpt_dir)
         # Every rank writes its own shards; DeepSpeed barriers internally.
         self._ds.save_checkpoint(str(ckpt_dir), tag=CKPT_TAG, client_state={}, save_latest=False)

@@ -27,6 +27,7 @@ for tensor-parallel invariance and checkpoint resharding at the model level.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -55,6 +56,9 @@ from bitnet_dist.errors import ConfigError
 from bitnet_dist.layers import batch_weight_quant, bit_layers, set_act_bits
 from bitnet_dist.model import build_model, transformer_config
 from bitnet_dist.presets import check_model
+
+# megatron-core's CUDA-side subsystems (optimizer, schedules, DDP, CUDA graphs, dist-checkpointing) are imported in
+# the methods that use them: the engine's CPU paths (tests, checks) never load them.
 
 CKPT_SUBDIR = "megatron"  # dist_checkpointing files inside the step directory
 LAYOUT_FILE = "megatron_layout.json"  # informative: the layout that wrote the checkpoint
@@ -396,7 +400,6 @@ class MegatronEngine(MegatronDataParallelTopology, Engine):
         it = self._graph.curr_iter("training")
         if it == self.cfg.engine.cuda_graph_warmup:
             # the capture allocates from a private pool: hand the eager steps' cached blocks back first
-            import gc
 
             gc.collect()
             torch.cuda.empty_cache()
@@ -423,7 +426,6 @@ class MegatronEngine(MegatronDataParallelTopology, Engine):
             return
         self._graph = None
         self._reset_graph_state()
-        import gc
 
         gc.collect()
         if torch.cuda.is_available():

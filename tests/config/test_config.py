@@ -235,6 +235,7 @@ def test_engine_parallel_combinations():
     # the Brown corpus neither cached nor fetchable (no npm on PATH): how to provide the files
     (["data=brown"], {"PATH": os.path.dirname(sys.executable)}, "bitnet-train: data error: "),
 ], ids=["batch", "unknown-preset", "indexed-missing", "brown-missing"])
+@pytest.mark.slow
 def test_bad_setup_is_one_clear_line_and_exit_2(tmp_path, overrides, env, first_line):
     """The app prints one line naming the problem and the fix, and exits 2 (no traceback)."""
     import subprocess

@@ -182,6 +182,7 @@ def test_writer_equals_direct_tokenization_any_worker_count(tmp_path, gpt2):
     assert outs[0] == outs[1]
 
 
+@pytest.mark.slow
 def test_preprocess_cli_jsonl_and_txt(tmp_path, gpt2):
     from bitnet_dist.data.preprocess import main
 

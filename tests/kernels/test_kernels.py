@@ -870,6 +870,7 @@ def test_glu_input_equals_swiglu_then_layer_and_keeps_no_product(dtype, bits, hb
         hbit_linear(h[..., :K], w, g, act_bits=bits, hadamard_block=hb, eps=1e-5, glu=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("T,D,hb,bits,cfg", [(37, 512, 256, 8, ("shfl", 1, 1)), (19, 384, 128, 4, ("shfl", 2, 1)),
                                              (37, 512, 256, 8, ("shfl", 1, 1, None, 5)),  # packed, EVEN rows
                                              (19, 384, 128, 4, ("shfl", 2, 1, None, 5)),  # packed, masked columns
@@ -902,6 +903,7 @@ def test_swiglu_folded_into_fused_forward_equals_composition(T, D, hb, bits, cfg
         norm_hadamard_quant(h[:, :-1], g, config=cfg, glu=True, **kw)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("T,D,hb,cfg", [(37, 512, 256, ("shfl", 1, 1, 1)), (19, 384, 128, ("shfl", 2, 1, 2)),
                                         (37, 512, 256, ("shfl", 1, 1, 1, None, True)),
                                         (19, 384, 16, ("shfl", 2, 1, 2, None, True))])
@@ -992,6 +994,7 @@ def test_strided_input_is_kept_as_given_not_copied():
     assert (leaf1.untyped_storage().data_ptr(), leaf1.untyped_storage().nbytes()) in kept1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("T,D,hb,bits,glu", [(37, 512, 256, 8, False), (19, 384, 128, 4, False), (1, 256, 64, 8, False),
                                              (37, 512, 256, 4, True), (6, 256, 16, 8, True)])
 def test_launch_plans_equal_the_full_path(T, D, hb, bits, glu):
@@ -1117,6 +1120,7 @@ def test_weight_batch_equals_the_per_weight_quantization():
         ternary.WeightBatch.detach(ws)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp,sequence", [(2, False), (2, True)])
 def test_weight_batch_under_tensor_parallelism(tp, sequence):
     """A model's weights batched at TP=2 (one all-reduce of the concatenated statistics) give the bits of the
@@ -1131,6 +1135,7 @@ def test_weight_batch_under_tensor_parallelism(tp, sequence):
         assert rel <= 1e-6
 
 
+@pytest.mark.slow
 def test_weight_batch_does_not_keep_the_model_alive():
     """A model whose weights are batched (layers.batch_weight_quant, one run) is freed once deleted, with its
     parameters' AccumulateGrad nodes held with hooks as megatron DDP holds them: the batch keeps no strong

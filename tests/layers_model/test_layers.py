@@ -15,6 +15,7 @@ def test_fused_qkv_and_gate_up_equal_separate_projections(tp):
         assert res["fc1_single_scale"] > 1e-3, "one scale over the fused matrix should differ"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp,preset", [(1, "v2_a8"), (2, "v2_a8"), (1, "bf16")])
 def test_swiglu_variants_are_the_same_model(tp, preset):
     """SwiGLUMLP (with precision.fused_swiglu: the SwiGLU inside fc2) against fused_swiglu off and against

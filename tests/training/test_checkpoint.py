@@ -115,6 +115,7 @@ def test_crash_during_write_leaves_previous_checkpoint(tmp_path):
     assert len(leftovers) == 1 and (tmp_path / "checkpoints" / leftovers[0] / "model.bin").read_bytes() == b"partial"
 
 
+@pytest.mark.slow
 def test_two_ranks_write_one_checkpoint(tmp_path):
     """Every rank writes its own file into the shared temporary directory; rank 0 publishes after a barrier."""
     code = textwrap.dedent(f"""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from bitnet_dist import telemetry
 from bitnet_dist.config import TrainConfig
 from bitnet_dist.telemetry import Telemetry
@@ -22,6 +24,7 @@ def _stderr_of(pre: str) -> str:
     return out.stderr
 
 
+@pytest.mark.slow
 def test_backend_warnings_filtered_by_message_and_module():
     plain = _stderr_of("")
     assert "Transformer Engine and Apex are not installed" in plain  # what megatron-core prints without the filter

@@ -9,6 +9,7 @@ import pytest
 import torch
 from dist_utils import run_ranks
 
+import bitnet_dist.telemetry as telemetry_module
 from bitnet_dist.config import TrainConfig
 from bitnet_dist.presets import model_preset
 from bitnet_dist.telemetry import (
@@ -210,6 +211,7 @@ def _sharded_probe(rank, world):
     return tel.stats_probe_result
 
 
+@pytest.mark.slow
 def test_stats_probe_gathers_tensor_parallel_shards():
     results = run_ranks(_sharded_probe, 2, timeout=120)
     assert results[0] == results[1]
@@ -242,7 +244,8 @@ def test_peaks_and_memory_on_cpu(monkeypatch):
     assert mem["mem/max_rss_gib"] > 0.01
 
 
-def test_progress_bar_renders(tmp_path, capsys):
+def test_progress_bar_renders(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(telemetry_module, "_is_terminal", lambda stream: True)  # the bar is for terminals
     cfg = _cfg()
     cfg.trainer.progress_bar = True
     tel = Telemetry(cfg, tmp_path, enabled=True)
