@@ -195,19 +195,18 @@ def fp8_available(device: torch.device) -> bool:
 
 
 def fp8_gemm(a8: torch.Tensor, b8: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor,
-             out_dtype=torch.bfloat16, fast_accum: bool = False) -> torch.Tensor:
+             out_dtype=torch.bfloat16) -> torch.Tensor:
     """a8 float8_e4m3fn [M, K] row-major, b8 float8_e4m3fn [N, K] row-major (used as the column-major
-    B = b8.T), sa fp32 [M], sb fp32 [N] -> (a8 @ b8.T) * sa * sb with fp32 accumulation. ``fast_accum``:
-    cuBLASLt's fast accumulation (fewer accumulator bits), for the benchmark's comparison only."""
-    return fp8_gemm_t(a8, b8.t(), sa, sb.reshape(1, -1).float(), out_dtype, fast_accum)
+    B = b8.T), sa fp32 [M], sb fp32 [N] -> (a8 @ b8.T) * sa * sb with fp32 accumulation."""
+    return fp8_gemm_t(a8, b8.t(), sa, sb.reshape(1, -1).float(), out_dtype)
 
 
 def fp8_gemm_t(a8: torch.Tensor, b8_t: torch.Tensor, sa: torch.Tensor, sb_row: torch.Tensor,
-               out_dtype=torch.bfloat16, fast_accum: bool = False) -> torch.Tensor:
+               out_dtype=torch.bfloat16) -> torch.Tensor:
     """``fp8_gemm`` with B already as the column-major view ``b8.t()`` [K, N] and its scale as fp32 [1, N] (a
     layer's weight operands, made once per step: ``TernaryWeight.fp8_operands``)."""
     return torch._scaled_mm(a8, b8_t, scale_a=sa.reshape(-1, 1).float(), scale_b=sb_row, out_dtype=out_dtype,
-                            use_fast_accum=fast_accum)
+                            use_fast_accum=False)
 
 
 def scaled_gemm_reference(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor,
