@@ -11,7 +11,10 @@ OUT=${OUT:-$PWD/out}; mkdir -p $OUT
 for d in runs/repro runs/repro_blocks; do
   [ -e "$d" ] && { echo "$d exists: move it away first (its runs would resume from their final checkpoints)"; exit 1; }
 done
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
+# bitnet-dist itself, as a package (bitnet_dist.kernels and bitnet_dist.conf come from kernels/ and conf/)
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade --target /tmp/site . || exit
+export PYTHONPATH=/tmp/site
 export BITNET_CACHE=$PWD/.cache/bitnet_dist PYTHONUNBUFFERED=1 WANDB_MODE=disabled NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 (nvidia-smi --query-gpu=name,memory.used,memory.total,compute_mode --format=csv,noheader; date -u) > $OUT/device.txt
 # Many single-rank NCCL processes share the GPU: with 18 at once NCCL's start-up allocations failed
