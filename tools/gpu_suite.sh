@@ -36,8 +36,15 @@ for step in "${steps[@]}"; do
   t0=$(date +%s)
   case "$step" in
     install)
-      python -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1
-      rc=$?
+      # --no-build-isolation: the build uses this environment's setuptools (no index needed)
+      if ! python -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 68)" 2>/dev/null; then
+        echo "gpu_suite.sh: the install step needs setuptools >= 68 in this environment (pip install" \
+          "'setuptools>=68', or carry its wheel)" | tee "$OUT/install.log" >&2
+        rc=1
+      else
+        python -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1
+        rc=$?
+      fi
       [ $rc -eq 0 ] && python -c "import bitnet_dist.kernels, bitnet_dist.conf" >> "$OUT/install.log" 2>&1
       rc=$(( rc || $? )) ;;
     tests)
