@@ -27,17 +27,10 @@ from typing import Callable, Dict, List, Sequence
 
 import torch
 
+from bitnet_dist import step_cache
+from bitnet_dist.bench_breakdown import HB, MODELS, bench_breakdown, layer_shapes
 from bitnet_dist.bench_breakdown import to_markdown as breakdown_markdown
-
-# (name, hidden, ffn, heads) of the presets whose layer shapes we measure; MHA, SwiGLU fc1 = 2 * ffn.
-MODELS = {"1.3B": (2048, 8192), "7B": (4096, 16384)}
-HB = 256
-
-
-def layer_shapes(hidden: int, ffn: int):
-    """(layer kind, in_features, out_features, hadamard)."""
-    return [("qkv", hidden, 3 * hidden, False), ("wo", hidden, hidden, True),
-            ("fc1", hidden, 2 * ffn, False), ("wdown", ffn, hidden, True)]
+from bitnet_dist.kernels import hbit_linear
 
 
 def timed(fn, warmup: int, reps: int, inner: int = 1) -> float:
@@ -95,7 +88,7 @@ def timed_gpu(fn, warmup: int, reps: int, inner: int = 10, strict: bool = False)
     torch.cuda.synchronize()
     try:
         graph = _capture(fn, inner)
-    except Exception:  # noqa: BLE001 - not capturable: time it unrolled instead
+    except Exception:
         torch.cuda.synchronize()
         if strict:
             raise
@@ -131,7 +124,7 @@ def timed_gpu_interleaved(fns: Dict[str, Callable], warmup: int, reps: int, inne
             for _ in range(warmup):
                 fn()
             graphs[name] = _capture(fn, inner)
-        except Exception as e:  # noqa: BLE001 - reported per variant
+        except Exception as e:
             torch.cuda.synchronize()
             errors[name] = repr(e)[:300]
 
@@ -151,7 +144,11 @@ def bench_copy(args, shape=(16384, 8192)):
 
 
 def bench_fused(args, copy_tbs: float):
-    from bitnet_dist.kernels.norm_hadamard_quant import flat_config, launch_config, norm_hadamard_quant
+    from bitnet_dist.kernels.norm_hadamard_quant import (  # deferred: imports Triton
+        flat_config,
+        launch_config,
+        norm_hadamard_quant,
+    )
 
     rows = []
     dims = sorted({d for h, f in MODELS.values() for d in (h, f)})
@@ -165,7 +162,6 @@ def bench_fused(args, copy_tbs: float):
                 nbytes = T * D * 2 + T * D + 8 * T + 2 * D
                 # the default (the warp-shuffle kernel on CUDA) and the tensor-core flat kernel it replaced; the
                 # same row without the Hadamard (the QKV / fc1 inputs' kernel), default and the chunked kernel
-                # that was the default there before session 12
                 variants = [("default", None, None, HB), ("tensor_core_flat", None, flat_config(D, HB), HB),
                             ("no_hadamard", None, None, 0), ("no_hadamard_chunked", None, launch_config(D, 1), 0)]
                 if args.sweep and T == max(args.tokens) and bits == 8:
@@ -182,7 +178,7 @@ def bench_fused(args, copy_tbs: float):
                         host_ms = timed(lambda: norm_hadamard_quant(x, g, act_bits=bits, hadamard_block=hb, eps=1e-5,
                                                                     fp8_codes=fp8, prec=prec, config=cfg),
                                         args.warmup, args.reps)
-                    except Exception as e:  # noqa: BLE001 - a sweep point that does not compile is reported
+                    except Exception as e:
                         rows.append({"tokens": T, "dim": D, "act_bits": bits, "variant": name, "error": repr(e)[:200]})
                         continue
                     tbs = nbytes / ms / 1e9
@@ -203,7 +199,7 @@ def gemm_operands(T: int, K: int, N: int):
 
 
 def bench_gemm(args):
-    from bitnet_dist.kernels.gemm import fp8_available, fp8_gemm, int8_gemm
+    from bitnet_dist.kernels.gemm import fp8_available, fp8_gemm, int8_gemm  # deferred: imports Triton
 
     rows = []
     for model, (h, f) in MODELS.items():
@@ -216,7 +212,7 @@ def bench_gemm(args):
                 r["int8_ms"] = timed_gpu(lambda: int8_gemm(ai, wi, sa, sw), args.warmup, args.reps)
                 try:
                     r["int_mm_ms"] = timed_gpu(lambda: torch._int_mm(ai, wi.t()), args.warmup, args.reps)
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:
                     r["int_mm_error"] = repr(e)[:200]
                 if fp8_available(a.device):
                     a8 = (ai.float() / 16).clamp(-8, 7).round().to(torch.float8_e4m3fn)
@@ -253,7 +249,6 @@ def _saved_bytes(fn, params=()):
 def layer_variants(x, lin, g, had: bool) -> dict:
     """The layer benchmark's forward functions over one input x, nn.Linear ``lin`` and norm weight g: bf16
     Linear, bf16 RMSNorm + Linear, and H-BitLinear A8 / A4 with bf16 or FP8 backward GEMMs."""
-    from bitnet_dist.kernels import hbit_linear
 
     def rms_lin():  # torch's fused RMSNorm, as the bf16 model's pre-norms (bitnet_dist.norm.RMSNorm)
         return lin(torch.nn.functional.rms_norm(x, g.shape, g, 1e-5))
@@ -269,8 +264,7 @@ def layer_variants(x, lin, g, had: bool) -> dict:
 
 
 def bench_layer(args):
-    from bitnet_dist import step_cache
-    from bitnet_dist.kernels.ternary import quantize_weight
+    from bitnet_dist.kernels.ternary import quantize_weight  # deferred: imports Triton
 
     rows = []
     for model, (h, f) in MODELS.items():
@@ -312,7 +306,7 @@ def bench_layer(args):
                         r[f"{name}_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
                         r[f"{name}_saved_mib"] = saved / 2**20
                         del y
-                    except Exception as e:  # noqa: BLE001 - report and go on with the other variants
+                    except Exception as e:
                         r[f"{name}_error"] = repr(e)[:300]
                         print("layer error", name, repr(e)[:300], flush=True)
                 # the same steps replayed from CUDA graphs (engine.cuda_graph=true): GPU time only, the variants'
@@ -341,9 +335,8 @@ def to_markdown(res) -> str:
            "Kernel times (copy, fused kernel, GEMMs) are GPU times: 10 calls captured in a CUDA graph and replayed, "
            "so host launch overhead is not in them. Layer times are 10 forward+backward steps queued back to back "
            "as in training: there the host overhead counts wherever it exceeds the GPU time. The layer input's "
-           "gradient is set to None before each backward (an activation's gradient is handed on, not accumulated; "
-           "before 2026-11-24 session 7 an accumulation kernel over x.grad was in both variants' times); the "
-           "weights' gradients accumulate as over micro-batches.\n",
+           "gradient is set to None before each backward (an activation's gradient is handed on, not accumulated, "
+           "so no accumulation kernel over x.grad is in the times); the weights' gradients accumulate as over micro-batches.\n",
            f"Device-to-device copy (16384 x 8192 bf16): {res['copy']['tb_s']:.2f} TB/s (bytes read + written).\n",
            f"## Fused RMSNorm + Hadamard (block {res.get('hadamard_block', HB)}) + quantize (default launch config)\n",
            "`% of copy`: against the large copy above; `% same-size copy`: against a copy of the kernel's own "
@@ -351,7 +344,7 @@ def to_markdown(res) -> str:
            "`tensor-core kernel`: the flat kernel with the Hadamard as tensor-core products (the default before the "
            "warp-shuffle kernel), same run. `no Hadamard`: the same row length without the transform (RMSNorm + "
            "quantize, the QKV / fc1 inputs' kernel): the default (the warp-shuffle kernel, HB = 1) / the chunked "
-           "kernel that was the default there before 2026-11-25 session 12, % of copy.\n",
+           "kernel, % of copy.\n",
            "| tokens | dim | act bits | GPU ms | TB/s | % of copy | % same-size copy | 1 call ms | tensor-core kernel, % of copy "
            "| no Hadamard: default / chunked, % of copy |",
            "|---|---|---|---|---|---|---|---|---|---|"]
@@ -389,9 +382,7 @@ def to_markdown(res) -> str:
                 "host time in either variant. The weight codes are reused from the step's first micro-batch as above."
                 + (f" The variants' graphs are replayed in rounds, one replay of each per round in a new random order, "
                    f"median of {r0['graph_reps']} rounds: a drift of the GPU clock during the run moves every variant "
-                   "alike, and no variant always follows the same one (until 2026-11-25 session 12 each variant was "
-                   "timed in turn, 6 replays, nn.Linear first; in session 13's first interleaved runs in a fixed "
-                   "order)." if r0.get("graph_interleaved") == "shuffled" else
+                   "alike, and no variant always follows the same one." if r0.get("graph_interleaved") == "shuffled" else
                    f" The variants' graphs are replayed round-robin in a fixed order, median of {r0['graph_reps']} "
                    "rounds." if r0.get("graph_interleaved") else "") + "\n",
                 "| model | layer | tokens | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
@@ -434,7 +425,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bitnet_dist.bench needs a CUDA device (none found); run it on the GPU machine.", file=sys.stderr)
         return 2
-    import triton
+    import triton  # deferred: the benchmark checks for CUDA first
 
     torch.manual_seed(0)
     res = {"device": torch.cuda.get_device_name(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -452,7 +443,6 @@ def main(argv=None) -> int:
     for r in res["layer"]:
         print("layer", json.dumps(r), flush=True)
     if "breakdown" in args.only:
-        from bitnet_dist.bench_breakdown import bench_breakdown
         res["breakdown"] = bench_breakdown(args, res["copy"]["tb_s"], res["layer"],
                                            lambda fn: timed_gpu(fn, args.warmup, args.reps))
     args.out.mkdir(parents=True, exist_ok=True)

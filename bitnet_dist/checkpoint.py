@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+import torch.distributed as dist
+
 MANIFEST = "manifest.json"
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
 
@@ -34,8 +36,6 @@ class CheckpointError(RuntimeError):
 
 
 def _dist():
-    import torch.distributed as dist
-
     return dist if dist.is_available() and dist.is_initialized() else None
 
 
@@ -202,7 +202,7 @@ class CheckpointManager:
         result = None
         if _rank() == 0:
             bad = []
-            for step, p in reversed(self.steps()):
+            for _step, p in reversed(self.steps()):
                 reason = verify(p)
                 if reason is None:
                     result = str(p)

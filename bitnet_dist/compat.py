@@ -12,7 +12,7 @@ kernel each, no host sync; the norm in fp32). With TE or apex present, megatron 
 
 megatron-core 0.16.1 has no CPU path: besides CUDA-only subsystems we never use on CPU (its schedules,
 optimizers and RNG tracker), two calls sit on paths the model itself takes and are harmless to redirect
-(../shared/reference/megatron-core-notes.md section 2, kind "S"):
+(megatron-core 0.16.1 source):
 
 * ``torch.cuda.current_device()`` names the device of new buffers: the global memory buffer used by the
   sequence-parallel all-gather, RoPE's ``inv_freq.to(...)``, the TP mappings' all-gather and
@@ -21,10 +21,30 @@ optimizers and RNG tracker), two calls sit on paths the model itself takes and a
 
 ``install_cpu_path()`` patches exactly these two functions, and only when CUDA is not available: on a GPU
 machine it does nothing, so GPU runs never see it. Call it once before building a model on CPU.
+
+**Console.** Without Transformer Engine or apex, importing megatron-core's optimizer, clip-grads, FSDP
+mixed-precision and norm backends warns once per module that it falls back to torch implementations (six
+UserWarnings per start). bitnet-dist does not use TE or apex by design, so the entry points filter exactly
+those warnings (``filter_backend_warnings``: by message and module); every other warning still shows.
 """
 from __future__ import annotations
 
+import importlib
+import warnings
+
 import torch
+
+# The messages of megatron-core's "no TE / apex" fallback warnings (0.16 and 0.17).
+BACKEND_WARNING_MESSAGE = r"(Transformer Engine and Apex are|Apex is|Transformer Engine is) not installed"
+# megatron-core's modules, and the FSDP package it vendors (megatron_fsdp)
+BACKEND_WARNING_MODULE = r"(megatron|megatron_fsdp)(\..*)?"
+
+
+def filter_backend_warnings() -> None:
+    """Ignore megatron-core's UserWarnings about absent Transformer Engine / apex (see the module docstring);
+    call before megatron-core is imported."""
+    warnings.filterwarnings("ignore", message=BACKEND_WARNING_MESSAGE, category=UserWarning,
+                            module=BACKEND_WARNING_MODULE)
 
 _installed = False
 
@@ -75,10 +95,8 @@ def foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
 def install_foreach_multi_tensor() -> list[str]:
     """Replace megatron's local (no TE / apex) multi-tensor L2 norm and scale with the ones above wherever a
     megatron module holds them. Returns what was replaced (empty with TE / apex, or without megatron)."""
-    import importlib
-
     try:
-        from megatron.core import utils as mu
+        from megatron.core import utils as mu  # deferred: megatron-core is heavy; only the megatron paths call this
     except ImportError:
         return []
     swaps = {getattr(mu, "local_multi_tensor_l2_norm", None): foreach_l2_norm,

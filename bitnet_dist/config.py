@@ -9,10 +9,35 @@ bitnet_dist.validate (``check_train``), the one place that rejects impossible se
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
 from typing import Optional
 
-from bitnet_dist.presets import ModelConfig, ParallelConfig, PrecisionConfig
+from omegaconf import OmegaConf
+
+from bitnet_dist.presets import MODEL_PRESETS, PRECISION_PRESETS, ModelConfig, ParallelConfig, PrecisionConfig
+
+# The Hydra configs ship as package data (the repository's conf/ folder installs as bitnet_dist.conf), so
+# they are found through the package in a source checkout and in an installed wheel alike.
+CONF_PACKAGE = "bitnet_dist.conf"
+CONF_SEARCH_PATH = f"pkg://{CONF_PACKAGE}"
+
+
+def conf_options(group: str) -> list[str]:
+    """The options of a config group: the stems of ``conf/<group>/*.yaml`` inside the installed package."""
+    folder = resources.files(CONF_PACKAGE) / group
+    if not folder.is_dir():
+        return []
+    return sorted(f.name[:-5] for f in folder.iterdir() if f.name.endswith(".yaml") and f.is_file())
+
+
+def conf_file(*parts: str):
+    """A file of the shipped configs, e.g. ``conf_file("experiment", "smoke.yaml")`` (a Traversable)."""
+    node = resources.files(CONF_PACKAGE)
+    for part in parts:
+        node = node / part
+    return node
 
 
 @dataclass
@@ -124,7 +149,7 @@ def run_name(override_dirname: str | None = None) -> str:
     directories or confuse shells are replaced, so ``data.paths=[a/b]`` stays one path component.
     """
     if override_dirname is None:
-        from hydra.core.hydra_config import HydraConfig
+        from hydra.core.hydra_config import HydraConfig  # deferred: Hydra is loaded only inside a Hydra job
 
         override_dirname = HydraConfig.get().job.override_dirname if HydraConfig.initialized() else ""
     if not override_dirname:
@@ -134,8 +159,6 @@ def run_name(override_dirname: str | None = None) -> str:
 
 def cfg_from_omegaconf(cfg) -> TrainConfig:
     """A composed DictConfig (train_schema) -> TrainConfig dataclass instance."""
-    from omegaconf import OmegaConf
-
     obj = OmegaConf.to_object(cfg)
     if not isinstance(obj, TrainConfig):  # composed without the schema (should not happen)
         obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg))
@@ -150,8 +173,7 @@ def register_configs() -> None:
     global _registered
     if _registered:
         return
-    from hydra.core.config_store import ConfigStore
-    from omegaconf import OmegaConf
+    from hydra.core.config_store import ConfigStore  # deferred: Hydra is loaded only by the train app
 
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
     if not OmegaConf.has_resolver("bitnet_run_name"):
@@ -161,12 +183,7 @@ def register_configs() -> None:
 
 def write_preset_yamls(conf_dir) -> list:
     """(Re)write conf/model/*.yaml and conf/precision/*.yaml from bitnet_dist.presets, the source of
-    truth (tests/test_config.py fails when they drift). ``python -m bitnet_dist.config [CONF_DIR]``."""
-    from dataclasses import asdict
-    from pathlib import Path
-
-    from bitnet_dist.presets import MODEL_PRESETS, PRECISION_PRESETS
-
+    truth (tests/config/test_config.py fails when they drift). ``python -m bitnet_dist.config CONF_DIR``."""
     def value(v):
         if v is None:
             return "null"
@@ -183,7 +200,7 @@ def write_preset_yamls(conf_dir) -> list:
         d.mkdir(parents=True, exist_ok=True)
         for name, preset in presets.items():
             lines = [f"# {group.capitalize()} preset {name!r}: generated from bitnet_dist.presets.{origin} by "
-                     "`python -m bitnet_dist.config`; tests/test_config.py keeps them equal."]
+                     "`python -m bitnet_dist.config conf`; tests/config/test_config.py keeps them equal."]
             lines += [f"{k}: {value(v)}" for k, v in asdict(preset).items()]
             (d / f"{name}.yaml").write_text("\n".join(lines) + "\n")
             written.append(d / f"{name}.yaml")
@@ -192,7 +209,8 @@ def write_preset_yamls(conf_dir) -> list:
 
 if __name__ == "__main__":
     import sys
-    from pathlib import Path
 
-    for p in write_preset_yamls(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).resolve().parent.parent / "conf"):
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m bitnet_dist.config CONF_DIR   (the repository's conf/ folder)")
+    for p in write_preset_yamls(sys.argv[1]):
         print(p)

@@ -1,4 +1,4 @@
-"""Normalized block-diagonal Walsh-Hadamard transform (docs: ../shared/docs/bitnet-v2.md section 2).
+"""Normalized block-diagonal Walsh-Hadamard transform (docs/method.md describes its role).
 
     H_0 = [1],  H_m = 1/sqrt(2) [[H_{m-1}, H_{m-1}], [H_{m-1}, -H_{m-1}]]
 
@@ -15,11 +15,11 @@ import math
 
 import torch
 
+from bitnet_dist.errors import ConfigError
+
 
 def check_block(block: int, dim: int, key: str = "model.hadamard_block") -> None:
     if block < 1 or block & (block - 1) or dim % block:
-        from bitnet_dist.errors import ConfigError
-
         valid = [2 ** k for k in range(0, 16) if dim % 2 ** k == 0]
         raise ConfigError(key, block, f"a power of two dividing the dimension {dim}: one of {valid}")
 

@@ -34,7 +34,7 @@ from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
-from bitnet_dist import quant
+from bitnet_dist import kernels, quant
 from bitnet_dist.hadamard import check_block, fwht
 from bitnet_dist.norm import rms_norm
 
@@ -60,10 +60,6 @@ def _tp_size(group) -> int:
 
 def _kernels():
     """The Triton package, or None where it cannot run (no CUDA, no Triton, not built)."""
-    try:
-        from bitnet_dist import kernels
-    except Exception:  # noqa: BLE001 - any import failure means "use the torch reference"
-        return None
     return kernels if getattr(kernels, "available", lambda: False)() else None
 
 
@@ -312,7 +308,7 @@ class SwiGLUMLP(MLP):
             raise RuntimeError("precision.kernels=triton but bitnet_dist.kernels is unavailable (needs CUDA and "
                                "Triton); use precision.kernels=auto or torch")
         if k is not None:
-            from bitnet_dist.kernels.swiglu import swiglu_op
+            from bitnet_dist.kernels.swiglu import swiglu_op  # deferred: imports Triton
 
             x = swiglu_op(h)
         else:
@@ -344,6 +340,7 @@ def batch_weight_quant(modules) -> int:
     BITNET_BATCHED_WEIGHT_QUANT=0)."""
     if _kernels() is None:
         return 0
+    # deferred: these modules import Triton, which only the CUDA path needs
     from bitnet_dist.kernels.hbit_autograd import weight_fp8
     from bitnet_dist.kernels.ternary import WeightBatch, WeightMember
 

@@ -23,11 +23,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state as ps
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -45,6 +46,7 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from bitnet_dist.errors import ConfigError
 from bitnet_dist.layers import (
     BitColumnParallelLinear,
     BitRowParallelLinear,
@@ -53,8 +55,8 @@ from bitnet_dist.layers import (
     SwiGLUMLP,
 )
 from bitnet_dist.norm import RMSNorm
-from bitnet_dist.presets import ModelConfig, ParallelConfig, PrecisionConfig, padded_vocab_size
-from bitnet_dist.validate import check_model
+from bitnet_dist.presets import ModelConfig, ParallelConfig, PrecisionConfig, check_model, padded_vocab_size
+
 
 @dataclass
 class BitNetTransformerConfig(TransformerConfig):
@@ -74,8 +76,6 @@ class SDPACoreAttention(MegatronModule):
                  softmax_scale=None, cp_comm_type=None, pg_collection=None, **kwargs):
         super().__init__(config=config)
         if config.context_parallel_size != 1:
-            from bitnet_dist.errors import ConfigError
-
             raise ConfigError("parallel.context", config.context_parallel_size, "1 (context parallel is not supported)")
         self.attn_mask_type = attn_mask_type
         self.softmax_scale = softmax_scale
@@ -241,8 +241,6 @@ def init_weights(gpt: GPTModel, seed: int, model: ModelConfig) -> None:
     init_std / sqrt(2 * num_layers) as megatron does. Norm weights stay 1. The slicing mirrors megatron's
     CPU init: split the master along the partition dim into chunks of local_size/stride, take rank::TP.
     """
-    from megatron.core import parallel_state as ps
-
     tp = ps.get_tensor_model_parallel_world_size()
     rank = ps.get_tensor_model_parallel_rank()
     out_std = model.init_std / math.sqrt(2.0 * model.num_layers)

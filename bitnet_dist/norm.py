@@ -20,9 +20,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 class RMSNorm(torch.nn.Module):
     """The stand-alone norms (the bf16 model's pre-norms, every model's final norm): torch's fused RMSNorm
     (``F.rms_norm``: one CUDA kernel each way, fp32 statistics, one rounding of x * rstd * weight), as
-    megatron's fused (TE / apex) norms would be. Until 2026-11-25 session 13 they ran ``rms_norm`` above,
-    eagerly: ~7 element-wise kernels forward and more backward through fp32 copies, ~0.9 ms per norm and step
-    at 8192 x 2048 tokens on the H100, which slowed the bf16 baseline of the end-to-end benchmark (docs/kernels.md).
+    megatron's fused (TE / apex) norms would be. ``rms_norm`` above, run eagerly, takes ~7 element-wise kernels
+    forward and more backward through fp32 copies, ~0.9 ms per norm and step at 8192 x 2048 tokens on the H100,
+    which would slow the bf16 baseline of the end-to-end benchmark (docs/kernels.md).
     The BitLinear layers keep ``rms_norm``: its two roundings are the reference of the fused kernels' codes."""
 
     def __init__(self, config, hidden_size: int, eps: float = 1e-5, **kwargs):

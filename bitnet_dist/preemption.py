@@ -100,7 +100,7 @@ class PreemptionGuard:
             log.warning("PreemptionGuard created outside the main thread: no signal handlers installed")
 
     # The handler must stay trivial: it can run between any two bytecodes, also inside a collective.
-    def _handler(self, signum, frame) -> None:  # noqa: ARG002
+    def _handler(self, signum, frame) -> None:
         if self._signal is None:
             self._signal = signum
 

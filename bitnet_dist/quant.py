@@ -1,4 +1,4 @@
-"""BitNet v2 quantizers: the reference math (docs: ../shared/docs/bitnet-v2.md section 1).
+"""BitNet v2 quantizers: the reference math (docs/method.md describes the method).
 
     RoundClip(x, a, b) = min(max(round(x), a), b)
     weights   (ternary, absmean): alpha = mean|W|       Wq = RoundClip(W / alpha, -1, 1)   -> alpha * Wq
@@ -27,12 +27,16 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from bitnet_dist.errors import ConfigError
+
 SCALE_EPS = 1e-5
 SQRT7 = math.sqrt(7.0)
-_QRANGE = {8: (-128, 127), 4: (-8, 7)}
+# Integer code range of each activation bit width (the Triton kernels clip to the same ranges).
+QRANGE = {8: (-128, 127), 4: (-8, 7)}
 
 
-def _group_size(group) -> int:
+def group_size(group) -> int:
+    """Ranks in a tensor-parallel ``group`` (1 for None or without an initialized process group)."""
     if group is None or not dist.is_available() or not dist.is_initialized():
         return 1
     return dist.get_world_size(group)
@@ -43,7 +47,7 @@ def _stat(t: torch.Tensor) -> torch.Tensor:
 
 
 def _all_reduce_(t: torch.Tensor, group, op) -> torch.Tensor:
-    if _group_size(group) > 1:
+    if group_size(group) > 1:
         dist.all_reduce(t, op=op, group=group)
     return t
 
@@ -68,9 +72,7 @@ def ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def check_act_bits(bits: int) -> None:
-    if bits not in _QRANGE:
-        from bitnet_dist.errors import ConfigError
-
+    if bits not in QRANGE:
         raise ConfigError("precision.act_bits", bits, "4 or 8")
 
 
@@ -137,7 +139,7 @@ def act_scale(x: torch.Tensor, bits: int, group=None, full_dim: Optional[int] = 
         return gamma.clamp_min(SCALE_EPS) / 127.0
     s = a.sum(dim=-1, keepdim=True)
     _all_reduce_(s, group, dist.ReduceOp.SUM)
-    n = full_dim if full_dim is not None else x.shape[-1] * _group_size(group)
+    n = full_dim if full_dim is not None else x.shape[-1] * group_size(group)
     return (s / n).clamp_min(SCALE_EPS) / SQRT7
 
 
@@ -145,7 +147,7 @@ def act_scale(x: torch.Tensor, bits: int, group=None, full_dim: Optional[int] = 
 def act_codes(x: torch.Tensor, bits: int, group=None, full_dim: Optional[int] = None):
     """(int8 codes, fp32 scale [..., 1]) with ``codes * scale`` the dequantized activation."""
     scale = act_scale(x, bits, group, full_dim)
-    lo, hi = _QRANGE[bits]
+    lo, hi = QRANGE[bits]
     return torch.round(_stat(x) / scale).clamp_(lo, hi).to(torch.int8), scale
 
 

@@ -47,7 +47,7 @@ def events(records: list[dict], name: str) -> list[dict]:
 
 
 def plot(records: list[dict], out: Path, unigram_ppl: Optional[float], title: str) -> Path:
-    import matplotlib
+    import matplotlib  # deferred: matplotlib is needed only for the plot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

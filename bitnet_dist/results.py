@@ -13,12 +13,17 @@ again.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import shutil
 import statistics
 from collections import defaultdict
 from pathlib import Path
+
+import yaml
+
+from bitnet_dist.config import conf_file
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "docs" / "results" / "data"
@@ -33,8 +38,6 @@ BEGIN, END = "<!-- DISCUSSION BEGIN -->", "<!-- DISCUSSION END -->"
 # ---------------------------------------------------------------------------------------------- collect
 def _run_config(metrics: Path) -> dict:
     """The resolved config of the run that wrote ``metrics`` (train.py saves it next to the metrics)."""
-    import yaml
-
     run_dir = metrics.parent
     for cand in [run_dir / "config.yaml", *sorted(run_dir.glob("hydra/*/.hydra/config.yaml"))]:
         if cand.exists():
@@ -148,7 +151,7 @@ def _plot_curves(groups: dict, path: Path, title: str, zoom: bool = False) -> No
 
     zoom: a third panel with the validation perplexity around the 8->4 switch (the evaluations just before
     and just after it, logged by switching runs as val_ppl_before_switch / val_ppl_after_switch)."""
-    import matplotlib
+    import matplotlib  # deferred: matplotlib is needed only for the figures
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -201,7 +204,7 @@ def _plot_curves(groups: dict, path: Path, title: str, zoom: bool = False) -> No
 def _plot_hist(runs: list[dict], path: Path) -> str | None:
     """Histograms of the Wo / Wdown inputs before and after the Hadamard transform (last stats record of the
     first run that logged them), with the standard normal as reference. Returns the run's name."""
-    import matplotlib
+    import matplotlib  # deferred: matplotlib is needed only for the figures
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -315,9 +318,7 @@ REGENERATE = [
 
 def _n_jobs(exp: str):
     """joblib's concurrency of an experiment (its hydra.launcher.n_jobs), read from conf/experiment/<exp>.yaml."""
-    import yaml
-
-    f = ROOT / "conf" / "experiment" / f"{exp}.yaml"
+    f = conf_file("experiment", f"{exp}.yaml")
     try:
         return yaml.safe_load(f.read_text())["hydra"]["launcher"]["n_jobs"]
     except (OSError, KeyError, TypeError):
@@ -400,7 +401,7 @@ def _stats_table(by: dict) -> list[str]:
                 continue
             step = max(_last_stats(r, kind)["step"] for r in rs if _last_stats(r, kind))
 
-            def f(k, d=3, post=False):
+            def f(k, d=3, post=False, had=had, rs=rs, kind=kind):
                 return "-" if post and not had else _f(_stat_mean(rs, kind, k), d)
             out.append(f"| `{v}` | {kind} | {step} | {f('kurtosis_pre', 1)} | {f('kurtosis_post', 1, True)} | "
                        f"{f('outlier_ratio_pre', 4)} | {f('outlier_ratio_post', 4, True)} | {f('qerr_int4')} | {f('qerr_int8')} |")
@@ -478,8 +479,6 @@ def _bench_section() -> list[str]:
 
 def config_sha256(cfg: dict) -> str:
     """Fingerprint of a run's saved config (the .config.json that collect writes), key order aside."""
-    import hashlib
-
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
 
 

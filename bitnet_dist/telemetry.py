@@ -19,6 +19,12 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from bitnet_dist import quant
+from bitnet_dist.errors import ConfigError
 
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_run_id"
@@ -146,16 +152,12 @@ def hist_edges() -> list[float]:
 
 def quant_error_sq(x: torch.Tensor, bits: int) -> torch.Tensor:
     """||x - Q(x)||^2 with bitnet_dist.quant's per-token quantizer (x holds whole tokens)."""
-    from bitnet_dist import quant
-
     codes, scale = quant.act_codes(x, bits)
     return (x.detach().float() - codes.float() * scale).pow(2).sum()
 
 
 def _gather_features(x: torch.Tensor, layer) -> torch.Tensor:
     """Whole tokens: all-gather a TP feature shard [..., in/TP] over the layer's TP group (rank order)."""
-    import torch.distributed as dist
-
     full = getattr(layer, "input_size", x.shape[-1])
     if x.shape[-1] == full:
         return x
@@ -212,8 +214,6 @@ class _StatsProbe:
 
     def result(self) -> dict[str, float]:
         """Reduce over all ranks (SUM / MAX), one host sync, then the per-kind scalars."""
-        import torch.distributed as dist
-
         sums, maxes, hists = self.sums, self.maxes, self.hists
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(sums)
@@ -267,10 +267,8 @@ def _config_dict(cfg) -> dict:
     if dataclasses.is_dataclass(cfg):
         return dataclasses.asdict(cfg)
     try:
-        from omegaconf import OmegaConf
-
         return OmegaConf.to_container(cfg, resolve=True)
-    except Exception:  # noqa: BLE001 - a config wandb cannot show is not worth failing a run
+    except Exception:
         return {}
 
 
@@ -278,8 +276,6 @@ class Telemetry:
     """Metrics sink of one run: see module docstring and docs/telemetry.md."""
 
     def __init__(self, cfg, run_dir, *, enabled: bool):
-        from bitnet_dist.errors import ConfigError
-
         mode = cfg.logging.wandb
         if mode not in WANDB_MODES:
             raise ConfigError("logging.wandb", mode, "offline, online or disabled")
@@ -295,7 +291,7 @@ class Telemetry:
                 self._wandb = self._init_wandb(mode)
 
     def _init_wandb(self, mode: str):
-        import wandb
+        import wandb  # deferred: wandb is heavy and needed only when logging.wandb is on
 
         id_path = self.run_dir / WANDB_ID_FILE
         if id_path.is_file():  # a resumed or requeued job continues the same wandb run
@@ -328,7 +324,7 @@ class Telemetry:
 
     def _for_wandb(self, clean: dict[str, Any]) -> dict[str, Any]:
         """Scalars as they are (None -> NaN); histogram lists as wandb.Histogram; other lists left out."""
-        import wandb
+        import wandb  # deferred: wandb is heavy and needed only when logging.wandb is on
 
         out = {}
         for k, v in clean.items():
@@ -396,13 +392,18 @@ class Telemetry:
         self.stats_probe_result = probe.result()
 
     def progress(self, step: int, max_steps: int, **shown: Any) -> None:
-        """Terminal progress bar at ``step`` of ``max_steps`` with ``shown`` values (loss, tokens_per_s, ...)
-        and tqdm's time-left estimate; only on the logging rank with trainer.progress_bar."""
+        """Progress at ``step`` of ``max_steps`` with ``shown`` values (loss, tokens_per_s, ...), on the logging
+        rank with trainer.progress_bar. On a terminal: a tqdm bar with its time-left estimate. Otherwise (a log
+        file, a Slurm job's output): one plain line every trainer.log_interval steps and at the last step,
+        instead of a bar redrawn line by line."""
         if not self.enabled or not self.cfg.trainer.progress_bar:
             return
+        if not _is_terminal(sys.stderr):
+            if step % self.cfg.trainer.log_interval == 0 or step == max_steps:
+                values = " ".join(f"{k}={_fmt(v)}" for k, v in shown.items())
+                print(f"[bitnet-train] step {step}/{max_steps} {values}".rstrip(), flush=True)
+            return
         if self._bar is None:
-            from tqdm import tqdm
-
             self._bar = tqdm(total=max_steps, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr,
                              mininterval=1.0, smoothing=0.1)
         self._bar.update(step - self._bar.n)
@@ -418,6 +419,14 @@ class Telemetry:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+def _is_terminal(stream) -> bool:
+    """Whether ``stream`` (the progress bar's, sys.stderr) is an interactive terminal."""
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # replaced or closed streams
+        return False
 
 
 def _fmt(v: Any) -> str:

@@ -16,28 +16,37 @@ and schedule step all come back).
 from __future__ import annotations
 
 import math
+import multiprocessing as mp
 import random
 import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from bitnet_dist import schedule
-from bitnet_dist.config import TrainConfig, cfg_from_omegaconf, register_configs
+from bitnet_dist.checkpoint import CheckpointError, CheckpointManager
+from bitnet_dist.compat import filter_backend_warnings
+from bitnet_dist.config import CONF_SEARCH_PATH, TrainConfig, cfg_from_omegaconf, register_configs
+from bitnet_dist.data import build_data
+from bitnet_dist.data.errors import DataError
+from bitnet_dist.distributed import LaunchEnvError, destroy_distributed, init_distributed, parse_launch_env
+from bitnet_dist.engines import make_engine
+from bitnet_dist.engines.common import resolve_dtype
 from bitnet_dist.errors import ConfigError
-from bitnet_dist.validate import check_train
+from bitnet_dist.preemption import PreemptionGuard
+from bitnet_dist.report import write_report
+from bitnet_dist.telemetry import Telemetry, device_peak_flops, flops_per_token, memory_stats, throughput_metrics
+from bitnet_dist.validate import check_group_choices, check_train
 
-
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 RANK_STATE = "trainer_rank{rank:05d}.pt"  # per-rank data position and RNG states inside a checkpoint
 
 
 # -- per-rank state ---------------------------------------------------------------------------------------
 def _rng_state() -> dict[str, Any]:
-    import numpy as np
-
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -45,8 +54,6 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    import numpy as np
-
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -55,8 +62,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _seed_everything(seed: int) -> None:
-    import numpy as np
-
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -74,14 +79,6 @@ class Trainer:
     """One training run in one process (every rank builds one). ``run()`` returns the final val loss."""
 
     def __init__(self, cfg: TrainConfig):
-        from bitnet_dist.checkpoint import CheckpointManager
-        from bitnet_dist.data import build_data
-        from bitnet_dist.distributed import init_distributed
-        from bitnet_dist.engines import make_engine
-        from bitnet_dist.engines.common import resolve_dtype
-        from bitnet_dist.preemption import PreemptionGuard
-        from bitnet_dist.telemetry import Telemetry, device_peak_flops, flops_per_token
-
         self.cfg = cfg
         t = cfg.trainer
         self.run_dir = Path(cfg.run_dir).resolve()
@@ -199,8 +196,6 @@ class Trainer:
                       flush=True)
             self.finish(evaluate=False)
             return None
-        from bitnet_dist.telemetry import memory_stats, throughput_metrics
-
         steps_here, window_tokens, window_time = 0, 0, 0.0
         self.tokens_per_s = float("nan")
         while self.step < self.max_steps:
@@ -280,8 +275,6 @@ class Trainer:
         self.telemetry.event(self.step, "finished")
         self.telemetry.close()
         if self.cfg.trainer.report and self.rank == 0:
-            from bitnet_dist.report import write_report
-
             path = write_report(self.run_dir, self.cfg, unigram_ppl=self.data.unigram_perplexity)
             print(f"[bitnet-train] report: {path}\n[bitnet-train] plot:   {path.with_name('report.png')}\n"
                   f"[bitnet-train] metrics: {self.run_dir / 'metrics.jsonl'}", flush=True)
@@ -295,8 +288,6 @@ def _standard_start_method() -> None:
     """Inside joblib's loky workers (hydra/launcher=joblib) multiprocessing reports the start method 'loky',
     which the spawned children of megatron's checkpoint writer cannot restore ("cannot find context for
     'loky'"): fall back to spawn there."""
-    import multiprocessing as mp
-
     if mp.get_start_method(allow_none=True) not in (None, "fork", "spawn", "forkserver"):
         mp.set_start_method("spawn", force=True)
 
@@ -304,8 +295,7 @@ def _standard_start_method() -> None:
 def train(cfg: TrainConfig) -> Optional[float]:
     """Validate, then run one training job in this process; returns the final validation loss (None when
     the run stopped early or was already complete)."""
-    from bitnet_dist.distributed import destroy_distributed, parse_launch_env
-
+    filter_backend_warnings()  # also in Hydra launcher workers, which call train() without main()
     world_size = parse_launch_env().world_size
     check_train(cfg, world_size=world_size)
     _standard_start_method()
@@ -313,8 +303,6 @@ def train(cfg: TrainConfig) -> Optional[float]:
     try:
         trainer = Trainer(cfg)
         if trainer.rank == 0:
-            from omegaconf import OmegaConf
-
             (trainer.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         return trainer.run()
     finally:
@@ -327,13 +315,10 @@ register_configs()
 
 
 def _hydra_entry():
-    import hydra
+    import hydra  # deferred: importing the module (tests, train()) needs no Hydra app
 
-    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+    @hydra.main(version_base="1.3", config_path=CONF_SEARCH_PATH, config_name="train")
     def _main(dcfg) -> Optional[float]:
-        from bitnet_dist.checkpoint import CheckpointError
-        from bitnet_dist.distributed import LaunchEnvError
-
         cfg = cfg_from_omegaconf(dcfg)
         try:
             return train(cfg)
@@ -342,23 +327,18 @@ def _hydra_entry():
                     "checkpoint error" if isinstance(e, CheckpointError) else "launch error")
             print(f"bitnet-train: {kind}: {e}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
-        except Exception as e:
-            from bitnet_dist.data.errors import DataError
-
-            if isinstance(e, DataError):
-                print(f"bitnet-train: data error: {e}", file=sys.stderr, flush=True)
-                raise SystemExit(2) from None
-            raise
+        except DataError as e:
+            print(f"bitnet-train: data error: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
 
     return _main
 
 
 def main() -> None:
     """Console script ``bitnet-train``."""
-    from bitnet_dist.validate import check_group_choices
-
+    filter_backend_warnings()
     try:
-        check_group_choices(sys.argv[1:], CONF_DIR)
+        check_group_choices(sys.argv[1:])
     except ConfigError as e:
         print(f"bitnet-train: config error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None

@@ -1,88 +1,16 @@
-"""One place for configuration checks. Every check runs before any process group or GPU work and
-raises ConfigError naming the key, the value, and what would work."""
+"""Checks of the whole train config, imported by the entry points. Every check runs before any process
+group or GPU work and raises ConfigError naming the key, the value, and what would work. The model /
+parallel-layout rules live next to the presets (bitnet_dist.presets.check_model), the data rules in the
+data pipeline (bitnet_dist.data.check_data_config); this module runs them all."""
 from __future__ import annotations
 
 from typing import Any
 
+from bitnet_dist.config import conf_options
+from bitnet_dist.data import check_data_config
+from bitnet_dist.engines import resolve_engine_name
 from bitnet_dist.errors import ConfigError
-from bitnet_dist.presets import ModelConfig, ParallelConfig, PrecisionConfig
-
-
-def _is_pow2(n: int) -> bool:
-    return isinstance(n, int) and n > 0 and (n & (n - 1)) == 0
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def check_model(model: ModelConfig, precision: PrecisionConfig, parallel: ParallelConfig) -> None:
-    """Model / precision / tensor- and pipeline-parallel layout checks (issue: bad configurations)."""
-    tp, pp = parallel.tensor, parallel.pipeline
-    if not isinstance(tp, int) or tp < 1:
-        raise ConfigError("parallel.tensor", tp, "a positive integer")
-    if not isinstance(pp, int) or pp < 1:
-        raise ConfigError("parallel.pipeline", pp, "a positive integer")
-    h, f, nh = model.hidden_size, model.ffn_hidden_size, model.num_attention_heads
-    ng = model.num_query_groups or nh
-    if h % nh:
-        raise ConfigError("model.num_attention_heads", nh,
-                          f"a divisor of model.hidden_size={h}, e.g. {[d for d in _divisors(h) if d <= 64][-3:]}")
-    if nh % ng:
-        raise ConfigError("model.num_query_groups", ng, f"a divisor of model.num_attention_heads={nh}")
-    if nh % tp:
-        raise ConfigError("parallel.tensor", tp,
-                          f"a divisor of model.num_attention_heads={nh}: one of {_divisors(nh)}")
-    if ng % tp:
-        raise ConfigError("parallel.tensor", tp,
-                          f"a divisor of model.num_query_groups={ng}: one of {_divisors(ng)}")
-    if f % tp:
-        raise ConfigError("parallel.tensor", tp,
-                          f"a divisor of model.ffn_hidden_size={f}: one of {[d for d in _divisors(f) if d <= 64]}")
-    if model.num_layers % pp:
-        raise ConfigError("parallel.pipeline", pp,
-                          f"a divisor of model.num_layers={model.num_layers}: one of {_divisors(model.num_layers)}")
-    vp = parallel.virtual_pipeline
-    if vp is not None:
-        if pp < 2:
-            raise ConfigError("parallel.virtual_pipeline", vp, "null unless parallel.pipeline >= 2")
-        if model.num_layers % (pp * vp):
-            raise ConfigError("parallel.virtual_pipeline", vp,
-                              f"a value with model.num_layers={model.num_layers} divisible by pipeline*virtual ({pp}*{vp})")
-    if parallel.sequence and tp < 2:
-        raise ConfigError("parallel.sequence", True, "false unless parallel.tensor >= 2 (megatron requires TP>1 for SP)")
-    if precision.act_bits not in (4, 8):
-        raise ConfigError("precision.act_bits", precision.act_bits, "4 or 8")
-    if precision.final_act_bits not in (None, 4, 8):
-        raise ConfigError("precision.final_act_bits", precision.final_act_bits, "4, 8 or null (no switch)")
-    if not 0.0 < precision.switch_fraction <= 1.0:
-        raise ConfigError("precision.switch_fraction", precision.switch_fraction, "a fraction in (0, 1]")
-    if precision.kernels not in ("auto", "triton", "torch"):
-        raise ConfigError("precision.kernels", precision.kernels, "auto, triton or torch")
-    if not isinstance(precision.fp8_backward, bool):
-        raise ConfigError("precision.fp8_backward", precision.fp8_backward, "true or false")
-    if precision.quantize and precision.hadamard and model.hadamard_block == 0:
-        # 0 = one transform over each layer's whole input (the paper's setting): only defined at TP=1,
-        # because a full-dimension transform mixes TP shards.
-        if tp != 1:
-            raise ConfigError("model.hadamard_block", 0,
-                              "a power of two dividing hidden/TP and ffn/TP when parallel.tensor > 1 "
-                              "(0 = full dimension needs parallel.tensor=1)")
-        for name, dim in (("model.hidden_size", h), ("model.ffn_hidden_size", f)):
-            if not _is_pow2(dim):
-                raise ConfigError("model.hadamard_block", 0,
-                                  f"a power of two dividing {name}={dim} (0 = full dimension needs power-of-two dims)")
-    elif precision.quantize and precision.hadamard:
-        b = model.hadamard_block
-        valid = [2 ** k for k in range(1, 16) if (h // tp) % 2 ** k == 0 and (f // tp) % 2 ** k == 0]
-        if not _is_pow2(b):
-            raise ConfigError("model.hadamard_block", b, f"a power of two dividing hidden/TP and ffn/TP: one of {valid}")
-        for name, dim in (("model.hidden_size", h), ("model.ffn_hidden_size", f)):
-            if (dim // tp) % b:
-                raise ConfigError("model.hadamard_block", b,
-                                  f"a power of two dividing the per-rank slice {name}/parallel.tensor = {dim}/{tp} "
-                                  f"= {dim // tp}: one of {valid} (or a smaller parallel.tensor)")
-
+from bitnet_dist.presets import check_model
 
 # -- the whole train config -------------------------------------------------------------------------------
 
@@ -161,14 +89,10 @@ def check_train(cfg, world_size: int, engine_name: str | None = None) -> None:
         raise ConfigError("optim.clip_grad", o.clip_grad, "a non-negative max norm (0 = no clipping)")
 
     check_model(cfg.model, cfg.precision, par)
-    from bitnet_dist.data import check_data_config  # the data pipeline's own rules (names, tokenizer, files)
-
-    check_data_config(cfg)
+    check_data_config(cfg)  # the data pipeline's own rules (names, tokenizer, files)
 
     # engine / parallel combinations
     if engine_name is None:
-        from bitnet_dist.engines import resolve_engine_name
-
         engine_name = resolve_engine_name(eng.name)
     name = engine_name
     tp, pp = par.tensor, par.pipeline
@@ -210,20 +134,20 @@ def check_train(cfg, world_size: int, engine_name: str | None = None) -> None:
 CONFIG_GROUPS = ("model", "precision", "parallel", "engine", "data", "optim", "logging", "experiment")
 
 
-def check_group_choices(overrides, conf_dir) -> None:
+def check_group_choices(overrides, options=None) -> None:
     """``group=option`` command-line overrides name existing options (conf/<group>/<option>.yaml).
 
     Checked before Hydra composes, so ``model=huge`` gets the same one-line ConfigError as every other
     bad setting, listing the choices. Sweeps (``precision=v2_a8,bf16``) check each option; Hydra's
-    sweep functions (``choice(...)``, ``glob(...)``) are left to Hydra.
+    sweep functions (``choice(...)``, ``glob(...)``) are left to Hydra. ``options(group)`` lists a
+    group's options (default: the configs shipped in the package, bitnet_dist.config.conf_options).
     """
-    from pathlib import Path
-
+    options = options or conf_options
     for arg in overrides:
         key, sep, value = str(arg).partition("=")
         if not sep or key not in CONFIG_GROUPS or "(" in value or value in ("null", ""):
             continue
-        choices = sorted(p.stem for p in (Path(conf_dir) / key).glob("*.yaml"))
+        choices = options(key)
         for option in value.split(","):
             if option.strip() not in choices:
                 raise ConfigError(key, option.strip(), f"one of {choices} (the files in conf/{key}/)")

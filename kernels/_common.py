@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from bitnet_dist.switches import flag
+
 
 def interpreting() -> bool:
     """True under ``TRITON_INTERPRET=1`` (kernels then run on CPU tensors through numpy)."""
@@ -302,7 +304,7 @@ def fwht_shuffle(v, cols, BM: tl.constexpr, C: tl.constexpr, HB: tl.constexpr, V
 # versions below, which the CPU tests run): the product of two bf16 values is exact in fp32 and the rounding
 # is round-to-nearest-even in both. SASS per element of the INT8 forward at 8192 features: 32.6 -> 26.8.
 # Measured slower and dropped: an absmax over packed pairs (max.xorsign.abs.bf16x2 in a tl.reduce), 62-67% of
-# copy against 69-80% without (H100, docs/benchmarks/raw/round10_2026-11-24/lab_pk.jsonl, pk=3/7).
+# copy against 69-80% without (H100).
 if interpreting():
     @triton.jit
     def bf16_to_f32(x):
@@ -369,9 +371,8 @@ def pair_join(a, b, BM: tl.constexpr, C: tl.constexpr):
 
 # ------------------------------------------------------------------------------------------ launching
 # On by default; BITNET_TRITON_FAST_LAUNCH=0 turns it off (every launch then goes through Triton's JIT path).
-# GPU evidence (H100, 2026-11-24, docs/benchmarks/raw/gpu_next_2026-11-24c): the kernel GPU tests and the megatron
-# resume test pass with it (the resume divergence once blamed on it was megatron's shared Adam step counter).
-_FAST_LAUNCH = os.environ.get("BITNET_TRITON_FAST_LAUNCH", "1") != "0"
+# The kernel GPU tests and the megatron resume test run with it on.
+_FAST_LAUNCH = flag("BITNET_TRITON_FAST_LAUNCH")
 
 
 def _arg_spec(a):
@@ -406,7 +407,7 @@ def int_spec(n: int) -> tuple:
 
 # BITNET_CHECK_LAUNCH_KEYS=1: every ``FastLaunch.launch_keyed`` hit also builds the full key and asserts that it
 # names the same compiled kernel (the GPU tests run with it; it costs the host time the keyed path saves).
-_CHECK_KEYS = os.environ.get("BITNET_CHECK_LAUNCH_KEYS", "0") not in ("", "0")
+_CHECK_KEYS = flag("BITNET_CHECK_LAUNCH_KEYS")
 
 
 class FastLaunch:

@@ -174,7 +174,7 @@ _TUNED: dict = {}
 _TMA_LAUNCH = FastLaunch(_int8_gemm_tma_kernel.fn)
 
 
-# Chosen from the H100 comparison (docs/benchmarks/raw/sweep_2026-11-24d): the persistent TMA kernel was
+# Chosen from the H100 comparison of the GEMM implementations (docs/kernels.md): the persistent TMA kernel was
 # best or within 3% of best on all 8 layer shapes, 1.44-1.80x cuBLAS bf16 in GPU time.
 GEMM_DEFAULT_IMPL = "tma_persistent"
 
@@ -195,19 +195,18 @@ def fp8_available(device: torch.device) -> bool:
 
 
 def fp8_gemm(a8: torch.Tensor, b8: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor,
-             out_dtype=torch.bfloat16, fast_accum: bool = False) -> torch.Tensor:
+             out_dtype=torch.bfloat16) -> torch.Tensor:
     """a8 float8_e4m3fn [M, K] row-major, b8 float8_e4m3fn [N, K] row-major (used as the column-major
-    B = b8.T), sa fp32 [M], sb fp32 [N] -> (a8 @ b8.T) * sa * sb with fp32 accumulation. ``fast_accum``:
-    cuBLASLt's fast accumulation (fewer accumulator bits), for the benchmark's comparison only."""
-    return fp8_gemm_t(a8, b8.t(), sa, sb.reshape(1, -1).float(), out_dtype, fast_accum)
+    B = b8.T), sa fp32 [M], sb fp32 [N] -> (a8 @ b8.T) * sa * sb with fp32 accumulation."""
+    return fp8_gemm_t(a8, b8.t(), sa, sb.reshape(1, -1).float(), out_dtype)
 
 
 def fp8_gemm_t(a8: torch.Tensor, b8_t: torch.Tensor, sa: torch.Tensor, sb_row: torch.Tensor,
-               out_dtype=torch.bfloat16, fast_accum: bool = False) -> torch.Tensor:
+               out_dtype=torch.bfloat16) -> torch.Tensor:
     """``fp8_gemm`` with B already as the column-major view ``b8.t()`` [K, N] and its scale as fp32 [1, N] (a
     layer's weight operands, made once per step: ``TernaryWeight.fp8_operands``)."""
     return torch._scaled_mm(a8, b8_t, scale_a=sa.reshape(-1, 1).float(), scale_b=sb_row, out_dtype=out_dtype,
-                            use_fast_accum=fast_accum)
+                            use_fast_accum=False)
 
 
 def scaled_gemm_reference(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor,
@@ -283,8 +282,8 @@ def _dy_amax_kernel(X, COLSCALE, ROWSCALE, RAMAX, CAMAX, T, N, stride_x, BT: tl.
     RAMAX[t] = max |X[t, n] * colscale[n]| (grad_x's per-token scale) and CAMAX[n] = max |X[t, n] * rowscale[t]|
     (grad_W's per-channel scale); the column maxima gathered over the R tiles before one atomic. The atomics
     are relaxed: only the values after the kernel matter, and Triton's default (acq_rel) fences each one, which
-    made this read-only pass 57-63% of copy bandwidth against 73-91% relaxed (H100, tools/kernels/fp8_block_lab.py
-    --prep, docs/benchmarks/raw/round16_2026-11-25/)."""
+    made this read-only pass 57-63% of copy bandwidth against 73-91% relaxed (H100, measured with the
+    block-FP8 preparation alone)."""
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     cm = cols < N
     cs = tl.load(COLSCALE + cols, mask=cm, other=0.0)

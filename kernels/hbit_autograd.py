@@ -21,10 +21,10 @@ from typing import Optional
 
 import torch
 
-from .gemm import (colwise_fp8_t, dy_fp8_both, fp8_available, fp8_gemm, fp8_gemm_t, fp8_transpose, int8_gemm,
-                   rowwise_fp8)
-from .norm_hadamard_quant import norm_hadamard_backward, norm_hadamard_quant
-from .ternary import cached_ternary, dequantize_rows
+from .gemm import colwise_fp8_t, dy_fp8_both, fp8_available, fp8_gemm, fp8_gemm_t, fp8_transpose, int8_gemm, rowwise_fp8
+from .norm_hadamard_quant import SCALE_EPS, SQRT7, fwht_reference, norm_hadamard_backward, norm_hadamard_quant
+from .ternary import cached_ternary, dequantize_rows, quantize_weight_reference
+
 
 def _fp8_ok(*dims: int) -> bool:
     return all(d % 16 == 0 and d > 0 for d in dims)
@@ -147,9 +147,6 @@ def hbit_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: Optional[tor
 def hbit_linear_reference(x, weight, norm_weight, *, act_bits: int, hadamard_block: int, eps: float,
                           weight_segments=None):
     """Single-device torch twin with STE autograd, the same rounding points as the layers' reference path."""
-    from .norm_hadamard_quant import SCALE_EPS, SQRT7
-    from .ternary import quantize_weight_reference
-
     xf = x.float()
     if norm_weight is not None:
         n = (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) / x.shape[-1] + eps)).to(x.dtype)
@@ -179,13 +176,9 @@ def hbit_linear_reference(x, weight, norm_weight, *, act_bits: int, hadamard_blo
 class _STEHadamard(torch.autograd.Function):
     @staticmethod
     def forward(ctx, n, block):
-        from .norm_hadamard_quant import fwht_reference
-
         ctx.block = block
         return fwht_reference(n.float(), block).to(n.dtype)
 
     @staticmethod
     def backward(ctx, g):
-        from .norm_hadamard_quant import fwht_reference
-
         return fwht_reference(g.float(), ctx.block).to(g.dtype), None

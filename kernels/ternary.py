@@ -20,7 +20,6 @@ of four columns with code 0.
 """
 from __future__ import annotations
 
-import os
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -30,7 +29,9 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from bitnet_dist.quant import segment_sums
+from bitnet_dist import step_cache
+from bitnet_dist.quant import group_size, segment_sums
+from bitnet_dist.switches import flag
 
 from ._common import FastLaunch, int_spec, interpreting, next_pow2, rint
 
@@ -245,13 +246,7 @@ _ABSSUM, _CODES, _DEQUANT, _SEGSTAT, _SCALE_CODES = (
                             _scale_codes_kernel))
 _B_ABSSUM, _B_SEGSTAT, _B_SCALE_CODES = (
     FastLaunch(k) for k in (_batch_abssum_kernel, _batch_segstat_kernel, _batch_scale_codes_kernel))
-FUSED_WEIGHT_QUANT = os.environ.get("BITNET_FUSED_WEIGHT_QUANT", "1") not in ("", "0")
-
-
-def _group_size(group) -> int:
-    if group is None or not dist.is_available() or not dist.is_initialized():
-        return 1
-    return dist.get_world_size(group)
+FUSED_WEIGHT_QUANT = flag("BITNET_FUSED_WEIGHT_QUANT")
 
 
 def weight_scales(w: torch.Tensor, segments: Optional[torch.Tensor] = None, num_segments: Optional[int] = None,
@@ -271,7 +266,7 @@ def weight_scales(w: torch.Tensor, segments: Optional[torch.Tensor] = None, num_
         stat = torch.stack([segment_sums(abssum, segments, n),  # fixed order (index_add_ is atomic on CUDA)
                             segment_sums(torch.full((rows,), float(K), device=w.device), segments, n)])
         seg = segments
-    if _group_size(group) > 1:
+    if group_size(group) > 1:
         dist.all_reduce(stat, op=dist.ReduceOp.SUM, group=group)
     alpha = (stat[0] / stat[1].clamp_min(1.0)).clamp_min(SCALE_EPS)
     return alpha[seg].contiguous()
@@ -384,7 +379,7 @@ def quantize_weight(w: torch.Tensor, segments: Optional[torch.Tensor] = None, nu
     _SEGSTAT.launch_keyed((dev.index, "stat", has_seg, seg.dtype, int_spec(rows), int_spec(K), int_spec(nseg),
                            seg.data_ptr() % 16 == 0, NS, BR),
                           (1, 1, 1), (abssum, seg, stat, rows, K, nseg), {"HAS_SEG": has_seg, "NS": NS, "BR": BR})
-    if _group_size(group) > 1:
+    if group_size(group) > 1:
         dist.all_reduce(stat, op=dist.ReduceOp.SUM, group=group)
     scale = torch.empty(rows, device=dev, dtype=torch.float32)
     q = torch.empty((rows, K), device=dev, dtype=torch.int8)
@@ -451,8 +446,6 @@ def cached_ternary(weight: torch.Tensor, segments: Optional[torch.Tensor] = None
     (bitnet_dist.step_cache), the storage pointer, the version counter, shape, dtype, the segments and the
     group, so micro-batches of one step reuse the codes. No open generation: no caching. The cache lives
     on the Parameter itself (freed with it)."""
-    from bitnet_dist import step_cache
-
     generation = step_cache.current()
     key = _cache_key(generation, weight, segments, group)
     hit = getattr(weight, _CACHE_ATTR, None)
@@ -479,7 +472,7 @@ def cached_ternary(weight: torch.Tensor, segments: Optional[torch.Tensor] = None
 
 
 # ------------------------------------------------------------------------------ one pass over all weights
-BATCHED_WEIGHT_QUANT = os.environ.get("BITNET_BATCHED_WEIGHT_QUANT", "1") not in ("", "0")
+BATCHED_WEIGHT_QUANT = flag("BITNET_BATCHED_WEIGHT_QUANT")
 _BATCH_ATTR = "_bitnet_quant_batch"
 
 
@@ -663,7 +656,7 @@ class WeightBatch:
             _B_SEGSTAT[(ix.numel(),)](ix, t["WN"], t["WK"], t["ASOFF"], seg0, t["SEGOFF"], t["NSEG"], t["STOFF"],
                                       abssum, stat, NS=ns, BR=br)
         group = members[0].group
-        if _group_size(group) > 1:
+        if group_size(group) > 1:
             dist.all_reduce(stat, op=dist.ReduceOp.SUM, group=group)
         _B_SCALE_CODES[(R,)](w0, t["WID"], t["ROW0"], t["WN"], t["WK"], t["WSTRIDE"], t["WOFF"], seg0,
                              t["SEGOFF"], t["NSEG"], t["STOFF"], stat, t["QOFF"], t["Q8OFF"], scale, q, q8,

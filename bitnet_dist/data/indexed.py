@@ -20,6 +20,9 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from bitnet_dist.data.errors import DataError
+from bitnet_dist.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+# megatron-core's indexed-dataset module is imported where used (megatron-core is heavy to import).
 
 _worker_tok = None
 
@@ -27,8 +30,6 @@ _worker_tok = None
 def _init_worker(spec: str, eod_token: str | None) -> None:
     global _worker_tok
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from bitnet_dist.data.tokenizer import load_tokenizer
-
     _worker_tok = load_tokenizer(spec, eod_token)
 
 
@@ -71,9 +72,7 @@ def write_indexed(texts: Iterable[str], tokenizer, prefix: str | os.PathLike, *,
     worker count. Files appear atomically: written under a temporary prefix, renamed .bin, .idx, then
     .meta.json last, so ``meta.json`` existing means the dataset is complete. Returns the metadata.
     """
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    from bitnet_dist.data.tokenizer import tokenizer_fingerprint
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder  # deferred: megatron-core is heavy
 
     prefix = str(prefix)
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)

@@ -19,10 +19,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import torch.distributed as dist
 
+from bitnet_dist.data.corpus import prepare_brown_text, read_jsonl_texts, resolve_cache_dir
 from bitnet_dist.data.errors import DataError
-
-from bitnet_dist.presets import padded_vocab_size  # noqa: E402 - one definition, re-exported
+from bitnet_dist.data.indexed import DocTokens, indexed_exists, read_meta, write_indexed
+from bitnet_dist.data.loader import PackedSource, SyntheticSource, TrainStream, ValidSet, unigram_perplexity
+from bitnet_dist.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer, tokenizer_fingerprint, train_bpe
+from bitnet_dist.errors import ConfigError
+from bitnet_dist.presets import padded_vocab_size  # one definition, re-exported
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +52,6 @@ class DataBundle:
 
 
 def _config_error(key: str, value, fix: str) -> Exception:
-    from bitnet_dist.errors import ConfigError
-
     return ConfigError(key, value, fix)
 
 
@@ -89,8 +92,6 @@ def parse_blend(paths, key: str = "data.paths") -> list[tuple[float | None, str]
 
 def check_data_config(cfg) -> None:
     """Cheap checks of cfg.data (no imports of megatron, no files written); ConfigError on a bad value."""
-    from bitnet_dist.data.indexed import indexed_exists
-
     d = cfg.data
     if d.name not in DATA_NAMES:
         raise _config_error("data.name", d.name, f"one of {', '.join(DATA_NAMES)}")
@@ -122,15 +123,13 @@ def check_data_config(cfg) -> None:
 
 def _on_rank0(fn: Callable[[], Any]) -> Any:
     """Run ``fn`` on global rank 0 while the others wait; every rank gets its result or its error."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return fn()
     result, err, exc = None, None, None
     if dist.get_rank() == 0:
         try:
             result = fn()
-        except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks were told
+        except Exception as e:
             exc, err = e, f"{type(e).__name__}: {e}"
     box = [(result, err)]
     dist.broadcast_object_list(box, src=0)
@@ -144,10 +143,6 @@ def _on_rank0(fn: Callable[[], Any]) -> Any:
 
 def _prepare_brown(cfg, run_dir: Path) -> dict:
     """Rank 0: fetch + split + tokenizer + indexed files. Returns plain paths (broadcast to all ranks)."""
-    from bitnet_dist.data.corpus import prepare_brown_text, read_jsonl_texts, resolve_cache_dir
-    from bitnet_dist.data.indexed import read_meta, write_indexed
-    from bitnet_dist.data.tokenizer import HFTokenizer, load_tokenizer, tokenizer_fingerprint, train_bpe
-
     d = cfg.data
     cache = resolve_cache_dir(d.cache_dir)
     text = prepare_brown_text(cache, float(d.valid_fraction))
@@ -182,8 +177,6 @@ def _prepare_brown(cfg, run_dir: Path) -> dict:
 
 
 def _resolve_tokenizer(cfg, run_dir: Path):
-    from bitnet_dist.data.tokenizer import ByteTokenizer, load_tokenizer
-
     d = cfg.data
     if d.tokenizer == "gpt2":
         return load_tokenizer("gpt2")
@@ -198,10 +191,6 @@ def build_data(cfg, run_dir, *, dp_rank: int, dp_size: int) -> DataBundle:
 
     Batches: tokens/labels int64 [micro_batch_size, seq_length], loss_mask float32 [same].
     """
-    from bitnet_dist.data.indexed import DocTokens, read_meta
-    from bitnet_dist.data.loader import PackedSource, SyntheticSource, TrainStream, ValidSet, unigram_perplexity
-    from bitnet_dist.data.tokenizer import load_tokenizer, tokenizer_fingerprint
-
     check_data_config(cfg)
     d, t = cfg.data, cfg.trainer
     run_dir = Path(run_dir)

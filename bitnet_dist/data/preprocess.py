@@ -19,6 +19,10 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from bitnet_dist.data.errors import DataError
+from bitnet_dist.data.indexed import write_indexed
+from bitnet_dist.data.tokenizer import load_tokenizer
+
 
 class InputError(ValueError):
     """An input file that cannot be read as documents (the message names file, line and fix)."""
@@ -75,9 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from bitnet_dist.data.errors import DataError
-    from bitnet_dist.data.indexed import write_indexed
-    from bitnet_dist.data.tokenizer import load_tokenizer
 
     inputs = [Path(p) for p in args.input]
     for p in inputs:

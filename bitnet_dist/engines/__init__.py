@@ -9,14 +9,13 @@ from __future__ import annotations
 import torch
 
 from bitnet_dist.engines.base import Engine, StepStats
+from bitnet_dist.errors import ConfigError
 
 ENGINE_NAMES = ("auto", "megatron", "deepspeed")
 
 
 def resolve_engine_name(name: str) -> str:
     """``engine.name`` -> "megatron" or "deepspeed" (auto: megatron on CUDA, deepspeed otherwise)."""
-    from bitnet_dist.errors import ConfigError
-
     if name not in ENGINE_NAMES:
         raise ConfigError("engine", name, f"one of {list(ENGINE_NAMES)}")
     if name == "auto":
@@ -27,6 +26,8 @@ def resolve_engine_name(name: str) -> str:
 def make_engine(cfg) -> Engine:
     """Construct (without side effects) the engine ``cfg.engine.name`` selects."""
     name = resolve_engine_name(cfg.engine.name)
+    # Deferred: each engine module imports its framework (megatron-core's GPU paths or DeepSpeed), which
+    # only the chosen engine needs.
     if name == "megatron":
         from bitnet_dist.engines.megatron_engine import MegatronEngine
 

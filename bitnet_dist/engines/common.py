@@ -21,6 +21,13 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import torch
+import torch.distributed as dist
+from torch.distributed import distributed_c10d as c10d
+
+from bitnet_dist.errors import ConfigError
+
+# megatron-core's parallel_state is imported where used: the DeepSpeed engine and the CPU helpers here run
+# without loading megatron-core.
 
 Batch = dict[str, torch.Tensor]
 
@@ -31,8 +38,6 @@ DECAY_KEY = "bitnet_decay"  # marks a parameter group that takes the step's weig
 # -- dtype and device ------------------------------------------------------------------------------------
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """``trainer.dtype`` -> torch dtype. auto: bf16 on CUDA, fp32 on CPU."""
-    from bitnet_dist.errors import ConfigError
-
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype == "bf16":
@@ -62,8 +67,6 @@ def ensure_process_group(device: torch.device) -> None:
     Launched jobs get their group from bitnet_dist.distributed before the engine; this only covers the
     single-process case so megatron's parallel_state and DeepSpeed have a group to build on.
     """
-    import torch.distributed as dist
-
     if dist.is_initialized():
         return
     if int(os.environ.get("WORLD_SIZE", "1")) != 1:
@@ -91,9 +94,7 @@ def init_model_parallel(**layout: Any) -> None:
     that appeared in c10d's registry during our call are recorded and destroyed here, in creation order, on
     every rank alike (each rank re-initializes at the same point of the program). Other groups stay.
     """
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
-    from torch.distributed import distributed_c10d as c10d
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
@@ -154,8 +155,6 @@ def masked_loss_sum(per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> to
 
 def global_token_count(batches: Iterable[Batch], group, device: torch.device) -> int:
     """Loss tokens in these micro-batches summed over ``group`` (the data-parallel group)."""
-    import torch.distributed as dist
-
     n = torch.zeros((), dtype=torch.float64, device=device)
     for b in batches:
         n += b["loss_mask"].sum(dtype=torch.float64)
@@ -166,8 +165,6 @@ def global_token_count(batches: Iterable[Batch], group, device: torch.device) ->
 
 def reduce_loss(loss_sum: torch.Tensor, num_tokens: int, group) -> float:
     """Token-weighted mean: ``loss_sum`` (this rank's) summed over ``group``, divided by the global count."""
-    import torch.distributed as dist
-
     t = loss_sum.detach().to(torch.float64).reshape(())
     if dist.is_initialized():
         dist.all_reduce(t, group=group)

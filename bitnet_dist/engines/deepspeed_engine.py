@@ -21,12 +21,17 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
+import torch.distributed as dist
 
-from bitnet_dist import step_cache
+from bitnet_dist import compat, step_cache
+from bitnet_dist import model as bm
 from bitnet_dist.engines import common
 from bitnet_dist.engines.base import Batch, Engine, StepStats
 from bitnet_dist.engines.common import MegatronDataParallelTopology
 from bitnet_dist.errors import ConfigError
+from bitnet_dist.layers import batch_weight_quant, set_act_bits
+
+# DeepSpeed and megatron-core's parallel_state are imported where used (heavy; only the running engine needs them).
 
 CKPT_TAG = "state"  # DeepSpeed's sub-directory inside the checkpoint directory
 LAYOUT_FILE = "deepspeed_layout.json"
@@ -86,8 +91,6 @@ class DeepSpeedEngine(MegatronDataParallelTopology, Engine):
 
     # -- set-up ------------------------------------------------------------------------------------------------
     def init_parallel(self) -> None:
-        import torch.distributed as dist
-
         check_config(self.cfg)
         tp = self.cfg.parallel.tensor
         world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
@@ -138,9 +141,7 @@ class DeepSpeedEngine(MegatronDataParallelTopology, Engine):
         return _deep_merge(conf, dict(c.engine.ds_config_overrides or {}))
 
     def build(self, vocab_size: int) -> None:
-        import deepspeed
-        from bitnet_dist import compat
-        from bitnet_dist import model as bm
+        import deepspeed  # deferred: DeepSpeed is heavy and only this engine needs it
 
         if self._device is None:
             raise RuntimeError("call init_parallel() before build()")
@@ -167,8 +168,6 @@ class DeepSpeedEngine(MegatronDataParallelTopology, Engine):
             deepspeed.zero.register_external_parameter(model.output_layer, model.shared_embedding_or_output_weight())
         # all ternary weights quantized in one pass per step; not under ZeRO-3, whose parameters are gathered
         # module by module inside the forward
-        from bitnet_dist.layers import batch_weight_quant
-
         self.batched_weights = 0 if self.cfg.parallel.zero_stage == 3 else batch_weight_quant([model])
         for g in self._ds.optimizer.param_groups:  # fail now, not at the first step
             if common.DECAY_KEY not in g:
@@ -237,8 +236,6 @@ class DeepSpeedEngine(MegatronDataParallelTopology, Engine):
                 "tensor": self.cfg.parallel.tensor, "data_parallel": self.dp_size}
 
     def save(self, ckpt_dir: Path, trainer_state: dict[str, Any]) -> None:
-        import torch.distributed as dist
-
         ckpt_dir = Path(ckpt_dir)
         # Every rank writes its own shards; DeepSpeed barriers internally.
         self._ds.save_checkpoint(str(ckpt_dir), tag=CKPT_TAG, client_state={}, save_latest=False)
@@ -267,8 +264,6 @@ class DeepSpeedEngine(MegatronDataParallelTopology, Engine):
 
     # -- model access ------------------------------------------------------------------------------------------
     def set_act_bits(self, bits: int) -> None:
-        from bitnet_dist.layers import set_act_bits
-
         for chunk in self.model_chunks():
             set_act_bits(chunk, bits)
 

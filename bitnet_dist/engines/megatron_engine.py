@@ -27,6 +27,7 @@ for tensor-parallel invariance and checkpoint resharding at the model level.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -38,11 +39,12 @@ import torch
 import torch.distributed as dist
 
 from bitnet_dist import step_cache
+from bitnet_dist.compat import install_cpu_path, install_foreach_multi_tensor
+from bitnet_dist.distributed import init_distributed
 from bitnet_dist.engines.base import Batch, Engine, StepStats
 from bitnet_dist.engines.common import (
     MegatronDataParallelTopology,
     batch_to_device,
-    ensure_process_group,
     init_model_parallel,
     load_trainer_state,
     no_weight_decay,
@@ -51,7 +53,12 @@ from bitnet_dist.engines.common import (
     save_trainer_state,
 )
 from bitnet_dist.errors import ConfigError
-from bitnet_dist.validate import check_model
+from bitnet_dist.layers import batch_weight_quant, bit_layers, set_act_bits
+from bitnet_dist.model import build_model, transformer_config
+from bitnet_dist.presets import check_model
+
+# megatron-core's CUDA-side subsystems (optimizer, schedules, DDP, CUDA graphs, dist-checkpointing) are imported in
+# the methods that use them: the engine's CPU paths (tests, checks) never load them.
 
 CKPT_SUBDIR = "megatron"  # dist_checkpointing files inside the step directory
 LAYOUT_FILE = "megatron_layout.json"  # informative: the layout that wrote the checkpoint
@@ -61,7 +68,7 @@ NVLS_OFF_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"
 # -- configuration checks (before any process-group or GPU work) -------------------------------------------
 def check_megatron_config(cfg, world_size: Optional[int] = None, cuda: Optional[bool] = None,
                           model_only: bool = False) -> None:
-    """Engine-specific checks on top of bitnet_dist.validate.check_model; raises ConfigError.
+    """Engine-specific checks on top of bitnet_dist.presets.check_model; raises ConfigError.
 
     ``world_size`` None: not checked (init_parallel checks it again once the group exists);
     ``cuda`` None: torch.cuda.is_available(); ``model_only``: skip what only training needs (CUDA).
@@ -168,22 +175,13 @@ class MegatronEngine(MegatronDataParallelTopology, Engine):
             os.environ.setdefault(k, v)
         device = None
         if not dist.is_initialized():
-            try:
-                from bitnet_dist.distributed import init_distributed
-            except ImportError:
-                init_distributed = None
-            if init_distributed is not None:
-                device = init_distributed().device  # torchrun / Slurm ranks, NCCL on CUDA
-            else:
-                ensure_process_group(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+            device = init_distributed().device  # torchrun / Slurm ranks, NCCL on CUDA
         if device is None:  # the group was started elsewhere (tests, tools): one GPU per local rank
             device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
                       if torch.cuda.is_available() else torch.device("cpu"))
         if device.type == "cuda":
             torch.cuda.set_device(device)
         else:
-            from bitnet_dist.compat import install_cpu_path
-
             install_cpu_path()
         self._device = device
         par = self.cfg.parallel
@@ -208,8 +206,6 @@ class MegatronEngine(MegatronDataParallelTopology, Engine):
     # -- model --------------------------------------------------------------------------------------------
     def transformer_config(self):
         """The megatron TransformerConfig of this run (our model fields + engine wiring)."""
-        from bitnet_dist.model import transformer_config
-
         bf16 = self._dtype == torch.bfloat16
         par = self.cfg.parallel
         overrides = dict(
@@ -241,8 +237,6 @@ class MegatronEngine(MegatronDataParallelTopology, Engine):
         """
         from megatron.core import parallel_state as ps
 
-        from bitnet_dist.model import build_model
-
         self.config = self.transformer_config()
         vp = self.cfg.parallel.virtual_pipeline
         chunks = []
@@ -271,7 +265,7 @@ class MegatronEngine(MegatronDataParallelTopology, Engine):
         if self.model_only:
             self._chunks = list(self._raw)
             return
-        cfg, eng, par = self.cfg, self.cfg.engine, self.cfg.parallel
+        eng, par = self.cfg.engine, self.cfg.parallel
         config = self.config
         wrapped = [Float16Module(config, m) if config.bf16 else m for m in self._raw]
         ddp_config = DistributedDataParallelConfig(
@@ -290,8 +284,6 @@ class MegatronEngine(MegatronDataParallelTopology, Engine):
         for m in self._chunks:
             m.broadcast_params()  # DP replicas start identical (they already are: same CPU seed)
         # without TE / apex: megatron's per-tensor grad-norm fallback syncs the host once per tensor
-        from bitnet_dist.compat import install_foreach_multi_tensor
-
         self.multi_tensor_swaps = install_foreach_multi_tensor()
         self.optimizer = self._make_optimizer()
 
@@ -314,8 +306,6 @@ class MegatronEngine(MegatronDataParallelTopology, Engine):
         flight when the first layer runs."""
         if self.cfg.engine.overlap_param_gather:
             return 0
-        from bitnet_dist.layers import batch_weight_quant
-
         return batch_weight_quant(self._raw)
 
     @contextlib.contextmanager
@@ -410,7 +400,6 @@ class MegatronEngine(MegatronDataParallelTopology, Engine):
         it = self._graph.curr_iter("training")
         if it == self.cfg.engine.cuda_graph_warmup:
             # the capture allocates from a private pool: hand the eager steps' cached blocks back first
-            import gc
 
             gc.collect()
             torch.cuda.empty_cache()
@@ -437,7 +426,6 @@ class MegatronEngine(MegatronDataParallelTopology, Engine):
             return
         self._graph = None
         self._reset_graph_state()
-        import gc
 
         gc.collect()
         if torch.cuda.is_available():
@@ -525,8 +513,6 @@ class MegatronEngine(MegatronDataParallelTopology, Engine):
 
     # -- activation bits -------------------------------------------------------------------------------------
     def set_act_bits(self, bits: int) -> None:
-        from bitnet_dist.layers import bit_layers, set_act_bits
-
         if bits not in (4, 8):
             raise ConfigError("precision.act_bits", bits, "4 or 8")
         changed = any(getattr(layer, "act_bits", bits) != bits for m in self._raw for layer in bit_layers(m))
@@ -695,7 +681,7 @@ def unshare_adam_steps(optimizer) -> int:
     each state's step in place, so the shared counter advances once per parameter per optimizer step and the
     bias correction of a resumed run is wrong from its first step on. This is the likely cause of the resumed
     run separating from the continued one on the H100 (docs/megatron.md); the sharing itself is reproduced on
-    CPU in tests/test_megatron_engine.py. Returns how many states got their own copy.
+    CPU in tests/engines/test_megatron_engine.py. Returns how many states got their own copy.
     """
     fixed = 0
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):

@@ -324,7 +324,7 @@ test_e() {
 }
 # -- h. our host-list expansion agrees with scontrol's ----------------------------------------------
 test_h() {
-  if python -m pytest -q -p no:cacheprovider tests/test_distributed.py -k matches_scontrol 2>&1 | tail -3 | tee "$work/h.out" \
+  if python -m pytest -q -p no:cacheprovider tests/distributed/test_distributed.py -k matches_scontrol 2>&1 | tail -3 | tee "$work/h.out" \
       | grep -q "1 passed"; then
     pass "h (expand_hostlist == scontrol show hostnames)"
   else

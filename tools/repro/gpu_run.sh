@@ -17,11 +17,13 @@ OUT=${OUT:-$PWD/out}; mkdir -p $OUT
 for d in runs/repro runs/repro_blocks; do
   [ -e "$d" ] && { echo "$d exists: move it away first (its runs would resume from their final checkpoints)"; exit 1; }
 done
+site=$(mktemp -d)
 if [ -d .whl ]; then
-  site=$(mktemp -d)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl \
-    && export PYTHONPATH=$site:$PWD || exit
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl || exit
 fi
+# bitnet-dist itself, as a package (bitnet_dist.kernels and bitnet_dist.conf come from kernels/ and conf/)
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade --target "$site" . || exit
+export PYTHONPATH=$site
 [ -z "${BITNET_CACHE:-}" ] && [ -d .cache/bitnet_dist ] && export BITNET_CACHE=$PWD/.cache/bitnet_dist
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 (nvidia-smi --query-gpu=name,memory.used,memory.total,compute_mode --format=csv,noheader; date -u) > $OUT/device.txt

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The GPU suite: install the package, run every GPU test (pytest -m gpu: kernels, megatron engine, DeepSpeed
+# engine) and the kernel benchmark (python -m bitnet_dist.bench), writing logs and summaries to $OUT.
+#
+#   tools/gpu_suite.sh [STEP ...]        STEP: install, tests, bench (default: all three, in this order)
+#   tools/gpu_suite.sh --help
+#
+# Run it from the repository root on a machine with a CUDA GPU and the dependencies installed (torch, Triton,
+# megatron-core, DeepSpeed). The install step installs bitnet-dist itself, editable and without dependencies
+# (pip install --no-deps --no-build-isolation -e .), so bitnet_dist.kernels and bitnet_dist.conf resolve through
+# the package as in a wheel install.
+#
+#   OUT            folder for logs and summaries (default: ./gpu_suite_out); summary.txt lists each step
+#   TESTS_TIMEOUT  seconds for the GPU tests (default 1200)
+#   BENCH_ARGS     extra arguments for bitnet_dist.bench (default: none; the benchmark's defaults)
+set -uo pipefail
+case "${1:-}" in -h|--help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0 ;; esac
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+OUT="${OUT:-$root/gpu_suite_out}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
+# NVLink multicast (NVLS) off: not available on every host, and the NCCL paths here do not need it
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+steps=("$@")
+[ ${#steps[@]} -gt 0 ] || steps=(install tests bench)
+for step in "${steps[@]}"; do
+  case "$step" in install|tests|bench) ;; *) echo "gpu_suite.sh: unknown step '$step' (install, tests or bench; --help)" >&2; exit 2 ;; esac
+done
+command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$OUT/device.txt"
+python -c "import sys, torch; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)" \
+  > "$OUT/versions.txt" 2>&1
+status=0
+summary() { echo "$1" | tee -a "$OUT/summary.txt"; }
+for step in "${steps[@]}"; do
+  t0=$(date +%s)
+  case "$step" in
+    install)
+      # --no-build-isolation: the build uses this environment's setuptools (no index needed)
+      if ! python -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 68)" 2>/dev/null; then
+        echo "gpu_suite.sh: the install step needs setuptools >= 68 in this environment (pip install" \
+          "'setuptools>=68', or carry its wheel)" | tee "$OUT/install.log" >&2
+        rc=1
+      else
+        python -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1
+        rc=$?
+      fi
+      [ $rc -eq 0 ] && python -c "import bitnet_dist.kernels, bitnet_dist.conf" >> "$OUT/install.log" 2>&1
+      rc=$(( rc || $? )) ;;
+    tests)
+      timeout "${TESTS_TIMEOUT:-1200}" python -m pytest -q -p no:cacheprovider -m gpu tests > "$OUT/gpu_tests.log" 2>&1
+      rc=$?
+      tail -5 "$OUT/gpu_tests.log" > "$OUT/gpu_tests_summary.txt" ;;
+    bench)
+      # shellcheck disable=SC2086
+      python -m bitnet_dist.bench --out "$OUT/bench" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
+      rc=$? ;;
+  esac
+  summary "$step: $([ $rc -eq 0 ] && echo ok || echo "FAILED (exit $rc, see $OUT)") in $(( $(date +%s) - t0 )) s"
+  [ $rc -eq 0 ] || status=1
+done
+exit $status
