@@ -40,11 +40,18 @@ BACKEND_WARNING_MESSAGE = r"(Transformer Engine and Apex are|Apex is|Transformer
 BACKEND_WARNING_MODULE = r"(megatron|megatron_fsdp)(\..*)?"
 
 
+# megatron-core 0.16's own default TransformerConfig.cuda_graph_scope ("full") warns that it is deprecated on
+# every config it builds; bitnet-dist never sets the field.
+DEFAULT_SCOPE_WARNING_MESSAGE = r"full scope is deprecated"
+
+
 def filter_backend_warnings() -> None:
-    """Ignore megatron-core's UserWarnings about absent Transformer Engine / apex (see the module docstring);
-    call before megatron-core is imported."""
+    """Ignore megatron-core's UserWarnings about absent Transformer Engine / apex (see the module docstring) and
+    the deprecation warning of its own default cuda_graph_scope; call before megatron-core is imported."""
     warnings.filterwarnings("ignore", message=BACKEND_WARNING_MESSAGE, category=UserWarning,
                             module=BACKEND_WARNING_MODULE)
+    warnings.filterwarnings("ignore", message=DEFAULT_SCOPE_WARNING_MESSAGE, category=UserWarning,
+                            module=r"megatron\.core\.transformer\.transformer_config")
 
 _installed = False
 

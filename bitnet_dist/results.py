@@ -8,7 +8,8 @@ docs/results/data/: the runs' metrics (<experiment>/<run>.jsonl + .config.json),
 benchmark (bench25m.jsonl, written by tools/megatron/gpu_check.py bench) and the final numbers of the earlier
 attempt (earlier_attempt.json, for the reproducibility check); nothing is typed in. The hand-written
 discussion is kept between the DISCUSSION markers of docs/results.md and preserved when the page is rendered
-again.
+again. Run it from the repository root: the docs/ paths are relative to the working directory (the package
+may be installed anywhere).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import yaml
 
 from bitnet_dist.config import conf_file
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path.cwd()  # the repository checkout whose docs/ this renders
 DATA = ROOT / "docs" / "results" / "data"
 DOC = ROOT / "docs" / "results.md"
 FIG = ROOT / "docs" / "results"
