@@ -1,0 +1,91 @@
+"""Helpers of the export / generate / eval tests: small checkpoints of either engine written on the CPU."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+VOCAB = 300  # ByteTokenizer size of the synthetic-data runs: 256 bytes + unused ids + EOD; pads to 384 rows
+
+
+def run_config(precision: str = "v2_a8", *, model: str = "tiny", tie: bool = False, engine: str = "megatron",
+               tp: int = 1, seed: int = 1234, **model_overrides):
+    from bitnet_dist.config import TrainConfig
+    from bitnet_dist.presets import model_preset, precision_preset
+
+    cfg = TrainConfig()
+    cfg.model = model_preset(model, tie_embeddings=tie, **model_overrides)
+    cfg.precision = precision_preset(precision)
+    cfg.data.name, cfg.data.tokenizer, cfg.data.vocab_size = "synthetic", "bpe", VOCAB
+    cfg.engine.name = engine
+    cfg.parallel.tensor = tp
+    cfg.trainer.dtype, cfg.trainer.seed = "fp32", seed
+    cfg.trainer.seq_length, cfg.trainer.micro_batch_size, cfg.trainer.global_batch_size = 32, 2, 2 * tp
+    return cfg
+
+
+@torch.no_grad()
+def perturb(model, seed: int = 7) -> None:
+    """Norm gains away from 1 (so a swapped norm changes the logits) and a few weight scales apart."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in sorted(model.named_parameters()):
+        if p.dim() == 1:
+            p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
+        elif "linear_qkv" in name or "linear_fc1" in name:
+            # per-segment weight scales differ: k rows and the up half twice as large (a segment mix-up shows)
+            rows = p.shape[0]
+            p[rows // 2:] *= 2.0
+
+
+def write_run(run_dir: Path, cfg, step: int = 10, act_bits=None, worker_state_fn=None) -> Path:
+    """Save the engine's model as RUN_DIR/checkpoints/step_{step} with manifest and RUN_DIR/config.yaml.
+    In-process (one gloo rank) for megatron; DeepSpeed checkpoints come from a training engine."""
+    from omegaconf import OmegaConf
+
+    from bitnet_dist.checkpoint import CheckpointManager
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    return CheckpointManager(run_dir).path(step)
+
+
+def megatron_checkpoint(rank, world, cfg, run_dir, step=10, act_bits=None):
+    """(Run in run_ranks.) A megatron dist checkpoint of ``cfg``'s seed-initialized, perturbed model."""
+    from bitnet_dist.checkpoint import CheckpointManager
+    from bitnet_dist.engines.megatron_engine import MegatronEngine
+
+    cfg = copy.deepcopy(cfg)
+    eng = MegatronEngine(cfg, model_only=True)
+    eng.init_parallel()
+    eng.build(VOCAB)
+    for chunk in eng.model_chunks():
+        _perturb_global(chunk, cfg)
+    if rank == 0:
+        write_run(run_dir, cfg, step)
+    state = {"step": step, "act_bits": act_bits or cfg.precision.act_bits, "max_steps": 100, "seed": cfg.trainer.seed}
+    path = CheckpointManager(run_dir).save(step, lambda tmp: eng.save(tmp, state))
+    return str(path)
+
+
+@torch.no_grad()
+def _perturb_global(chunk, cfg):
+    """perturb() applied layout-independently: norm gains drawn from their global names (TP slices of one draw)."""
+    from megatron.core import parallel_state as ps
+
+    from bitnet_dist.model import _generator, _global_name
+
+    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    for name, p in chunk.named_parameters():
+        if p.dim() != 1:
+            continue
+        gname = _global_name(name, chunk)
+        full = list(p.shape)
+        sharded = getattr(p, "tensor_model_parallel", False)
+        if sharded:
+            full[0] *= tp
+        v = 1.0 + 0.3 * torch.randn(full, generator=_generator(99, gname))
+        if sharded:
+            v = torch.chunk(v, tp)[rank]
+        p.copy_(v)
