@@ -6,6 +6,10 @@ from pathlib import Path
 
 import torch
 
+from bitnet_dist.export import ensure_transformers
+
+ensure_transformers()
+
 VOCAB = 300  # ByteTokenizer size of the synthetic-data runs: 256 bytes + unused ids + EOD; pads to 384 rows
 
 
@@ -89,3 +93,81 @@ def _perturb_global(chunk, cfg):
         if sharded:
             v = torch.chunk(v, tp)[rank]
         p.copy_(v)
+
+
+def tokens(b: int = 2, s: int = 24, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (b, s), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def project_logits(run, toks: torch.Tensor) -> torch.Tensor:
+    """The project's own TP=1 GPTModel (fp32, CPU) on ``toks``: logits over the tokenizer's ids."""
+    from bitnet_dist.export.reader import load_project_model
+
+    model = load_project_model(run)
+    s = toks.shape[1]
+    return model(toks, torch.arange(s).expand_as(toks), None)[..., :run.vocab_size].float()
+
+
+@torch.no_grad()
+def hf_logits(path, toks: torch.Tensor, **kw) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, trust_remote_code=True, **kw)
+    return model(toks).logits.float()
+
+
+def _swap(model, a: str, b: str) -> None:
+    sd = model.state_dict()
+    with torch.no_grad():
+        ta, tb = sd[a].clone(), sd[b].clone()
+        sd[a].copy_(tb)
+        sd[b].copy_(ta)
+
+
+def export_worker(rank, world, cfg, run_dir, out, act_bits=None, latent=False, dtype=None, controls=()):
+    """Checkpoint (megatron, TP=1) -> export -> {project vs transformers logits, config.json, module kinds};
+    ``controls``: deliberate mapping mistakes applied to the loaded export, each one's max |diff| reported."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from bitnet_dist.export.hf import export
+    from bitnet_dist.export.reader import load_run
+
+    ckpt = megatron_checkpoint(rank, world, cfg, run_dir, act_bits=act_bits)
+    run = load_run(ckpt)
+    path = export(ckpt, out, run=run, latent=latent, dtype=dtype)
+    toks = tokens()
+    ref = project_logits(run, toks)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, trust_remote_code=True)
+    with torch.no_grad():
+        got = model(toks).logits.float()
+    res = {"max_diff": (ref - got).abs().max().item(), "argmax_equal": bool((ref.argmax(-1) == got.argmax(-1)).all()),
+           "class": type(model).__name__, "config": json.loads((path / "config.json").read_text()),
+           "files": sorted(p.name for p in path.iterdir()), "ref_scale": ref.abs().max().item(),
+           "q_proj": type(model.model.layers[0].self_attn.q_proj).__name__,
+           "online": getattr(model.model.layers[0].self_attn.q_proj, "online_quant", None),
+           "q_weight_values": sorted(set(model.model.layers[0].self_attn.q_proj.weight.detach().flatten().tolist()))[:5]}
+    L = "model.layers.0."
+    mistakes = {
+        # the four norms mapped one place off
+        "norms_swapped": lambda m: _swap(m, L + "input_layernorm.weight", L + "post_attention_layernorm.weight"),
+        "sub_norms_swapped": lambda m: _swap(m, L + "self_attn.attn_sub_norm.weight", L + "input_layernorm.weight"),
+        # gate and up exchanged (segments of fc1 mixed up)
+        "gate_up_swapped": lambda m: (_swap(m, L + "mlp.gate_proj.weight", L + "mlp.up_proj.weight"),
+                                      _swap(m, L + "mlp.gate_proj.weight_scale", L + "mlp.up_proj.weight_scale")),
+        # one scale for the fused fc1 instead of one per segment
+        "one_fc1_scale": lambda m: m.state_dict()[L + "mlp.up_proj.weight_scale"].copy_(
+            m.state_dict()[L + "mlp.gate_proj.weight_scale"]),
+        # k and v of the fused QKV exchanged
+        "k_v_swapped": lambda m: (_swap(m, L + "self_attn.k_proj.weight", L + "self_attn.v_proj.weight"),
+                                  _swap(m, L + "self_attn.k_proj.weight_scale", L + "self_attn.v_proj.weight_scale")),
+    }
+    res["controls"] = {}
+    for name in controls:
+        m = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, trust_remote_code=True)
+        with torch.no_grad():
+            mistakes[name](m)
+            res["controls"][name] = (m(toks).logits.float() - ref).abs().max().item()
+    return res

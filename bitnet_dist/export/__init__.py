@@ -9,3 +9,39 @@
 This package imports the model, layers and engines' checkpoint formats; nothing in bitnet_dist imports it
 except its own entry points. transformers, safetensors and lm-eval come with the ``hf`` extra.
 """
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+
+
+def ensure_transformers() -> None:
+    """Import PyPI's ``kernels`` (a dependency of transformers 5) before transformers looks it up.
+
+    In a source checkout the project's Triton kernels live in the top-level folder ``kernels/`` (installed as
+    ``bitnet_dist.kernels``). When the checkout's root is on sys.path (``python -m ...`` run from it, the test
+    command among them), ``import kernels`` finds that folder instead of the PyPI package and transformers' hub
+    kernels fail to import (``cannot import name 'CUDAProperties' from 'kernels'``). This imports the installed
+    package once, with the checkout root left out of sys.path for that one import; elsewhere it does nothing.
+    """
+    if "kernels" in sys.modules:
+        return
+    root = Path(__file__).resolve().parents[2]
+    ours = root / "kernels"
+    if not (ours / "ternary.py").is_file():  # not a source checkout: nothing shadows anything
+        return
+    spec = importlib.util.find_spec("kernels")
+    if spec is None or spec.origin is None or Path(spec.origin).resolve().parent != ours.resolve():
+        return
+    saved = list(sys.path)
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != root]
+    try:
+        importlib.invalidate_caches()
+        try:
+            importlib.import_module("kernels")
+        except ImportError:  # no PyPI kernels installed: transformers then finds none either way
+            sys.modules.pop("kernels", None)
+    finally:
+        sys.path[:] = saved

@@ -38,7 +38,10 @@ import torch
 
 from bitnet_dist import quant
 from bitnet_dist.errors import ConfigError
+from bitnet_dist.export import ensure_transformers
 from bitnet_dist.export.reader import ExportError, LoadedRun, load_run
+
+ensure_transformers()
 
 MODELING_FILE = "modeling_bitnet_v2.py"
 SHARD_BYTES = 2 * 1024 ** 3  # safetensors shards above this size ("2GB", as save_pretrained's default 5GB is large)

