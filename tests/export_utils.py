@@ -171,3 +171,66 @@ def export_worker(rank, world, cfg, run_dir, out, act_bits=None, latent=False, d
             mistakes[name](m)
             res["controls"][name] = (m(toks).logits.float() - ref).abs().max().item()
     return res
+
+
+def deepspeed_tp_train(rank, world, cfg, run_dir, steps=3):
+    """(Run on TP ranks.) Train ``steps`` DeepSpeed steps at TP=world on random tokens, save the checkpoint;
+    return (rank 0) the gathered full weights and the TP model's gathered logits on ``tokens()``."""
+    import torch.distributed as dist
+
+    from bitnet_dist.checkpoint import CheckpointManager
+    from bitnet_dist.engines import make_engine
+    from mp_workers import gather_full
+
+    eng = make_engine(cfg)
+    eng.init_parallel()
+    eng.build(VOCAB)
+    g = torch.Generator().manual_seed(5)
+    for step in range(steps):
+        t = torch.randint(0, 256, (cfg.trainer.global_batch_size, 33), generator=g)
+        mb = cfg.trainer.micro_batch_size
+        batches = [dict(tokens=t[i:i + mb, :-1], labels=t[i:i + mb, 1:], loss_mask=torch.ones(mb, 32))
+                   for i in range(0, t.shape[0], mb)]
+        eng.train_step(batches, lr=3e-3, weight_decay=0.1)
+    if rank == 0:
+        write_run(run_dir, cfg, steps)
+    state = {"step": steps, "act_bits": cfg.precision.act_bits, "max_steps": 100, "seed": cfg.trainer.seed}
+    CheckpointManager(run_dir).save(steps, lambda tmp: eng.save(tmp, state))
+    model = eng.model_chunks()[0]
+    model.eval()
+    toks = tokens()
+    with torch.no_grad():
+        local = model(toks, torch.arange(toks.shape[1]).expand_as(toks), None)
+    parts = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(parts, local.contiguous())
+    logits = torch.cat(parts, dim=-1)[..., :VOCAB]
+    # numpy through the result queue: shared-memory tensors vanish with the child process
+    full = {n: gather_full(p, p.detach(), world).numpy().copy() for n, p in model.named_parameters()}
+    return (full, logits.numpy().copy()) if rank == 0 else None
+
+
+def megatron_from_weights(rank, world, cfg, run_dir, weights, step=3):
+    """(One rank.) The given full weights saved as a TP=1 megatron checkpoint (the same weights at TP=1)."""
+    from bitnet_dist.checkpoint import CheckpointManager
+    from bitnet_dist.engines.megatron_engine import MegatronEngine
+
+    eng = MegatronEngine(cfg, model_only=True)
+    eng.init_parallel()
+    eng.build(VOCAB)
+    weights = {k: torch.from_numpy(v) for k, v in weights.items()}
+    missing, unexpected = eng.model_chunks()[0].load_state_dict(weights, strict=False)
+    assert not unexpected and all(k.endswith("_extra_state") for k in missing), (missing, unexpected)
+    write_run(run_dir, cfg, step)
+    state = {"step": step, "act_bits": cfg.precision.act_bits, "max_steps": 100, "seed": cfg.trainer.seed}
+    return str(CheckpointManager(run_dir).save(step, lambda tmp: eng.save(tmp, state)))
+
+
+def export_and_logits(rank, world, ckpt, out):
+    """(One rank.) Export ``ckpt`` and return (the exported tensors, transformers' logits on ``tokens()``)."""
+    from safetensors.torch import load_file
+
+    from bitnet_dist.export.hf import export
+
+    path = export(ckpt, out)
+    tensors = {k: v.numpy().copy() for k, v in load_file(str(path / "model.safetensors")).items()}
+    return tensors, hf_logits(path, tokens()).numpy().copy()

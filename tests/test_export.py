@@ -90,3 +90,29 @@ def test_pack_order_is_transformers_own():
     assert torch.equal(unpack_weights.__wrapped__(ours, torch.float32), codes.float())
     with pytest.raises(Exception, match="multiple of 4"):
         pack_ternary(codes[:6])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["v2_a8", "b158"])
+def test_tp2_trained_checkpoint_exports_the_tp1_model(tmp_path, precision):
+    """DeepSpeed at TP=2 on 2 gloo processes trains 3 steps and saves; its weights, gathered, are saved again as a
+    TP=1 megatron checkpoint. Both export to the same tensors, and the export computes the TP=2 model's logits."""
+    cfg2 = eu.run_config(precision, engine="deepspeed", tp=2)
+    full, tp2_logits = run_ranks(eu.deepspeed_tp_train, 2, cfg2, str(tmp_path / "tp2"))[0]
+    cfg1 = eu.run_config(precision, engine="megatron", tp=1)
+    ck1 = run_ranks(eu.megatron_from_weights, 1, cfg1, str(tmp_path / "tp1"), full)[0]
+    ck2 = str(tmp_path / "tp2" / "checkpoints" / "step_00000003")
+    t2, l2 = run_ranks(eu.export_and_logits, 1, ck2, str(tmp_path / "hf2"))[0]
+    t1, l1 = run_ranks(eu.export_and_logits, 1, ck1, str(tmp_path / "hf1"))[0]
+    t1, t2 = ({k: torch.from_numpy(v) for k, v in t.items()} for t in (t1, t2))
+    l1, l2, tp2_logits = (torch.from_numpy(x) for x in (l1, l2, tp2_logits))
+    assert sorted(t1) == sorted(t2)
+    for k in t1:
+        assert torch.equal(t1[k], t2[k]), k
+    assert torch.equal(l1, l2)
+    assert (l2.argmax(-1) == tp2_logits.argmax(-1)).all() and (l2 - tp2_logits).abs().max() <= TOL
+    # training moved the weights: the TP=2 export is not the initial model
+    init = eu.run_config(precision, engine="megatron")
+    ck0 = run_ranks(eu.megatron_checkpoint, 1, init, str(tmp_path / "init"))[0]
+    t0, _ = run_ranks(eu.export_and_logits, 1, ck0, str(tmp_path / "hf0"))[0]
+    assert not torch.equal(torch.from_numpy(t0["model.embed_tokens.weight"]), t2["model.embed_tokens.weight"])
