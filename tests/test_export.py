@@ -116,3 +116,126 @@ def test_tp2_trained_checkpoint_exports_the_tp1_model(tmp_path, precision):
     ck0 = run_ranks(eu.megatron_checkpoint, 1, init, str(tmp_path / "init"))[0]
     t0, _ = run_ranks(eu.export_and_logits, 1, ck0, str(tmp_path / "hf0"))[0]
     assert not torch.equal(torch.from_numpy(t0["model.embed_tokens.weight"]), t2["model.embed_tokens.weight"])
+
+
+# -- bad input: one clear error each, nothing half-written ------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    return run_ranks(eu.megatron_checkpoint, 1, eu.run_config("v2_a8"), str(root / "run"))[0]
+
+
+def _cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "bitnet_dist.export.hf", *map(str, args)], capture_output=True,
+                          text=True, timeout=600)
+
+
+def _copy_run(ckpt, dst):
+    import shutil
+    from pathlib import Path
+
+    run = Path(ckpt).parent.parent
+    shutil.copytree(run, dst)
+    return dst / "checkpoints" / Path(ckpt).name
+
+
+def _nothing_written(out):
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]  # no temporary left
+
+
+def _error_line(proc):
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("bitnet-export: error:")]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_bad_input_one_clear_error_and_nothing_written(tiny_checkpoint, tmp_path):
+    import yaml
+
+    # corrupt: one byte of a weight file changed
+    ck = _copy_run(tiny_checkpoint, tmp_path / "corrupt")
+    victim = sorted(p for p in (ck / "megatron").iterdir() if p.suffix == ".distcp")[0]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    out = tmp_path / "out_corrupt"
+    msg = _error_line(_cli(ck, out))
+    assert "corrupt or incomplete" in msg and "SHA-256" in msg and victim.name in msg
+    _nothing_written(out)
+
+    # incomplete: the save never wrote its manifest
+    ck = _copy_run(tiny_checkpoint, tmp_path / "incomplete")
+    (ck / "manifest.json").unlink()
+    out = tmp_path / "out_incomplete"
+    assert "no manifest.json" in _error_line(_cli(ck, out))
+    _nothing_written(out)
+
+    # checkpoint / config mismatch: the config names another model size
+    ck = _copy_run(tiny_checkpoint, tmp_path / "mismatch")
+    conf = ck.parent.parent / "config.yaml"
+    c = yaml.safe_load(conf.read_text())
+    c["model"]["hidden_size"] = 128
+    c["model"]["ffn_hidden_size"] = 256
+    conf.write_text(yaml.safe_dump(c))
+    out = tmp_path / "out_mismatch"
+    msg = _error_line(_cli(ck, out))
+    assert "does not fit the run config" in msg and "--config" in msg
+    _nothing_written(out)
+
+    # unknown precision
+    c = yaml.safe_load(conf.read_text())
+    c["model"]["hidden_size"], c["model"]["ffn_hidden_size"] = 64, 128
+    c["precision"]["name"] = "v3_a2"
+    conf.write_text(yaml.safe_dump(c))
+    msg = _error_line(_cli(ck, out))
+    assert "precision='v3_a2'" in msg and "v2_a8" in msg
+    _nothing_written(out)
+
+    # an existing output directory is neither touched nor replaced without --overwrite
+    out = tmp_path / "existing"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    msg = _error_line(_cli(tiny_checkpoint, out))
+    assert "already exists" in msg and "--overwrite" in msg
+    assert (out / "keep.txt").read_text() == "mine"
+    ok = _cli(tiny_checkpoint, out, "--overwrite")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".existing.")]
+
+
+def test_a_failure_mid_write_leaves_nothing(tmp_path, monkeypatch):
+    """The directory is written to a temporary sibling: an error after the weights were written removes it."""
+    from bitnet_dist.export import hf
+
+    class Boom(RuntimeError):
+        pass
+
+    def fail(tok):
+        raise Boom("tokenizer")
+
+    monkeypatch.setattr(hf, "hf_tokenizer", fail)
+    monkeypatch.setattr(hf, "hf_config", lambda run, **kw: {"model_type": "llama"})
+    monkeypatch.setattr(hf, "hf_state_dict", lambda run, **kw: {"w": torch.zeros(2)})
+    monkeypatch.setattr(hf, "format_of", lambda name: "llama")
+
+    class FakeRun:
+        class cfg:
+            class precision:
+                quantize, name = False, "bf16"
+        dtype = torch.float32
+
+        class tokenizer:
+            eod_id = 0
+
+    out = tmp_path / "hf"
+    with pytest.raises(Boom):
+        hf.export(None, out, run=FakeRun())
+    _nothing_written(out)

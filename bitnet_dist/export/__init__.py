@@ -45,3 +45,14 @@ def ensure_transformers() -> None:
             sys.modules.pop("kernels", None)
     finally:
         sys.path[:] = saved
+
+
+def quiet_library_warnings() -> None:
+    """CLI runs: drop megatron-core's import-time notices (no Apex / Transformer Engine, deprecated options) and
+    torch.distributed.checkpoint's deprecation notices, which say nothing about the user's command."""
+    import warnings
+
+    for module in ("megatron", "torch.distributed.checkpoint", "torch.distributed"):
+        warnings.filterwarnings("ignore", category=UserWarning, module=module)
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)

@@ -38,7 +38,7 @@ import torch
 
 from bitnet_dist import quant
 from bitnet_dist.errors import ConfigError
-from bitnet_dist.export import ensure_transformers
+from bitnet_dist.export import ensure_transformers, quiet_library_warnings
 from bitnet_dist.export.reader import ExportError, LoadedRun, load_run
 
 ensure_transformers()
@@ -413,6 +413,7 @@ def main(argv=None) -> None:
                                                   "(default: the training dtype)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     args = ap.parse_args(argv)
+    quiet_library_warnings()
     try:
         out = export(args.checkpoint, args.output, config=args.config, latent=args.latent, dtype=args.dtype,
                      overwrite=args.overwrite)

@@ -180,16 +180,20 @@ def _model_keys(model) -> dict:
 
 def _read_megatron(checkpoint: Path, cfg, vocab_size: int, dtype: torch.dtype) -> dict:
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
     model = build_tp1_model(cfg, vocab_size, dtype)
     template = {"model0": model.sharded_state_dict(prefix="")}
     try:
         loaded = dist_checkpointing.load(template, str(checkpoint / "megatron"))
         model.load_state_dict(loaded["model0"])
-    except Exception as e:  # noqa: BLE001 - megatron raises many types for a checkpoint that does not fit
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - many types for a checkpoint that does not fit
+        detail = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+        if "Global shape mismatch" in str(e):
+            detail = str(e)[str(e).index("Global shape mismatch"):].splitlines()[0]
         raise ExportError(f"the megatron checkpoint {checkpoint} does not fit the run config's model "
                           f"({cfg.model.name}: hidden {cfg.model.hidden_size}, {cfg.model.num_layers} layers, "
-                          f"vocab {vocab_size}; {type(e).__name__}: {str(e)[:300]}): pass the config.yaml of the "
+                          f"vocab {vocab_size}; {type(e).__name__}: {detail[:300]}): pass the config.yaml of the "
                           "run that wrote it (--config)") from None
     return _model_keys(model)
 
