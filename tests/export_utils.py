@@ -234,3 +234,98 @@ def export_and_logits(rank, world, ckpt, out):
     path = export(ckpt, out)
     tensors = {k: v.numpy().copy() for k, v in load_file(str(path / "model.safetensors")).items()}
     return tensors, hf_logits(path, tokens()).numpy().copy()
+
+
+def generate_worker(rank, world, ckpt, export_dir, n):
+    """Greedy continuations of one prompt: ours (KV cache), transformers' generate, the project model without
+    a cache (argmax after a full forward per token)."""
+    from bitnet_dist.export.generate import Sampling, generate, load
+    from bitnet_dist.export.reader import load_project_model, load_run
+
+    model, tok = load(export_dir)
+    prompt = tok.encode("The jury said", add_special_tokens=False)
+    ours = generate(model, prompt, Sampling(max_new_tokens=n), eos_id=tok.eos_token_id)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.eos_token_id, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    hf = out[0, len(prompt):].tolist()
+    if tok.eos_token_id in hf:
+        hf = hf[:hf.index(tok.eos_token_id) + 1]
+    run = load_run(ckpt)
+    project = load_project_model(run)
+    ids, plain = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = project(torch.tensor([ids]), torch.arange(len(ids))[None], None)[0, -1, :run.vocab_size]
+            nxt = int(logits.argmax())
+            plain.append(nxt)
+            ids.append(nxt)
+            if nxt == tok.eos_token_id:
+                break
+    return {"ours": ours, "hf": hf, "project_no_cache": plain, "eos": tok.eos_token_id}
+
+
+def sampling_worker(rank, world, export_dir):
+    from bitnet_dist.export.generate import Sampling, complete, generate, load
+
+    model, tok = load(export_dir)
+    prompt = tok.encode("The jury said", add_special_tokens=False)
+
+    def sample(seed, **kw):
+        s = Sampling(max_new_tokens=32, temperature=kw.pop("temperature", 0.8), seed=seed, stop_at_eos=False, **kw)
+        return generate(model, prompt, s, eos_id=tok.eos_token_id)
+
+    return {"a": sample(0, top_k=50, top_p=0.95), "a_again": sample(0, top_k=50, top_p=0.95),
+            "b": sample(1, top_k=50, top_p=0.95), "top_k1": sample(3, top_k=1),
+            "greedy": sample(None, temperature=0.0),
+            "text": complete(model, tok, "The jury said", Sampling(max_new_tokens=24, temperature=0.8, seed=0))[1]}
+
+
+def eval_worker(rank, world, ckpt, export_dir, data, tmp):
+    """bitnet-eval on the checkpoint (project model) and the export (transformers); lm-eval's rolling
+    log-likelihood of the export on a local task built from ``data``; an indexed dataset of the same texts."""
+    import dataclasses
+    import json
+    import os
+    from pathlib import Path
+
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from bitnet_dist.data.indexed import write_indexed
+    from bitnet_dist.export.evaluate import perplexity, scorer_for
+
+    project = scorer_for(ckpt)
+    res = {"project": dataclasses.asdict(perplexity(project, data)),
+           "export": dataclasses.asdict(perplexity(scorer_for(export_dir), data))}
+    texts = [json.loads(line)["text"] for line in Path(data).read_text().splitlines()]
+    prefix = Path(tmp) / "indexed" / "docs"
+    prefix.parent.mkdir()
+    write_indexed(texts, project.run.tokenizer, prefix)
+    res["indexed"] = dataclasses.asdict(perplexity(project, prefix))
+
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    task_dir = Path(tmp) / "tasks"
+    task_dir.mkdir()
+    (task_dir / "bitnet_local.yaml").write_text(
+        "task: bitnet_local_ppl\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\n"
+        "output_type: loglikelihood_rolling\n"
+        "doc_to_text: ''\n"
+        "doc_to_target: '{{text}}'\n"
+        "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n")
+    out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={export_dir},trust_remote_code=True,dtype=float32",
+                                  tasks=["bitnet_local_ppl"], task_manager=TaskManager(include_path=str(task_dir)),
+                                  log_samples=True, batch_size=1, device="cpu")
+    samples = out["samples"]["bitnet_local_ppl"]
+    lls = []
+    for s in samples:
+        r = s["resps"][0][0]
+        lls.append(float(r[0] if isinstance(r, (list, tuple)) else r))
+    res["lm_eval_loglikelihood"] = sum(lls)
+    res["lm_eval_docs"] = len(samples)
+    res["lm_eval_metrics"] = {k: v for k, v in out["results"]["bitnet_local_ppl"].items() if isinstance(v, float)}
+    return res
