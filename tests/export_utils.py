@@ -125,7 +125,7 @@ def _swap(model, a: str, b: str) -> None:
         sd[b].copy_(ta)
 
 
-def export_worker(rank, world, cfg, run_dir, out, act_bits=None, latent=False, dtype=None, controls=()):
+def export_worker(rank, world, cfg, run_dir, out, act_bits=None, latent=False, dtype=None, controls=(), device="cpu"):
     """Checkpoint (megatron, TP=1) -> export -> {project vs transformers logits, config.json, module kinds};
     ``controls``: deliberate mapping mistakes applied to the loaded export, each one's max |diff| reported."""
     import json
@@ -140,11 +140,11 @@ def export_worker(rank, world, cfg, run_dir, out, act_bits=None, latent=False, d
     path = export(ckpt, out, run=run, latent=latent, dtype=dtype)
     toks = tokens()
     ref = project_logits(run, toks)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, trust_remote_code=True).to(device)
     with torch.no_grad():
-        got = model(toks).logits.float()
+        got = model(toks.to(device)).logits.float().cpu()
     res = {"max_diff": (ref - got).abs().max().item(), "argmax_equal": bool((ref.argmax(-1) == got.argmax(-1)).all()),
-           "class": type(model).__name__, "config": json.loads((path / "config.json").read_text()),
+           "class": type(model).__name__, "device": str(next(model.parameters()).device), "config": json.loads((path / "config.json").read_text()),
            "files": sorted(p.name for p in path.iterdir()), "ref_scale": ref.abs().max().item(),
            "q_proj": type(model.model.layers[0].self_attn.q_proj).__name__,
            "online": getattr(model.model.layers[0].self_attn.q_proj, "online_quant", None),

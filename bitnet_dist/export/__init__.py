@@ -56,3 +56,9 @@ def quiet_library_warnings() -> None:
         warnings.filterwarnings("ignore", category=UserWarning, module=module)
         warnings.filterwarnings("ignore", category=FutureWarning, module=module)
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
+    try:  # transformers' per-tensor "Loading weights" progress bar
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
