@@ -329,3 +329,48 @@ def eval_worker(rank, world, ckpt, export_dir, data, tmp):
     res["lm_eval_docs"] = len(samples)
     res["lm_eval_metrics"] = {k: v for k, v in out["results"]["bitnet_local_ppl"].items() if isinstance(v, float)}
     return res
+
+
+def fake_run(precision: str, tie: bool = False, model: str = "tiny"):
+    """A LoadedRun around a randomly drawn TP=1 state dict of megatron's names (no process group needed)."""
+    from bitnet_dist.data.tokenizer import ByteTokenizer
+    from bitnet_dist.export.reader import LoadedRun
+    from bitnet_dist.presets import padded_vocab_size
+
+    cfg = run_config(precision, model=model, tie=tie)
+    m = cfg.model
+    h, f, heads = m.hidden_size, m.ffn_hidden_size, m.num_attention_heads
+    groups = m.num_query_groups or heads
+    d = h // heads
+    V = padded_vocab_size(VOCAB)
+    g = torch.Generator().manual_seed(0)
+    sd = {"embedding.word_embeddings.weight": torch.randn(V, h, generator=g),
+          "decoder.final_layernorm.weight": torch.randn(h, generator=g)}
+    if not tie:
+        sd["output_layer.weight"] = torch.randn(V, h, generator=g)
+    for i in range(m.num_layers):
+        p = f"decoder.layers.{i}."
+        sd[p + "self_attention.linear_qkv.weight"] = torch.randn((heads + 2 * groups) * d, h, generator=g)
+        sd[p + "self_attention.linear_proj.weight"] = torch.randn(h, h, generator=g)
+        sd[p + "mlp.linear_fc1.weight"] = torch.randn(2 * f, h, generator=g)
+        sd[p + "mlp.linear_fc2.weight"] = torch.randn(h, f, generator=g)
+        if precision == "bf16":
+            sd[p + "input_layernorm.weight"] = torch.randn(h, generator=g)
+            sd[p + "pre_mlp_layernorm.weight"] = torch.randn(h, generator=g)
+        else:
+            for name, n in (("self_attention.linear_qkv", h), ("self_attention.linear_proj", h),
+                            ("mlp.linear_fc1", h), ("mlp.linear_fc2", f)):
+                sd[p + name + ".norm_weight"] = torch.randn(n, generator=g)
+    return LoadedRun(cfg=cfg, run_dir=None, checkpoint=None, engine="megatron",
+                     trainer_state={"act_bits": cfg.precision.act_bits}, tokenizer=ByteTokenizer(VOCAB),
+                     state_dict=sd, dtype=torch.float32)
+
+
+def hf_tensors(run, **kw):
+    from bitnet_dist.export.hf import hf_state_dict
+
+    return hf_state_dict(run, **kw)
+
+
+def logits_of_exports(rank, world, paths):
+    return [hf_logits(p, tokens()).numpy().copy() for p in paths]

@@ -272,3 +272,28 @@ def test_tokenizer_export_encodes_like_the_run(tmp_path, kind):
         ids = ours.encode(text)
         assert tok.encode(text, add_special_tokens=False) == ids, text
         assert tok.decode(ids) == ours.decode(ids)
+
+
+@pytest.mark.parametrize("precision, latent, tie", [("bf16", False, True), ("b158", False, False), ("b158", True, False),
+                                                    ("v2_a4", False, True)])
+def test_tensor_specs_are_what_the_writer_writes(precision, latent, tie):
+    """tensor_specs (the docs' sizes on disk) lists exactly the names, shapes and dtypes hf_state_dict writes."""
+    from bitnet_dist.export.hf import tensor_specs
+
+    run = eu.fake_run(precision, tie=tie)
+    written = eu.hf_tensors(run, latent=latent, dtype=torch.bfloat16)
+    specs = tensor_specs(run.cfg.model, precision, run.vocab_size, latent=latent, dtype=torch.bfloat16)
+    assert {k: (tuple(v.shape), v.dtype) for k, v in written.items()} == specs
+
+
+@pytest.mark.slow
+def test_sharded_export_loads_to_the_same_logits(tiny_checkpoint, tmp_path):
+    one = _cli(tiny_checkpoint, tmp_path / "one")
+    many = _cli(tiny_checkpoint, tmp_path / "many", "--max-shard-gb", 20e3 / 1024 ** 3)  # 20 kB shards
+    assert one.returncode == 0 and many.returncode == 0, many.stderr[-2000:]
+    index = json.loads((tmp_path / "many" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 3 and all((tmp_path / "many" / s).is_file() for s in shards)
+    assert not (tmp_path / "many" / "model.safetensors").exists()
+    l1, l2 = run_ranks(eu.logits_of_exports, 1, [str(tmp_path / "one"), str(tmp_path / "many")])[0]
+    assert torch.equal(torch.from_numpy(l1), torch.from_numpy(l2))

@@ -208,6 +208,40 @@ def hf_config(run: LoadedRun, *, latent: bool = False, dtype: Optional[torch.dty
     return c
 
 
+def tensor_specs(model, precision_name: str, vocab: int, *, latent: bool = False,
+                 dtype: torch.dtype = torch.bfloat16) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """name -> (shape, dtype) of every tensor ``hf_state_dict`` writes for a model preset, without building it
+    (sizes on disk of large presets; tests check it against the writer's output)."""
+    h, f, heads = model.hidden_size, model.ffn_hidden_size, model.num_attention_heads
+    kv = (model.num_query_groups or heads) * (h // heads)
+    quantized = precision_name != "bf16"
+    specs = {"model.embed_tokens.weight": ((vocab, h), dtype), "model.norm.weight": ((h,), dtype)}
+    if not model.tie_embeddings:
+        specs["lm_head.weight"] = ((vocab, h), dtype)
+    shapes = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
+              "self_attn.o_proj": (h, h), "mlp.gate_proj": (f, h), "mlp.up_proj": (f, h), "mlp.down_proj": (h, f)}
+    for i in range(model.num_layers):
+        p = f"model.layers.{i}."
+        specs[p + "input_layernorm.weight"] = ((h,), dtype)
+        specs[p + "post_attention_layernorm.weight"] = ((h,), dtype)
+        if quantized:
+            specs[p + "self_attn.attn_sub_norm.weight"] = ((h,), dtype)
+            specs[p + "mlp.ffn_sub_norm.weight"] = ((f,), dtype)
+        for name, (rows, cols) in shapes.items():
+            if quantized and not latent:
+                specs[p + name + ".weight"] = ((rows // 4, cols), torch.uint8)
+                specs[p + name + ".weight_scale"] = ((1,), torch.float32)
+            else:
+                specs[p + name + ".weight"] = ((rows, cols), dtype)
+    return specs
+
+
+def export_bytes(model, precision_name: str, vocab: int, **kw) -> int:
+    """Bytes of the tensors an export holds (the safetensors files add a JSON header of a few tens of KB)."""
+    return sum(math.prod(shape) * torch.empty((), dtype=dt).element_size()
+               for shape, dt in tensor_specs(model, precision_name, vocab, **kw).values())
+
+
 # ------------------------------------------------------------------------------------------ tokenizer
 def hf_tokenizer(tok):
     """The run's tokenizer as a transformers fast tokenizer (saved as tokenizer.json + tokenizer_config.json)."""
@@ -412,11 +446,15 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 for the floating-point tensors "
                                                   "(default: the training dtype)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    ap.add_argument("--max-shard-gb", type=float, default=SHARD_BYTES / 1024 ** 3,
+                    help="safetensors shard size limit in GiB (default %(default)s)")
     args = ap.parse_args(argv)
     quiet_library_warnings()
     try:
+        if args.max_shard_gb <= 0:
+            raise ConfigError("--max-shard-gb", args.max_shard_gb, "a size in GiB > 0")
         out = export(args.checkpoint, args.output, config=args.config, latent=args.latent, dtype=args.dtype,
-                     overwrite=args.overwrite)
+                     overwrite=args.overwrite, max_shard_bytes=int(args.max_shard_gb * 1024 ** 3))
     except (ConfigError, ExportError) as e:
         print(f"bitnet-export: error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
