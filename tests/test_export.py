@@ -297,3 +297,17 @@ def test_sharded_export_loads_to_the_same_logits(tiny_checkpoint, tmp_path):
     assert not (tmp_path / "many" / "model.safetensors").exists()
     l1, l2 = run_ranks(eu.logits_of_exports, 1, [str(tmp_path / "one"), str(tmp_path / "many")])[0]
     assert torch.equal(torch.from_numpy(l1), torch.from_numpy(l2))
+
+
+@pytest.mark.slow
+def test_megatron_tp2_checkpoint_exports_the_tp1_model(tmp_path):
+    """The megatron engine's dist checkpoint written by 2 gloo ranks at TP=2 and by 1 rank at TP=1 (the same
+    layout-independent weights) export to identical tensors."""
+    ck2 = run_ranks(eu.megatron_checkpoint, 2, eu.run_config("v2_a4", tp=2), str(tmp_path / "tp2"))[0]
+    ck1 = run_ranks(eu.megatron_checkpoint, 1, eu.run_config("v2_a4", tp=1), str(tmp_path / "tp1"))[0]
+    t2, l2 = run_ranks(eu.export_and_logits, 1, ck2, str(tmp_path / "hf2"))[0]
+    t1, l1 = run_ranks(eu.export_and_logits, 1, ck1, str(tmp_path / "hf1"))[0]
+    assert sorted(t1) == sorted(t2)
+    for k in t1:
+        assert torch.equal(torch.from_numpy(t1[k]), torch.from_numpy(t2[k])), k
+    assert torch.equal(torch.from_numpy(l1), torch.from_numpy(l2))
