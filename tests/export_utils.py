@@ -14,7 +14,7 @@ VOCAB = 300  # ByteTokenizer size of the synthetic-data runs: 256 bytes + unused
 
 
 def run_config(precision: str = "v2_a8", *, model: str = "tiny", tie: bool = False, engine: str = "megatron",
-               tp: int = 1, seed: int = 1234, **model_overrides):
+               tp: int = 1, seed: int = 1234, zero_stage: int = 0, **model_overrides):
     from bitnet_dist.config import TrainConfig
     from bitnet_dist.presets import model_preset, precision_preset
 
@@ -23,7 +23,7 @@ def run_config(precision: str = "v2_a8", *, model: str = "tiny", tie: bool = Fal
     cfg.precision = precision_preset(precision)
     cfg.data.name, cfg.data.tokenizer, cfg.data.vocab_size = "synthetic", "bpe", VOCAB
     cfg.engine.name = engine
-    cfg.parallel.tensor = tp
+    cfg.parallel.tensor, cfg.parallel.zero_stage = tp, zero_stage
     cfg.trainer.dtype, cfg.trainer.seed = "fp32", seed
     cfg.trainer.seq_length, cfg.trainer.micro_batch_size, cfg.trainer.global_batch_size = 32, 2, 2 * tp
     return cfg
@@ -188,6 +188,8 @@ def deepspeed_tp_train(rank, world, cfg, run_dir, steps=3):
     g = torch.Generator().manual_seed(5)
     for step in range(steps):
         t = torch.randint(0, 256, (cfg.trainer.global_batch_size, 33), generator=g)
+        per = t.shape[0] // eng.dp_size
+        t = t[eng.dp_rank * per:(eng.dp_rank + 1) * per]  # this DP rank's share
         mb = cfg.trainer.micro_batch_size
         batches = [dict(tokens=t[i:i + mb, :-1], labels=t[i:i + mb, 1:], loss_mask=torch.ones(mb, 32))
                    for i in range(0, t.shape[0], mb)]
@@ -205,6 +207,8 @@ def deepspeed_tp_train(rank, world, cfg, run_dir, steps=3):
     dist.all_gather(parts, local.contiguous())
     logits = torch.cat(parts, dim=-1)[..., :VOCAB]
     # numpy through the result queue: shared-memory tensors vanish with the child process
+    if cfg.parallel.zero_stage == 3:  # parameters partitioned over DP: the logits are the check
+        return (None, logits.numpy().copy()) if rank == 0 else None
     full = {n: gather_full(p, p.detach(), world).numpy().copy() for n, p in model.named_parameters()}
     return (full, logits.numpy().copy()) if rank == 0 else None
 

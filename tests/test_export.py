@@ -311,3 +311,16 @@ def test_megatron_tp2_checkpoint_exports_the_tp1_model(tmp_path):
     for k in t1:
         assert torch.equal(torch.from_numpy(t1[k]), torch.from_numpy(t2[k])), k
     assert torch.equal(torch.from_numpy(l1), torch.from_numpy(l2))
+
+
+@pytest.mark.slow
+def test_zero3_checkpoint_exports_the_trained_model(tmp_path):
+    """DeepSpeed ZeRO-3 partitions the parameters themselves; the export (through DeepSpeed's zero_to_fp32)
+    computes the trained model's logits."""
+    cfg = eu.run_config("v2_a8", engine="deepspeed", zero_stage=3)
+    cfg.trainer.global_batch_size = 4
+    _, logits = run_ranks(eu.deepspeed_tp_train, 2, cfg, str(tmp_path / "z3"))[0]
+    ck = str(tmp_path / "z3" / "checkpoints" / "step_00000003")
+    _, got = run_ranks(eu.export_and_logits, 1, ck, str(tmp_path / "hf"))[0]
+    logits, got = torch.from_numpy(logits), torch.from_numpy(got)
+    assert (logits.argmax(-1) == got.argmax(-1)).all() and (logits - got).abs().max() <= TOL
