@@ -29,19 +29,6 @@ def run_config(precision: str = "v2_a8", *, model: str = "tiny", tie: bool = Fal
     return cfg
 
 
-@torch.no_grad()
-def perturb(model, seed: int = 7) -> None:
-    """Norm gains away from 1 (so a swapped norm changes the logits) and a few weight scales apart."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in sorted(model.named_parameters()):
-        if p.dim() == 1:
-            p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
-        elif "linear_qkv" in name or "linear_fc1" in name:
-            # per-segment weight scales differ: k rows and the up half twice as large (a segment mix-up shows)
-            rows = p.shape[0]
-            p[rows // 2:] *= 2.0
-
-
 def write_run(run_dir: Path, cfg, step: int = 10, act_bits=None, worker_state_fn=None) -> Path:
     """Save the engine's model as RUN_DIR/checkpoints/step_{step} with manifest and RUN_DIR/config.yaml.
     In-process (one gloo rank) for megatron; DeepSpeed checkpoints come from a training engine."""
@@ -75,13 +62,23 @@ def megatron_checkpoint(rank, world, cfg, run_dir, step=10, act_bits=None):
 
 @torch.no_grad()
 def _perturb_global(chunk, cfg):
-    """perturb() applied layout-independently: norm gains drawn from their global names (TP slices of one draw)."""
+    """Norm gains away from 1 (drawn from their global names, TP slices of one draw) and the fused weights'
+    segments at different scales (k rows x 1.5 in every query group, the up half of fc1 x 2), so that a swapped
+    norm or a mixed-up segment changes the logits; layout-independent, like the initialization."""
     from megatron.core import parallel_state as ps
 
     from bitnet_dist.model import _generator, _global_name
 
     tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    m = cfg.model
+    d = m.hidden_size // m.num_attention_heads
+    per = m.num_attention_heads // (m.num_query_groups or m.num_attention_heads)
     for name, p in chunk.named_parameters():
+        if name.endswith("linear_fc1.weight"):  # this rank's [gate shard; up shard]
+            p[p.shape[0] // 2:] *= 2.0
+        if name.endswith("linear_qkv.weight"):  # whole query groups per rank: [q (per * d), k (d), v (d)]
+            g = p.view(-1, (per + 2) * d, p.shape[1])
+            g[:, per * d:(per + 1) * d] *= 1.5
         if p.dim() != 1:
             continue
         gname = _global_name(name, chunk)
