@@ -320,21 +320,29 @@ def model_card(run: LoadedRun, config: dict, fmt: str, latent: bool) -> str:
                "latent weights, quantized at every forward (online mode)" if latent else
                "ternary weights packed 2 bits each (4 per byte) with one mean|W| scale per projection")
     yaml = OmegaConf.to_yaml(OmegaConf.structured(run.cfg))
+    act = "" if fmt == "llama" else f", activation bits at the last step: {run.act_bits}"
+    if fmt == "llama":
+        method = "the full-precision LLaMA baseline of bitnet-dist (no quantization)"
+        tags = "[llama, bitnet-dist]"
+    else:
+        block = config.get("hadamard_block") if fmt == "bitnet_v2" else 0
+        method = (f"ternary weights, {run.act_bits}-bit per-token activations"
+                  + (f", an online block Hadamard transform (block {block}) before Wo and Wdown" if block else ""))
+        tags = "[bitnet, bitnet-dist, ternary]"
     return f"""---
 library_name: transformers
-tags: [bitnet, bitnet-dist, ternary]
+tags: {tags}
 ---
 # {m.name} / {p.name}, step {step}
 
-Trained with bitnet-dist (BitNet v2: ternary weights, {run.act_bits}-bit activations
-{'with an online block Hadamard transform (block ' + str(config.get('hadamard_block')) + ') before Wo and Wdown' if fmt == 'bitnet_v2' and config.get('hadamard_block') else ''}).
+Trained with bitnet-dist: {method}.
 
 * format: `{config['model_type']}` ({weights})
 * load: `{load}`
 * model: {m.num_layers} layers, hidden {m.hidden_size}, FFN {m.ffn_hidden_size}, {m.num_attention_heads} heads,
   {m.num_query_groups or m.num_attention_heads} KV groups, RoPE base {m.rope_base},
   {'tied' if m.tie_embeddings else 'untied'} embeddings, vocabulary {run.vocab_size}
-* checkpoint: step {step} ({run.engine} engine), activation bits at the last step: {run.act_bits}
+* checkpoint: step {step} ({run.engine} engine){act}
 * final validation loss: {val_line}
 
 ## Run configuration
