@@ -295,14 +295,15 @@ def eval_worker(rank, world, ckpt, export_dir, data, tmp):
     from bitnet_dist.data.indexed import write_indexed
     from bitnet_dist.export.evaluate import perplexity, scorer_for
 
+    L = 256  # the window of both sides (the small model's own is 1024): longer documents take several windows
     project = scorer_for(ckpt)
-    res = {"project": dataclasses.asdict(perplexity(project, data)),
-           "export": dataclasses.asdict(perplexity(scorer_for(export_dir), data))}
+    res = {"project": dataclasses.asdict(perplexity(project, data, L)),
+           "export": dataclasses.asdict(perplexity(scorer_for(export_dir), data, L))}
     texts = [json.loads(line)["text"] for line in Path(data).read_text().splitlines()]
     prefix = Path(tmp) / "indexed" / "docs"
     prefix.parent.mkdir()
     write_indexed(texts, project.run.tokenizer, prefix)
-    res["indexed"] = dataclasses.asdict(perplexity(project, prefix))
+    res["indexed"] = dataclasses.asdict(perplexity(project, prefix, L))
 
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -318,7 +319,7 @@ def eval_worker(rank, world, ckpt, export_dir, data, tmp):
         "doc_to_text: ''\n"
         "doc_to_target: '{{text}}'\n"
         "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n")
-    out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={export_dir},trust_remote_code=True,dtype=float32",
+    out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={export_dir},trust_remote_code=True,dtype=float32,max_length={L}",
                                   tasks=["bitnet_local_ppl"], task_manager=TaskManager(include_path=str(task_dir)),
                                   log_samples=True, batch_size=1, device="cpu")
     samples = out["samples"]["bitnet_local_ppl"]

@@ -62,10 +62,10 @@ def test_every_preset_exports_the_project_logits(tmp_path, precision, tie, act_b
         assert "modeling_bitnet_v2.py" in res["files"]
         assert c["act_bits"] == (act_bits or cfg.precision.act_bits)
         assert c["hadamard_block"] == (cfg.model.hadamard_block if cfg.precision.hadamard else 0)
-    # each deliberate mapping mistake moves the logits beyond the tolerance: the test can fail (a wrong up scale
-    # is damped by the ffn_sub_norm that follows it, hence 10x and not more)
+    # each deliberate mapping mistake moves the logits far beyond the tolerance: the test can fail (measured
+    # >= 5e-2; a wrong up scale is the smallest, damped by the ffn_sub_norm that follows it)
     for name, diff in res["controls"].items():
-        assert diff > 10 * TOL, (name, diff)
+        assert diff > 100 * TOL, (name, diff)
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
-"""bitnet-generate and bitnet-eval on a model the train app trained (experiment=smoke: the tiny model on
-synthetic tokens with the byte tokenizer, DeepSpeed on the CPU, v2_a8 -> a4 switch):
+"""bitnet-generate and bitnet-eval on a model the train app trained: the quick start's model and precision
+(model=small, v2_a8_to_a4) trained briefly by experiment=smoke on synthetic tokens (the byte tokenizer; the Brown
+corpus of the real quick start is a download), DeepSpeed on the CPU, past the 8 -> 4-bit switch:
 
 * greedy decoding with the KV cache equals transformers' ``generate`` on the export token for token, and the
   project's own model decoded without a cache (full recompute per token);
@@ -33,7 +34,7 @@ pytestmark = pytest.mark.slow
 ENV = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
 
 # Bundled text for the local evaluation task (the hub is unreachable in CI); the last document is longer than
-# the tiny model's 256-token window, so the rolling windows are exercised.
+# the 256-token window both sides score with, so the rolling windows are exercised.
 DOCS = [
     "The jury said it did find that many of the registration and election laws were outmoded or inadequate.",
     "It recommended that the legislature provide enabling funds to re-set the election system.",
@@ -47,7 +48,7 @@ def trained(tmp_path_factory):
     """(run_dir, last checkpoint, export dir) of a smoke run trained by the train app."""
     root = tmp_path_factory.mktemp("smoke")
     run_dir = root / "run"
-    args = ["experiment=smoke", "engine=deepspeed", "trainer.dtype=fp32", "logging.wandb=disabled",
+    args = ["experiment=smoke", "model=small", "precision=v2_a8_to_a4", "engine=deepspeed", "trainer.dtype=fp32", "logging.wandb=disabled",
             "trainer.max_steps=12", "optim.warmup_steps=2", "trainer.eval_interval=6", "trainer.save_interval=6",
             "trainer.stats_interval=0", "trainer.progress_bar=false", "trainer.report=false",
             "precision.switch_fraction=0.5", f"run_dir={run_dir}"]
@@ -133,7 +134,7 @@ def test_perplexity_agrees_with_lm_eval(trained, tmp_path):
     data.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
     res = run_ranks(eu.eval_worker, 1, str(ckpt), str(out), str(data), str(tmp_path))[0]
     ours, hf, lm = res["project"], res["export"], res["lm_eval_loglikelihood"]
-    assert ours["tokens"] == sum(len(d.encode()) for d in DOCS) and len(DOCS[-1]) > 256
+    assert ours["tokens"] == sum(len(d.encode()) for d in DOCS) and len(DOCS[-1]) > 2 * 256
     assert math.isfinite(ours["perplexity"]) and ours["perplexity"] > 1
     assert abs(hf["loglikelihood"] - ours["loglikelihood"]) <= 1e-4 * abs(ours["loglikelihood"])
     ppl_lm = math.exp(-lm / ours["tokens"])

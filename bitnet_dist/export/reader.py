@@ -152,16 +152,6 @@ def _single_process_group() -> None:
     init_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
 
 
-def tp1_config(cfg, dtype: torch.dtype):
-    """A copy of ``cfg`` describing one CPU process at TP=1, PP=1 in ``dtype`` (the exporter's own model)."""
-    c = copy.deepcopy(cfg)
-    c.parallel.tensor, c.parallel.pipeline, c.parallel.virtual_pipeline = 1, 1, None
-    c.parallel.sequence = False
-    c.precision.kernels = "torch"
-    c.trainer.dtype = "bf16" if dtype == torch.bfloat16 else "fp32"
-    return c
-
-
 def build_tp1_model(cfg, vocab_size: int, dtype: torch.dtype = torch.float32):
     """The project's own GPTModel at TP=1 on the CPU (megatron parallel state for one rank is set up here)."""
     from bitnet_dist import model as bm
