@@ -29,9 +29,8 @@ def run_config(precision: str = "v2_a8", *, model: str = "tiny", tie: bool = Fal
     return cfg
 
 
-def write_run(run_dir: Path, cfg, step: int = 10, act_bits=None, worker_state_fn=None) -> Path:
-    """Save the engine's model as RUN_DIR/checkpoints/step_{step} with manifest and RUN_DIR/config.yaml.
-    In-process (one gloo rank) for megatron; DeepSpeed checkpoints come from a training engine."""
+def write_run(run_dir: Path, cfg, step: int = 10) -> Path:
+    """RUN_DIR/config.yaml as the train app writes it; returns the path of checkpoint ``step``."""
     from omegaconf import OmegaConf
 
     from bitnet_dist.checkpoint import CheckpointManager

@@ -93,7 +93,7 @@ def test_pack_order_is_transformers_own():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", ["v2_a8", "b158"])
+@pytest.mark.parametrize("precision", ["v2_a8"])
 def test_tp2_trained_checkpoint_exports_the_tp1_model(tmp_path, precision):
     """DeepSpeed at TP=2 on 2 gloo processes trains 3 steps and saves; its weights, gathered, are saved again as a
     TP=1 megatron checkpoint. Both export to the same tensors, and the export computes the TP=2 model's logits."""

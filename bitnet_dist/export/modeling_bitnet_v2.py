@@ -63,9 +63,8 @@ def hadamard(x: torch.Tensor, block: int) -> torch.Tensor:
 
 def unpack_ternary(packed: torch.Tensor, rows: int) -> torch.Tensor:
     """uint8 [ceil(rows / 4), in] -> int8 codes [rows, in] in {-1, 0, 1}."""
-    r = packed.shape[0]
     parts = [((packed >> (2 * i)) & 3).to(torch.int8) - 1 for i in range(4)]
-    return torch.cat(parts, dim=0)[:rows] if rows != 4 * r else torch.cat(parts, dim=0)
+    return torch.cat(parts, dim=0)[:rows]
 
 
 def quantize_activations(x: torch.Tensor, bits: int) -> torch.Tensor:
