@@ -14,7 +14,7 @@ VOCAB = 300  # ByteTokenizer size of the synthetic-data runs: 256 bytes + unused
 
 
 def run_config(precision: str = "v2_a8", *, model: str = "tiny", tie: bool = False, engine: str = "megatron",
-               tp: int = 1, seed: int = 1234, zero_stage: int = 0, **model_overrides):
+               tp: int = 1, pp: int = 1, seed: int = 1234, zero_stage: int = 0, **model_overrides):
     from bitnet_dist.config import TrainConfig
     from bitnet_dist.presets import model_preset, precision_preset
 
@@ -23,9 +23,9 @@ def run_config(precision: str = "v2_a8", *, model: str = "tiny", tie: bool = Fal
     cfg.precision = precision_preset(precision)
     cfg.data.name, cfg.data.tokenizer, cfg.data.vocab_size = "synthetic", "bpe", VOCAB
     cfg.engine.name = engine
-    cfg.parallel.tensor, cfg.parallel.zero_stage = tp, zero_stage
+    cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.zero_stage = tp, pp, zero_stage
     cfg.trainer.dtype, cfg.trainer.seed = "fp32", seed
-    cfg.trainer.seq_length, cfg.trainer.micro_batch_size, cfg.trainer.global_batch_size = 32, 2, 2 * tp
+    cfg.trainer.seq_length, cfg.trainer.micro_batch_size, cfg.trainer.global_batch_size = 32, 2, 2 * tp * pp
     return cfg
 
 
@@ -234,6 +234,24 @@ def export_and_logits(rank, world, ckpt, out):
     path = export(ckpt, out)
     tensors = {k: v.numpy().copy() for k, v in load_file(str(path / "model.safetensors")).items()}
     return tensors, hf_logits(path, tokens()).numpy().copy()
+
+
+def gpu_generate_worker(rank, world, cfg, run_dir):
+    """On CUDA: greedy (ours, KV cache) vs transformers' generate on the same GPU model; a sampled continuation."""
+    from bitnet_dist.export.generate import Sampling, generate, load
+
+    ckpt = megatron_checkpoint(rank, world, cfg, run_dir)
+    model, tok = load(ckpt, device="cuda")
+    prompt = list(range(40, 52))
+    ours = generate(model, prompt, Sampling(max_new_tokens=30), eos_id=None)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt], device="cuda"), do_sample=False, max_new_tokens=30,
+                             eos_token_id=None, pad_token_id=tok.eos_token_id,
+                             attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device="cuda"))
+    sampled = generate(model, prompt, Sampling(max_new_tokens=30, temperature=0.8, top_k=50, top_p=0.95, seed=0,
+                                               stop_at_eos=False), eos_id=tok.eos_token_id)
+    return {"ours": ours, "hf": out[0, len(prompt):].tolist(), "sampled": sampled,
+            "device": str(next(model.parameters()).device)}
 
 
 def generate_worker(rank, world, ckpt, export_dir, n):

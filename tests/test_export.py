@@ -300,11 +300,12 @@ def test_sharded_export_loads_to_the_same_logits(tiny_checkpoint, tmp_path):
 
 
 @pytest.mark.slow
-def test_megatron_tp2_checkpoint_exports_the_tp1_model(tmp_path):
-    """The megatron engine's dist checkpoint written by 2 gloo ranks at TP=2 and by 1 rank at TP=1 (the same
-    layout-independent weights) export to identical tensors."""
-    ck2 = run_ranks(eu.megatron_checkpoint, 2, eu.run_config("v2_a4", tp=2), str(tmp_path / "tp2"))[0]
-    ck1 = run_ranks(eu.megatron_checkpoint, 1, eu.run_config("v2_a4", tp=1), str(tmp_path / "tp1"))[0]
+@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)])
+def test_megatron_tp2_pp2_checkpoint_exports_the_tp1_model(tmp_path, tp, pp):
+    """The megatron engine's dist checkpoint written by 2 gloo ranks at TP=2 or PP=2 and by 1 rank at TP=1 (the
+    same layout-independent weights) export to identical tensors."""
+    ck2 = run_ranks(eu.megatron_checkpoint, 2, eu.run_config("v2_a4", tp=tp, pp=pp), str(tmp_path / "two"))[0]
+    ck1 = run_ranks(eu.megatron_checkpoint, 1, eu.run_config("v2_a4"), str(tmp_path / "one"))[0]
     t2, l2 = run_ranks(eu.export_and_logits, 1, ck2, str(tmp_path / "hf2"))[0]
     t1, l1 = run_ranks(eu.export_and_logits, 1, ck1, str(tmp_path / "hf1"))[0]
     assert sorted(t1) == sorted(t2)

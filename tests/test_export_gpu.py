@@ -39,3 +39,11 @@ def test_export_on_gpu_gives_the_project_logits(tmp_path, precision, latent):
         assert res["online"] is latent
         if not latent:
             assert res["q_weight_values"] == [-1.0, 0.0, 1.0]  # the packed weights, unpacked on the GPU
+
+
+@pytest.mark.parametrize("precision", ["b158", "v2_a4"])
+def test_generate_on_gpu(tmp_path, precision):
+    res = run_ranks(eu.gpu_generate_worker, 1, eu.run_config(precision), str(tmp_path / "run"))[0]
+    assert res["device"].startswith("cuda")
+    assert res["ours"] == res["hf"], res
+    assert len(res["sampled"]) >= 20
