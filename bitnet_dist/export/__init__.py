@@ -62,3 +62,12 @@ def quiet_library_warnings() -> None:
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
+
+
+def require_hf(prog: str) -> None:
+    """Exit with one line naming the fix when the ``hf`` extra is not installed."""
+    missing = [m for m in ("transformers", "safetensors") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"{prog}: error: {', '.join(missing)} not installed: pip install 'bitnet-dist[hf]' (or -e '.[hf]')",
+              file=sys.stderr, flush=True)
+        raise SystemExit(2)

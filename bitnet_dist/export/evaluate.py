@@ -30,7 +30,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from bitnet_dist.errors import ConfigError
-from bitnet_dist.export import ensure_transformers, quiet_library_warnings
+from bitnet_dist.export import ensure_transformers, quiet_library_warnings, require_hf
 from bitnet_dist.export.reader import ExportError
 
 ensure_transformers()
@@ -187,6 +187,7 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cpu", help="exports: cpu | cuda[:N] (checkpoints run on the CPU)")
     ap.add_argument("--json", action="store_true", help="print the result as one JSON object")
     args = ap.parse_args(argv)
+    require_hf("bitnet-eval")
     quiet_library_warnings()
     try:
         res = perplexity(scorer_for(args.model, config=args.config, device=args.device), args.data, args.max_length)

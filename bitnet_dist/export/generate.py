@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from bitnet_dist.errors import ConfigError
-from bitnet_dist.export import ensure_transformers, quiet_library_warnings
+from bitnet_dist.export import ensure_transformers, quiet_library_warnings, require_hf
 from bitnet_dist.export.reader import ExportError
 
 ensure_transformers()
@@ -173,6 +173,7 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda[:N]")
     ap.add_argument("--config", default=None, help="a checkpoint's run config.yaml (default: RUN_DIR/config.yaml)")
     args = ap.parse_args(argv)
+    require_hf("bitnet-generate")
     quiet_library_warnings()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)

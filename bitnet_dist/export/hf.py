@@ -38,7 +38,7 @@ import torch
 
 from bitnet_dist import quant
 from bitnet_dist.errors import ConfigError
-from bitnet_dist.export import ensure_transformers, quiet_library_warnings
+from bitnet_dist.export import ensure_transformers, quiet_library_warnings, require_hf
 from bitnet_dist.export.reader import ExportError, LoadedRun, load_run
 
 ensure_transformers()
@@ -457,6 +457,7 @@ def main(argv=None) -> None:
     ap.add_argument("--max-shard-gb", type=float, default=SHARD_BYTES / 1024 ** 3,
                     help="safetensors shard size limit in GiB (default %(default)s)")
     args = ap.parse_args(argv)
+    require_hf("bitnet-export")
     quiet_library_warnings()
     try:
         if args.max_shard_gb <= 0:
