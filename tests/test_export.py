@@ -69,11 +69,16 @@ def test_every_preset_exports_the_project_logits(tmp_path, precision, tie, act_b
 
 
 @pytest.mark.slow
-def test_b158_latent_export_is_online_autobitlinear(tmp_path):
-    cfg = eu.run_config("b158")
+@pytest.mark.parametrize("precision", ["b158", "v2_a4"])
+def test_latent_export_quantizes_online(tmp_path, precision):
+    cfg = eu.run_config(precision)
     res = run_ranks(eu.export_worker, 1, cfg, str(tmp_path / "run"), str(tmp_path / "hf"), None, True)[0]
-    assert res["config"]["quantization_config"]["quantization_mode"] == "online"
-    assert res["q_proj"] == "AutoBitLinear" and res["online"] is True
+    if precision == "b158":
+        assert res["config"]["quantization_config"]["quantization_mode"] == "online"
+        assert res["q_proj"] == "AutoBitLinear" and res["online"] is True
+    else:
+        assert res["config"]["quantization_mode"] == "online" and res["q_proj"] == "HBitLinear"
+    assert len(res["q_weight_values"]) == 5  # latent weights, not codes
     assert res["argmax_equal"] and res["max_diff"] <= TOL, res
 
 
