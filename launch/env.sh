@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Shared set-up for launch/quickstart.sh and launch/test.sh (source it): create .venv once and install
-# bitnet-dist (editable) with its dev extra, then activate it. Idempotent: a later call only checks a
-# stamp (pyproject hash + torch spec) and reinstalls when either changed.
+# bitnet-dist (editable) with its dev and hf extras (tests; export / generate / eval), then activate it.
+# Idempotent: a later call only checks a stamp (pyproject hash + torch spec) and reinstalls when either
+# changed.
 #
 #   BITNET_PYTHON      interpreter for the venv (default: python3)
 #   BITNET_TORCH_SPEC  torch requirement installed first (default: torch==2.13.0 on machines without
@@ -51,7 +52,7 @@ bitnet_setup_env() {
     rm -f "$stamp"
     bitnet_check_disk "$root" || return 1
     bitnet_pip install -q "$BITNET_TORCH_SPEC" || { bitnet_env_fail "installing $BITNET_TORCH_SPEC failed"; return 1; }
-    bitnet_pip install -q -e "$root[dev]" || { bitnet_env_fail "installing bitnet-dist failed"; return 1; }
+    bitnet_pip install -q -e "$root[dev,hf]" || { bitnet_env_fail "installing bitnet-dist failed"; return 1; }
     echo "$want" > "$stamp"
   fi
 }

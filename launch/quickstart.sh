@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The README's first command: set up .venv (launch/env.sh), fetch the Brown corpus (once, SHA-256
 # pinned, cached in $BITNET_CACHE or ~/.cache/bitnet_dist), train the small BitNet v2 model with the
-# 8 -> 4-bit activation switch for the last 5% of tokens, evaluate, and write run_dir/report.md with
-# a PNG of loss and validation perplexity. CPU: about 10-12 minutes on 2 cores (docs/training.md);
-# a GPU when one is present (engine=auto picks megatron there).
+# 8 -> 4-bit activation switch for the last 5% of tokens, evaluate, write run_dir/report.md with a
+# PNG of loss and validation perplexity, and print one continuation sampled from the trained model
+# (bitnet-generate). CPU: about 10-12 minutes on 2 cores (docs/training.md); a GPU when one is
+# present (engine=auto picks megatron there).
 #
 #   ./launch/quickstart.sh [hydra overrides...]      e.g. ./launch/quickstart.sh trainer.max_steps=100
 #
@@ -39,3 +40,6 @@ echo "[quickstart] done in $(( $(date +%s) - start )) s"
 echo "[quickstart] report:  $run_dir/report.md"
 echo "[quickstart] plot:    $run_dir/report.png"
 echo "[quickstart] metrics: $run_dir/metrics.jsonl"
+echo "[quickstart] a continuation sampled from the trained model (bitnet-generate):"
+python -m bitnet_dist.export.generate "$run_dir" --prompt "The jury said" --max-new-tokens 40 \
+  --temperature 0.8 --top-k 50 --top-p 0.95 --seed 0
