@@ -173,16 +173,16 @@ def deepspeed_tp_train(rank, world, cfg, run_dir, steps=3):
     """(Run on TP ranks.) Train ``steps`` DeepSpeed steps at TP=world on random tokens, save the checkpoint;
     return (rank 0) the gathered full weights and the TP model's gathered logits on ``tokens()``."""
     import torch.distributed as dist
+    from mp_workers import gather_full
 
     from bitnet_dist.checkpoint import CheckpointManager
     from bitnet_dist.engines import make_engine
-    from mp_workers import gather_full
 
     eng = make_engine(cfg)
     eng.init_parallel()
     eng.build(VOCAB)
     g = torch.Generator().manual_seed(5)
-    for step in range(steps):
+    for _step in range(steps):
         t = torch.randint(0, 256, (cfg.trainer.global_batch_size, 33), generator=g)
         per = t.shape[0] // eng.dp_size
         t = t[eng.dp_rank * per:(eng.dp_rank + 1) * per]  # this DP rank's share

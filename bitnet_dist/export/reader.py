@@ -78,7 +78,7 @@ def load_config(path: Path):
 
     try:
         raw = OmegaConf.load(path)
-    except Exception as e:  # noqa: BLE001 - any parse failure is the same user error
+    except Exception as e:
         raise ExportError(f"run config {path} is not readable YAML ({e})") from None
     name = OmegaConf.select(raw, "precision.name")
     if name not in PRECISION_PRESETS:
@@ -86,7 +86,7 @@ def load_config(path: Path):
                                              "a precision bitnet-export cannot write)")
     try:
         cfg = cfg_from_omegaconf(OmegaConf.merge(OmegaConf.structured(TrainConfig), raw))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise ExportError(f"run config {path} does not fit the train schema ({e})") from None
     preset = PRECISION_PRESETS[name]
     for key in ("quantize", "hadamard", "act_bits", "final_act_bits"):
@@ -177,7 +177,7 @@ def _read_megatron(checkpoint: Path, cfg, vocab_size: int, dtype: torch.dtype) -
     try:
         loaded = dist_checkpointing.load(template, str(checkpoint / "megatron"))
         model.load_state_dict(loaded["model0"])
-    except (Exception, CheckpointException) as e:  # noqa: BLE001 - many types for a checkpoint that does not fit
+    except (Exception, CheckpointException) as e:
         detail = str(e).strip().splitlines()[-1] if str(e).strip() else ""
         if "Global shape mismatch" in str(e):
             detail = str(e)[str(e).index("Global shape mismatch"):].splitlines()[0]

@@ -11,14 +11,13 @@ import json
 import pytest
 import torch
 
-from bitnet_dist.export import ensure_transformers  # noqa: E402
+from bitnet_dist.export import ensure_transformers
 
 ensure_transformers()
 pytest.importorskip("transformers", reason="the hf extra (pip install -e '.[hf]') is not installed")
 
-from dist_utils import run_ranks  # noqa: E402
-
 import export_utils as eu  # noqa: E402
+from dist_utils import run_ranks  # noqa: E402
 
 TOL = 1e-4
 

@@ -15,9 +15,8 @@ from bitnet_dist.export import ensure_transformers
 ensure_transformers()
 pytest.importorskip("transformers", reason="the hf extra (pip install -e '.[hf]') is not installed")
 
-from dist_utils import run_ranks  # noqa: E402
-
 import export_utils as eu  # noqa: E402
+from dist_utils import run_ranks  # noqa: E402
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the CPU path of the "
