@@ -19,6 +19,9 @@ Tensor-parallel invariance (the model computes the same function at every TP deg
 """
 from __future__ import annotations
 
+import functools
+import logging
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -58,13 +61,86 @@ def _tp_size(group) -> int:
     return 1 if group is None or not dist.is_initialized() else dist.get_world_size(group)
 
 
-def _kernels():
-    """The Triton package, or None where it cannot run (no CUDA, no Triton, not built)."""
+@functools.lru_cache(maxsize=1)
+def kernel_status():
+    """(the Triton package, "") where it runs, else (None, why not). Checked once per process: CUDA present,
+    Triton importable and the kernel modules the layers call importable (a broken Triton install fails here,
+    at the start of a run, not in the first forward)."""
     try:
         from bitnet_dist import kernels
-    except Exception:  # noqa: BLE001 - any import failure means "use the torch reference"
-        return None
-    return kernels if getattr(kernels, "available", lambda: False)() else None
+    except Exception as e:  # noqa: BLE001 - any import failure means "use the torch reference"
+        return None, f"import bitnet_dist.kernels failed: {type(e).__name__}: {e}"
+    if not torch.cuda.is_available():
+        return None, "no CUDA device"
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        return None, f"import triton failed: {type(e).__name__}: {e}"
+    if not getattr(kernels, "available", lambda: False)():
+        return None, "bitnet_dist.kernels.available() is False"
+    try:
+        import importlib
+
+        for mod in ("hbit_autograd", "swiglu", "ternary"):
+            importlib.import_module(f"bitnet_dist.kernels.{mod}")
+    except Exception as e:  # noqa: BLE001
+        return None, f"import bitnet_dist.kernels.{mod} failed: {type(e).__name__}: {e}"
+    return kernels, ""
+
+
+def _kernels():
+    """The Triton package, or None where it cannot run (no CUDA, no Triton, not built)."""
+    return kernel_status()[0]
+
+
+_fallback_warned = False
+
+
+def warn_kernel_fallback(reason: str) -> None:
+    """Say once per process that ``precision.kernels=auto`` runs the torch path on a CUDA device, and why."""
+    global _fallback_warned
+    if _fallback_warned:
+        return
+    _fallback_warned = True
+    msg = (f"precision.kernels=auto: the Triton kernels cannot run ({reason}); the layers take the torch reference "
+           "path, several times slower on GPU. Fix the Triton install, or set precision.kernels=torch to "
+           "silence this.")
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    logging.getLogger("bitnet_dist").warning(msg)
+
+
+@dataclass
+class KernelPath:
+    """Which code the layers run on this process's device: ``name`` "triton" or "torch", and why."""
+
+    name: str
+    reason: str
+
+    def __str__(self) -> str:
+        return self.name + (f" ({self.reason})" if self.reason else "")
+
+
+def kernel_path(setting: str, device, *, sequence_parallel: bool = False) -> KernelPath:
+    """The kernel path a run with ``precision.kernels=setting`` takes on ``device`` (warns once when ``auto``
+    falls back to torch on CUDA; raises ConfigError when ``triton`` cannot run there)."""
+    from bitnet_dist.errors import ConfigError
+
+    device = torch.device(device)
+    if setting not in ("auto", "triton", "torch"):
+        raise ConfigError("precision.kernels", setting, "auto, triton or torch")
+    if setting == "torch":
+        return KernelPath("torch", "precision.kernels=torch")
+    if device.type != "cuda":
+        if setting == "triton":
+            raise ConfigError("precision.kernels", "triton", f"auto or torch on {device.type} (the kernels need CUDA)")
+        return KernelPath("torch", f"{device.type} device")
+    k, reason = kernel_status()
+    if k is None:
+        if setting == "triton":
+            raise ConfigError("precision.kernels", "triton", f"auto or torch: the Triton kernels cannot run ({reason})")
+        warn_kernel_fallback(reason)
+        return KernelPath("torch", reason)
+    return KernelPath("triton", "")
 
 
 def _swiglu_torch(h: torch.Tensor) -> torch.Tensor:
@@ -140,9 +216,11 @@ class _BitMixin:
             return False
         k = _kernels()
         if k is None:
+            reason = kernel_status()[1]
             if self.kernels == "triton":
-                raise RuntimeError("precision.kernels=triton but bitnet_dist.kernels is unavailable "
-                                   "(needs CUDA and Triton); use precision.kernels=auto or torch")
+                raise RuntimeError(f"precision.kernels=triton but bitnet_dist.kernels is unavailable ({reason}); "
+                                   "use precision.kernels=auto or torch")
+            warn_kernel_fallback(reason)
             return False
         return True
 
@@ -308,9 +386,12 @@ class SwiGLUMLP(MLP):
             finally:
                 self.linear_fc2.glu_input = False
         k = _kernels() if (h.is_cuda and self.kernels != "torch") else None
-        if k is None and h.is_cuda and self.kernels == "triton":
-            raise RuntimeError("precision.kernels=triton but bitnet_dist.kernels is unavailable (needs CUDA and "
-                               "Triton); use precision.kernels=auto or torch")
+        if k is None and h.is_cuda and self.kernels != "torch":
+            reason = kernel_status()[1]
+            if self.kernels == "triton":
+                raise RuntimeError(f"precision.kernels=triton but bitnet_dist.kernels is unavailable ({reason}); "
+                                   "use precision.kernels=auto or torch")
+            warn_kernel_fallback(reason)
         if k is not None:
             from bitnet_dist.kernels.swiglu import swiglu_op
 

@@ -98,6 +98,11 @@ class Trainer:
         self.data = build_data(cfg, self.run_dir, dp_rank=self.engine.dp_rank, dp_size=self.engine.dp_size)
         self.engine.build(self.data.vocab_size)
         self.device = self.engine.device
+        from bitnet_dist.layers import kernel_path
+
+        # the code the layers run here (Triton kernels or the torch reference), named in the start record, the
+        # log and the report; precision.kernels=auto falling back to torch on CUDA warns once with the reason
+        self.kernel_path = kernel_path(cfg.precision.kernels, self.device)
         self.telemetry = Telemetry(cfg, self.run_dir, enabled=self.engine.is_logging_rank)
         self.ckpt = CheckpointManager(self.run_dir, keep=t.keep_checkpoints)
         self.max_steps = t.max_steps
@@ -134,7 +139,9 @@ class Trainer:
             self.telemetry.truncate_after(0)
             self.telemetry.event(0, "start", unigram_ppl=self.data.unigram_perplexity,
                                  vocab_size=self.data.vocab_size, world_size=self.world_size,
-                                 engine=self.engine.name, switch_step=self.switch_step)
+                                 engine=self.engine.name, switch_step=self.switch_step,
+                                 kernels=self.kernel_path.name, kernels_reason=self.kernel_path.reason)
+            self._log_kernels()
             return
         state = self.engine.load(latest)
         if state.get("max_steps", self.max_steps) != self.max_steps:
@@ -152,9 +159,16 @@ class Trainer:
         self.act_bits = int(state["act_bits"])
         self.last_saved = self.step
         self.telemetry.truncate_after(self.step)
-        self.telemetry.event(self.step, "resume", checkpoint=str(latest))
+        self.telemetry.event(self.step, "resume", checkpoint=str(latest), kernels=self.kernel_path.name,
+                             kernels_reason=self.kernel_path.reason)
+        self._log_kernels()
         if self.engine.is_logging_rank:
             print(f"[bitnet-train] resumed from {latest} at step {self.step}", flush=True)
+
+    def _log_kernels(self) -> None:
+        if self.engine.is_logging_rank:
+            print(f"[bitnet-train] kernels: {self.kernel_path} (precision.kernels={self.cfg.precision.kernels}, "
+                  f"device {self.device})", flush=True)
 
     # -- evaluation ---------------------------------------------------------------------------------------
     def evaluate(self, suffix: str = "") -> float:
