@@ -29,15 +29,7 @@ import torch
 
 from bitnet_dist.bench_breakdown import to_markdown as breakdown_markdown
 
-# (name, hidden, ffn, heads) of the presets whose layer shapes we measure; MHA, SwiGLU fc1 = 2 * ffn.
-MODELS = {"1.3B": (2048, 8192), "7B": (4096, 16384)}
-HB = 256
-
-
-def layer_shapes(hidden: int, ffn: int):
-    """(layer kind, in_features, out_features, hadamard)."""
-    return [("qkv", hidden, 3 * hidden, False), ("wo", hidden, hidden, True),
-            ("fc1", hidden, 2 * ffn, False), ("wdown", ffn, hidden, True)]
+from bitnet_dist.bench_shapes import HB, MODELS, layer_shapes  # noqa: F401 - re-exported for the tools
 
 
 def timed(fn, warmup: int, reps: int, inner: int = 1) -> float:

@@ -88,7 +88,7 @@ def bounds(parts_ms: Dict[str, float], T: int, K: int, N: int, copy_tb_s: float,
 
 def bench_shapes(tokens) -> list:
     """(model, layer, K, N, hadamard, tokens) of bitnet_dist.bench's layer table."""
-    from bitnet_dist.bench import MODELS, layer_shapes
+    from bitnet_dist.bench_shapes import MODELS, layer_shapes
 
     return [(model, kind, K, N, had, T) for model, (h, f) in MODELS.items()
             for kind, K, N, had in layer_shapes(h, f) for T in tokens]
@@ -100,7 +100,7 @@ def bench_breakdown(args, copy_tb_s: float, layer_rows: list, timer: Callable, *
     (fn -> ms). CUDA in the benchmark; the CPU test runs it with TRITON_INTERPRET=1 at a tiny shape."""
     import torch
 
-    from bitnet_dist.bench import HB
+    from bitnet_dist.bench_shapes import HB
     from bitnet_dist.kernels.gemm import dy_fp8_both, fp8_available, fp8_gemm, fp8_transpose, int8_gemm
     from bitnet_dist.kernels.norm_hadamard_quant import norm_hadamard_backward, norm_hadamard_quant
     from bitnet_dist.kernels.ternary import dequantize_rows, quantize_weight

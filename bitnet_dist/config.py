@@ -37,6 +37,8 @@ class TrainerConfig:
     # launch with the same overrides resumes. For chunked jobs and for the resume-exactness test.
     exit_after_steps: Optional[int] = None
     report: bool = True  # write run_dir/report.md and the loss / perplexity PNG at the end
+    # false: write no checkpoint at all, the final one included (benchmarks, throwaway runs; such a run cannot resume)
+    checkpoints: bool = True
 
 
 @dataclass

@@ -121,7 +121,7 @@ class Trainer:
                 "max_steps": self.max_steps, "seed": self.cfg.trainer.seed}
 
     def save(self) -> None:
-        if self.last_saved == self.step:
+        if self.last_saved == self.step or not self.cfg.trainer.checkpoints:
             return
 
         def write(tmp: Path) -> None:

@@ -141,6 +141,10 @@ def check_train(cfg, world_size: int, engine_name: str | None = None) -> None:
     _positive_int("optim.warmup_steps", o.warmup_steps, allow_zero=True)
     if t.exit_after_steps is not None:
         _positive_int("trainer.exit_after_steps", t.exit_after_steps)
+        if not getattr(t, "checkpoints", True):
+            raise ConfigError("trainer.exit_after_steps", t.exit_after_steps,
+                              "null with trainer.checkpoints=false (a chunk that saves nothing cannot be resumed), "
+                              "or set trainer.checkpoints=true")
     if t.wall_clock_minutes is not None and not t.wall_clock_minutes > 0:
         raise ConfigError("trainer.wall_clock_minutes", t.wall_clock_minutes, "a positive number of minutes or null")
     if t.seq_length > cfg.model.max_sequence_length:
