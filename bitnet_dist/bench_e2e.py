@@ -299,7 +299,10 @@ def main(argv=None) -> int:
     res = write()
     print(to_markdown(res))
     print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
-    return 0
+    failed = [f"{r['model']} {r['config']}" for r in rows if r.get("error")]
+    if failed:
+        print(f"bitnet-bench-e2e: {len(failed)} row(s) failed: {', '.join(failed)} (errors in the JSON)", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
