@@ -37,6 +37,11 @@ class TrainerConfig:
     # launch with the same overrides resumes. For chunked jobs and for the resume-exactness test.
     exit_after_steps: Optional[int] = None
     report: bool = True  # write run_dir/report.md and the loss / perplexity PNG at the end
+    # activation recomputation (bitnet_dist.recompute): none | selective (the submodules in recompute_modules:
+    # mlp, core_attn) | full (whole layers, recompute_num_layers per unit); megatron-core's, in both engines
+    recompute: str = "none"
+    recompute_modules: list = field(default_factory=lambda: ["mlp"])
+    recompute_num_layers: int = 1
     # false: write no checkpoint at all, the final one included (benchmarks, throwaway runs; such a run cannot resume)
     checkpoints: bool = True
 

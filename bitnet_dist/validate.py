@@ -139,6 +139,9 @@ def check_train(cfg, world_size: int, engine_name: str | None = None) -> None:
     _positive_int("trainer.stats_interval", t.stats_interval, allow_zero=True)
     _positive_int("trainer.stats_micro_batches", t.stats_micro_batches, allow_zero=True)
     _positive_int("optim.warmup_steps", o.warmup_steps, allow_zero=True)
+    from bitnet_dist.recompute import check_recompute
+
+    check_recompute(t, cfg.model, cfg.parallel.pipeline)
     if t.exit_after_steps is not None:
         _positive_int("trainer.exit_after_steps", t.exit_after_steps)
         if not getattr(t, "checkpoints", True):
