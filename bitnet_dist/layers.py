@@ -33,7 +33,10 @@ from megatron.core.tensor_parallel.layers import (
     RowParallelLinear,
     set_tensor_model_parallel_attributes,
 )
-from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+)
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
@@ -261,16 +264,27 @@ class BitColumnParallelLinear(_BitMixin, ColumnParallelLinear):
         return None
 
     def _forward_impl(self, input, weight, *args, **kwargs):
-        if self._use_kernels(input) and not kwargs.get("sequence_parallel", False):
+        if self._use_kernels(input):
             if self.stats_hook is not None:
                 x = rms_norm(input, self.norm_weight, self.eps)
                 self._probe(x, x)
-            if kwargs.get("allreduce_dgrad", False):
-                x_in = copy_to_tensor_model_parallel_region(input, group=self.tp_group)
+            # The fused kernel normalizes and quantizes the whole input, and its backward gives this rank's share of
+            # the input and norm-weight gradients (from its own output columns). Those shares are summed over TP:
+            norm_weight = self.norm_weight
+            if kwargs.get("sequence_parallel", False):
+                # the sequence all-gather before the fused norm + quantize (its backward reduce-scatters the input
+                # gradient); the norm weight's shares are summed by megatron's all-reduce of sequence-parallel
+                # parameters (finalize_model_grads), as the torch path's per-token-shard gradients are
+                x_in = gather_from_sequence_parallel_region(input, tensor_parallel_output_grad=True,
+                                                            group=self.tp_group)
             else:
-                x_in = input
+                x_in = (copy_to_tensor_model_parallel_region(input, group=self.tp_group)
+                        if kwargs.get("allreduce_dgrad", False) else input)
+                if _tp_size(self.tp_group) > 1:
+                    # replicated, not sequence-parallel: nothing else sums its gradient over TP
+                    norm_weight = copy_to_tensor_model_parallel_region(norm_weight, group=self.tp_group)
             return _kernels().hbit_linear(
-                x_in, weight, self.norm_weight, act_bits=self.act_bits, hadamard_block=0, eps=self.eps,
+                x_in, weight, norm_weight, act_bits=self.act_bits, hadamard_block=0, eps=self.eps,
                 weight_segments=self.segments, tp_group=self.tp_group,  # weight scale over all TP rows
                 fp8_backward=self.fp8_backward)
         x = rms_norm(input, self.norm_weight, self.eps)
@@ -409,12 +423,10 @@ def bit_layers(module: torch.nn.Module):
 
 
 def batchable_layers(modules) -> list:
-    """The BitLinear layers under ``modules`` whose forward takes the Triton path's per-step weight codes: kernels
-    not forced to torch, and not a column-parallel layer under sequence parallelism (that one runs the torch
-    path). The device is not checked here (see ``batch_weight_quant``)."""
-    return [layer for m in modules for layer in bit_layers(m)
-            if layer.kernels != "torch"
-            and not (isinstance(layer, BitColumnParallelLinear) and getattr(layer, "sequence_parallel", False))]
+    """The BitLinear layers under ``modules`` whose forward takes the Triton path's per-step weight codes (kernels
+    not forced to torch; sequence parallelism included). The device is not checked here (see
+    ``batch_weight_quant``)."""
+    return [layer for m in modules for layer in bit_layers(m) if layer.kernels != "torch"]
 
 
 def batch_weight_quant(modules) -> int:

@@ -56,18 +56,25 @@ def recompute_grads(rank, world, presets=("bf16", "v2_a4"), modes=tuple(RECOMPUT
     return out
 
 
-def sp_fused_vs_torch(rank, world, preset="v2_a8"):
-    """The tiny model at TP=world with sequence parallelism, column layers forced through the Triton path (run by the
+def column_fused_vs_torch(rank, world, preset="v2_a8", sequence=True):
+    """The tiny model at TP=world (with sequence parallelism by default), column layers forced through the Triton path (run by the
     interpreter, TRITON_INTERPRET=1) vs the torch path: (loss, grads) per path, gathered to the TP=1 layout."""
     os.environ["TRITON_INTERPRET"] = "1"
     setup(world)
+    if sequence:  # megatron forks its CUDA RNG tracker around the embedding and the block under SP (dropout is 0
+        # here): no CUDA generator on CPU, so the fork is a no-op
+        import contextlib
+
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+        get_cuda_rng_tracker().fork = lambda *a, **k: contextlib.nullcontext()
     import bitnet_dist.layers as layers
     from bitnet_dist import step_cache
     from bitnet_dist.layers import BitColumnParallelLinear
 
     out = {}
     for path in ("torch", "triton"):
-        gpt = _build(preset, world, sequence=True)
+        gpt = _build(preset, world, sequence=sequence)
         cols = [m for m in gpt.modules() if isinstance(m, BitColumnParallelLinear)]
         taken = {"fused": 0}
         if path == "triton":
@@ -88,6 +95,13 @@ def sp_fused_vs_torch(rank, world, preset="v2_a8"):
         tokens, labels, pos = fixed_batch()
         loss = gpt(input_ids=tokens, position_ids=pos, attention_mask=None, labels=labels).float().mean()
         loss.backward()
+        if sequence:  # megatron's finalize_model_grads sums the sequence-parallel parameters' gradients over TP
+            import torch.distributed as dist
+            from megatron.core import parallel_state as ps
+
+            for p in gpt.parameters():
+                if getattr(p, "sequence_parallel", False):
+                    dist.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
         grads = {n: gather_full(p, p.grad, world).numpy().copy() for n, p in gpt.named_parameters()}
         out[path] = (loss.item(), grads if rank == 0 else None, taken["fused"], len(cols))
         layers._kernels = layers.__dict__["_kernels"]
