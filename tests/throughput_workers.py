@@ -107,3 +107,17 @@ def column_fused_vs_torch(rank, world, preset="v2_a8", sequence=True):
         layers._kernels = layers.__dict__["_kernels"]
     step_cache.reset()
     return out
+
+
+def cross_entropy_paths(rank, world, preset="v2_a8"):
+    """The tiny model with trainer.fused_cross_entropy on and off (TP=world): (loss, grads) each."""
+    setup(world)
+    out = {}
+    for fused in (False, True):
+        gpt = _build(preset, world, fused_cross_entropy=fused)
+        tokens, labels, pos = fixed_batch()
+        loss = gpt(input_ids=tokens, position_ids=pos, attention_mask=None, labels=labels).float().mean()
+        loss.backward()
+        grads = {n: gather_full(p, p.grad, world).numpy().copy() for n, p in gpt.named_parameters()}
+        out[fused] = (loss.item(), grads if rank == 0 else None)
+    return out
