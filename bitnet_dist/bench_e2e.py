@@ -76,9 +76,11 @@ def summarize_metrics(records: list[dict], warmup: int) -> dict:
 def run_cli(model: str, config: str, args, workdir: Path) -> dict:
     """One row through the train app in a subprocess."""
     run_dir = workdir / f"{model}_{config}"
+    steps = args.steps + (1 if args.profile else 0)  # the profiled step is one more, after the timed ones
+    extra = [*args.train_args, *([f"trainer.profile_step={steps}"] if args.profile else [])]
     cmd = [sys.executable, "-m", "bitnet_dist.train",
            *train_overrides(model, config, seq=args.seq, mbs=args.mbs, gbs=args.gbs, vocab=args.vocab,
-                            steps=args.steps, run_dir=run_dir, engine=args.engine, extra=args.train_args)]
+                            steps=steps, run_dir=run_dir, engine=args.engine, extra=extra)]
     row = {"kind": "cli", "model": model, "config": config, "command": "python -m bitnet_dist.train " +
            " ".join(a for a in cmd[3:] if not a.startswith("run_dir="))}
     t0 = time.perf_counter()
@@ -96,6 +98,9 @@ def run_cli(model: str, config: str, args, workdir: Path) -> dict:
         row.update(summarize_metrics(read_metrics(run_dir / "metrics.jsonl"), args.warmup))
     except ValueError as e:
         row["error"] = str(e)
+    prof = run_dir / f"profile_step_{steps}.json"
+    if args.profile and prof.is_file():
+        row["profile"] = json.loads(prof.read_text())
     return row
 
 
@@ -115,6 +120,8 @@ def run_peer(model: str, peer: str, args, workdir: Path) -> dict:
         cmd += ["--peer-device", args.peer_device]
     if args.no_compile:
         cmd += ["--no-compile"]
+    if args.profile:
+        cmd += ["--profile"]
     row = {"kind": "peer", "model": model, "config": peer}
     t0 = time.perf_counter()
     try:
@@ -128,6 +135,8 @@ def run_peer(model: str, peer: str, args, workdir: Path) -> dict:
     if "skipped" in res:
         return {**row, "skipped": res["skipped"]}
     row.update({k: res[k] for k in ("tokens_per_s", "peak_mem_gib", "loss", "step_s")})
+    if res.get("profile"):
+        row["profile"] = res["profile"]
     row["timed_steps"] = len(res["step_s"]) - args.warmup
     return row
 
@@ -148,9 +157,12 @@ def peer_main(args) -> int:
     if reason:
         Path(args.peer_json).write_text(json.dumps({"skipped": reason}))
         return 0
+    prof = Path(args.peer_json).with_suffix(".profile.json") if args.profile else None
     res = train_peer(args.peer, peer_shape(args.models[0], args.vocab, args.seq), micro_batch=args.mbs,
                      global_batch=args.gbs, steps=args.steps, warmup=args.warmup, device=device,
-                     compile=not args.no_compile)
+                     compile=not args.no_compile, profile=str(prof) if prof else None)
+    if prof is not None and prof.is_file():
+        res["profile"] = json.loads(prof.read_text())
     Path(args.peer_json).write_text(json.dumps(res))
     return 0
 
@@ -222,7 +234,24 @@ def to_markdown(res: dict) -> str:
         lines.append(f"| {t['model']} | {t['row']} | {t['peer']} | {t['target']:.2f}x | {_f(t['ratio'], '.3f', 'x')} | "
                      f"{'-' if t['met'] is None else ('yes' if t['met'] else 'no')} | {_f(t['mem_vs_plain'], '.2f')} | "
                      f"{'-' if t['mem_met'] is None else ('yes' if t['mem_met'] else 'no')} |")
+    lines += profile_markdown(res["rows"])
     return "\n".join(lines) + "\n"
+
+
+def profile_markdown(rows: list[dict]) -> list[str]:
+    """Where each row's profiled step goes: kernel ms by category, idle (host) time and the wall time."""
+    prof = [r for r in rows if r.get("profile")]
+    if not prof:
+        return []
+    cats = list(dict.fromkeys(c for r in prof for c in r["profile"]["by_category_ms"]))
+    out = ["", "Where one profiled step goes (ms; device kernels summed by category from their names, "
+               "bitnet_dist.profile; idle = wall - kernels):", "",
+           "| model | row | wall | idle | " + " | ".join(cats) + " |", "|---|---|---|---|" + "---|" * len(cats)]
+    for r in prof:
+        p = r["profile"]
+        out.append(f"| {r['model']} | {r['config']} | {p['wall_ms']:.1f} | {p['idle_ms']:.1f} | "
+                   + " | ".join(_f(p["by_category_ms"].get(c), ".1f") for c in cats) + " |")
+    return out
 
 
 def device_info(device: Optional[str] = None) -> tuple[str, Optional[float]]:
@@ -252,6 +281,8 @@ def parse_args(argv=None):
     p.add_argument("--train-args", nargs="*", default=[], help="more overrides for every train-app row")
     p.add_argument("--out", type=Path, default=Path("bench_e2e_out"))
     p.add_argument("--no-compile", action="store_true", help="peers without torch.compile (tests on CPU)")
+    p.add_argument("--profile", action="store_true",
+                   help="one more step per row under torch.profiler: its kernel time by category (bitnet_dist.profile)")
     p.add_argument("--peer", help=argparse.SUPPRESS)  # worker mode: train one peer
     p.add_argument("--peer-json", help=argparse.SUPPRESS)
     p.add_argument("--peer-device", help=argparse.SUPPRESS)  # tests: cpu

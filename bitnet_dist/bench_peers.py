@@ -171,7 +171,7 @@ def build_peer(kind: str, s: PeerShape, device, *, compile: bool = True) -> Peer
 
 def train_peer(kind: str, s: PeerShape, *, micro_batch: int, global_batch: int, steps: int, warmup: int,
                device="cuda", compile: bool = True, lr: float = 3e-4, clip: float = 1.0,
-               seed: int = 1234) -> dict:
+               seed: int = 1234, profile: Optional[str] = None) -> dict:
     """Train ``steps`` optimizer steps of ``global_batch // micro_batch`` micro-batches (random tokens) and time
     them. -> {"step_s": [...], "tokens_per_s": median over the steps after ``warmup``, "loss": [...],
     "peak_mem_gib"}."""
@@ -188,9 +188,8 @@ def train_peer(kind: str, s: PeerShape, *, micro_batch: int, global_batch: int, 
     gen = torch.Generator(device=device).manual_seed(seed)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
     step_s, losses = [], []
-    for _ in range(steps):
-        data = torch.randint(0, s.vocab, (n_micro, micro_batch, s.seq + 1), device=device, generator=gen)
-        t0 = time.perf_counter()
+
+    def one_step(data):
         total = torch.zeros((), device=device)
         for m in range(n_micro):
             with autocast:
@@ -202,8 +201,20 @@ def train_peer(kind: str, s: PeerShape, *, micro_batch: int, global_batch: int, 
         opt.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize(device)
+        return total
+
+    for i in range(steps):
+        data = torch.randint(0, s.vocab, (n_micro, micro_batch, s.seq + 1), device=device, generator=gen)
+        t0 = time.perf_counter()
+        total = one_step(data)
         step_s.append(time.perf_counter() - t0)
         losses.append(total.item())
+    if profile:  # one more step under torch.profiler (not timed above): bitnet_dist.profile
+        from bitnet_dist.profile import profile_step
+
+        data = torch.randint(0, s.vocab, (n_micro, micro_batch, s.seq + 1), device=device, generator=gen)
+        with profile_step(profile, device, meta={"step": steps + 1, "tokens": global_batch * s.seq}):
+            one_step(data)
     timed = step_s[warmup:] or step_s
     out = {"peer": kind, "step_s": step_s, "loss": losses,
            "tokens_per_s": global_batch * s.seq / statistics.median(timed)}

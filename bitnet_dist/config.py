@@ -46,6 +46,9 @@ class TrainerConfig:
     # memory) at tensor parallel 1; megatron's vocab-parallel cross-entropy otherwise or when false (bitnet_dist.model).
     # Off by default until its speed is measured on a GPU (docs/training.md)
     fused_cross_entropy: bool = False
+    # profile optimizer step N (1-based; 0 = none) with torch.profiler: run_dir/profile_step_N.json, the step's kernel
+    # time by category (bitnet_dist.profile); that step is left out of tokens_per_s
+    profile_step: int = 0
     # false: write no checkpoint at all, the final one included (benchmarks, throwaway runs; such a run cannot resume)
     checkpoints: bool = True
 

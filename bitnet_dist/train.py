@@ -237,11 +237,20 @@ class Trainer:
                 with self.telemetry.stats_probe(self.engine.model_chunks()):
                     self.engine.eval_loss(batches[:n])
                 probe_s = time.perf_counter() - tp  # the probe's exit read its sums on the host: work done
-            stats = self.engine.train_step(batches, lr, wd)
+            profiled = t.profile_step == s + 1
+            if profiled:  # trainer.profile_step: this step under torch.profiler, left out of tokens_per_s
+                from bitnet_dist.profile import profile_step
+
+                with profile_step(self.run_dir / f"profile_step_{s + 1}.json", self.device,
+                                  meta={"step": s + 1, "tokens": self.tokens_per_step}):
+                    stats = self.engine.train_step(batches, lr, wd)
+            else:
+                stats = self.engine.train_step(batches, lr, wd)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            window_time += time.perf_counter() - t0 - probe_s
-            window_tokens += self.tokens_per_step
+            if not profiled:
+                window_time += time.perf_counter() - t0 - probe_s
+                window_tokens += self.tokens_per_step
             self.step += 1
             steps_here += 1
             if probe:

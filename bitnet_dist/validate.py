@@ -137,6 +137,7 @@ def check_train(cfg, world_size: int, engine_name: str | None = None) -> None:
                 "keep_checkpoints"):
         _positive_int(f"trainer.{key}", getattr(t, key))
     _positive_int("trainer.stats_interval", t.stats_interval, allow_zero=True)
+    _positive_int("trainer.profile_step", getattr(t, "profile_step", 0), allow_zero=True)
     _positive_int("trainer.stats_micro_batches", t.stats_micro_batches, allow_zero=True)
     _positive_int("optim.warmup_steps", o.warmup_steps, allow_zero=True)
     from bitnet_dist.recompute import check_recompute

@@ -181,3 +181,42 @@ def test_whole_benchmark_through_the_train_app_on_cpu(tmp_path, monkeypatch):
     assert rows["bf16"]["kernels"] == "torch" and rows["bf16"]["timed_steps"] == 2
     assert rows["bf16"]["vs"]["plain"] == pytest.approx(rows["bf16"]["tokens_per_s"] / rows["plain"]["tokens_per_s"])
     assert js.with_suffix(".md").is_file() and not list(tmp_path.glob("bench_e2e_*"))  # run dirs cleaned up
+
+
+def test_profile_categories_and_breakdown(tmp_path):
+    from bitnet_dist.profile import breakdown, categorize, profile_step
+
+    cases = {"sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n": "gemm", "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT": "gemm",
+             "flash_fwd_kernel": "attention", "pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel": "attention",
+             "_norm_hadamard_quant_fwd_shuffle": "bitnet kernels", "_swiglu_bwd_kernel": "bitnet kernels",
+             "triton_red_fused__log_softmax_0": "compiled (inductor)", "ncclDevKernel_AllReduce_Sum_f32": "communication",
+             "multi_tensor_apply_kernel<TensorListMetadata<4>, FusedAdamMathFunctor>": "optimizer",
+             "Memcpy DtoD (Device -> Device)": "copy", "at::native::vectorized_elementwise_kernel<4, CUDAFunctor_add>":
+             "elementwise / reduction", "cunn_SoftMaxForward": "cross-entropy / softmax",
+             "vectorized_layer_norm_kernel": "norm", "something_new": "other"}
+    for name, cat in cases.items():
+        assert categorize(name) == cat, name
+    b = breakdown([("flash_fwd_kernel", 2.0, 3), ("ampere_gemm", 5.0, 10), ("cutlass_gemm", 1.0, 1)], wall_ms=10.0)
+    assert b["by_category_ms"] == {"gemm": 6.0, "attention": 2.0} and b["idle_ms"] == 2.0 and b["kernel_ms"] == 8.0
+    assert b["top"][0]["name"] == "ampere_gemm"
+    with profile_step(tmp_path / "p.json", "cpu", meta={"step": 1}):
+        torch.randn(64, 64) @ torch.randn(64, 64)
+    p = json.loads((tmp_path / "p.json").read_text())
+    assert p["step"] == 1 and p["device"] == "cpu" and p["kernel_ms"] > 0 and p["wall_ms"] > 0
+
+
+@pytest.mark.slow
+def test_benchmark_profiles_a_step_of_each_row(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    rc = bench_e2e.main(["--models", "tiny", "--configs", "bf16", "--peers", "plain", "--seq", "64", "--mbs", "2",
+                         "--gbs", "4", "--vocab", "512", "--steps", "3", "--warmup", "1", "--engine", "deepspeed",
+                         "--no-compile", "--profile", "--train-args", "trainer.dtype=fp32", "--peer-device", "cpu",
+                         "--out", str(tmp_path)])
+    assert rc == 0
+    (js,) = tmp_path.glob("e2e_cpu_*.json")
+    rows = {r["config"]: r for r in json.loads(js.read_text())["rows"]}
+    for name in ("plain", "bf16"):
+        prof = rows[name]["profile"]
+        assert prof["kernel_ms"] > 0 and "gemm" in prof["by_category_ms"], (name, prof["by_category_ms"])
+    assert rows["bf16"]["timed_steps"] == 2 and rows["bf16"]["profile"]["step"] == 4  # after the 3 timed steps
+    assert "Where one profiled step goes" in js.with_suffix(".md").read_text()
