@@ -28,8 +28,9 @@ from typing import Callable, Dict, List, Sequence
 import torch
 
 from bitnet_dist import step_cache
-from bitnet_dist.bench_breakdown import HB, MODELS, bench_breakdown, layer_shapes
+from bitnet_dist.bench_breakdown import bench_breakdown
 from bitnet_dist.bench_breakdown import to_markdown as breakdown_markdown
+from bitnet_dist.bench_shapes import HB, MODELS, layer_shapes
 from bitnet_dist.kernels import hbit_linear
 
 

@@ -27,15 +27,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-# (name, hidden, ffn) of the presets whose layer shapes the benchmark measures; MHA, SwiGLU fc1 = 2 * ffn.
-MODELS = {"1.3B": (2048, 8192), "7B": (4096, 16384)}
-HB = 256  # Hadamard block of the benchmarked layers
-
-
-def layer_shapes(hidden: int, ffn: int):
-    """(layer kind, in_features, out_features, hadamard)."""
-    return [("qkv", hidden, 3 * hidden, False), ("wo", hidden, hidden, True),
-            ("fc1", hidden, 2 * ffn, False), ("wdown", ffn, hidden, True)]
+from bitnet_dist.bench_shapes import HB, MODELS, layer_shapes
 
 VARIANTS = ("hbit_a8_bf16bwd", "hbit_a8_fp8bwd", "hbit_a4_bf16bwd", "hbit_a4_fp8bwd")
 TARGETS = {"bf16bwd": 1.1, "fp8bwd": 1.4}  # the speed-up targets against nn.Linear bf16 (docs/kernels.md)

@@ -18,8 +18,10 @@ optimizers and RNG tracker), two calls sit on paths the model itself takes and a
   sequence-parallel all-gather, RoPE's ``inv_freq.to(...)``, the TP mappings' all-gather and
   reduce-scatter outputs, DDP's grad buffers and dist_checkpointing. On CPU it returns "cpu".
 * ``torch.cuda.synchronize()`` before checkpoint I/O and in p2p becomes a no-op.
+* activation recomputation (``trainer.recompute``) saves and restores only the CPU RNG state (megatron's
+  checkpoint function also saves the CUDA generator's and its tracker's).
 
-``install_cpu_path()`` patches exactly these two functions, and only when CUDA is not available: on a GPU
+``install_cpu_path()`` patches exactly these functions, and only when CUDA is not available: on a GPU
 machine it does nothing, so GPU runs never see it. Call it once before building a model on CPU.
 
 **Console.** Without Transformer Engine or apex, importing megatron-core's optimizer, clip-grads, FSDP
@@ -64,8 +66,21 @@ def install_cpu_path() -> bool:
     if not _installed:
         torch.cuda.current_device = lambda: "cpu"  # torch.empty(..., device="cpu") is valid
         torch.cuda.synchronize = lambda *args, **kwargs: None
+        _cpu_checkpoint_rng()
         _installed = True
     return True
+
+
+def _cpu_checkpoint_rng() -> None:
+    """megatron's activation checkpoint (``tensor_parallel.random.CheckpointFunction``, trainer.recompute) saves and
+    restores the CPU, CUDA and tracker RNG states around the recomputed forward; without CUDA only the CPU state
+    exists, so its two state helpers keep that one (the CUDA parts are None)."""
+    try:
+        from megatron.core.tensor_parallel import random as mr
+    except ImportError:
+        return
+    mr._get_all_rng_states = lambda: (torch.get_rng_state(), None, None)
+    mr._set_all_rng_states = lambda cpu, cuda=None, tracker=None: torch.set_rng_state(cpu)
 
 
 def cpu_path_active() -> bool:

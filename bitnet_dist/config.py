@@ -62,6 +62,20 @@ class TrainerConfig:
     # launch with the same overrides resumes. For chunked jobs and for the resume-exactness test.
     exit_after_steps: Optional[int] = None
     report: bool = True  # write run_dir/report.md and the loss / perplexity PNG at the end
+    # activation recomputation (bitnet_dist.recompute): none | selective (the submodules in recompute_modules:
+    # mlp, core_attn) | full (whole layers, recompute_num_layers per unit); megatron-core's, in both engines
+    recompute: str = "none"
+    recompute_modules: list = field(default_factory=lambda: ["mlp"])
+    recompute_num_layers: int = 1
+    # true: the loss from the bf16 logits in one fused kernel each way (torch.compile on CUDA; no fp32 logits in
+    # memory) at tensor parallel 1; megatron's vocab-parallel cross-entropy otherwise or when false (bitnet_dist.model).
+    # Off by default until its speed is measured on a GPU (docs/training.md)
+    fused_cross_entropy: bool = False
+    # profile optimizer step N (1-based; 0 = none) with torch.profiler: run_dir/profile_step_N.json, the step's kernel
+    # time by category (bitnet_dist.profile); that step is left out of tokens_per_s
+    profile_step: int = 0
+    # false: write no checkpoint at all, the final one included (benchmarks, throwaway runs; such a run cannot resume)
+    checkpoints: bool = True
 
 
 @dataclass

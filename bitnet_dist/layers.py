@@ -19,6 +19,10 @@ Tensor-parallel invariance (the model computes the same function at every TP deg
 """
 from __future__ import annotations
 
+import functools
+import importlib
+import logging
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -30,11 +34,15 @@ from megatron.core.tensor_parallel.layers import (
     RowParallelLinear,
     set_tensor_model_parallel_attributes,
 )
-from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+)
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from bitnet_dist import kernels, quant
+from bitnet_dist.errors import ConfigError
 from bitnet_dist.hadamard import check_block, fwht
 from bitnet_dist.norm import rms_norm
 
@@ -58,9 +66,78 @@ def _tp_size(group) -> int:
     return 1 if group is None or not dist.is_initialized() else dist.get_world_size(group)
 
 
+@functools.lru_cache(maxsize=1)
+def kernel_status():
+    """(the Triton package, "") where it runs, else (None, why not). Checked once per process: CUDA present,
+    Triton importable and the kernel modules the layers call importable (a broken Triton install fails here,
+    at the start of a run, not in the first forward)."""
+    if not torch.cuda.is_available():
+        return None, "no CUDA device"
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        return None, f"import triton failed: {type(e).__name__}: {e}"
+    if not getattr(kernels, "available", lambda: False)():
+        return None, "bitnet_dist.kernels.available() is False"
+    try:
+        for mod in ("hbit_autograd", "swiglu", "ternary"):
+            importlib.import_module(f"bitnet_dist.kernels.{mod}")
+    except Exception as e:  # noqa: BLE001
+        return None, f"import bitnet_dist.kernels.{mod} failed: {type(e).__name__}: {e}"
+    return kernels, ""
+
+
 def _kernels():
     """The Triton package, or None where it cannot run (no CUDA, no Triton, not built)."""
-    return kernels if getattr(kernels, "available", lambda: False)() else None
+    return kernel_status()[0]
+
+
+_fallback_warned = False
+
+
+def warn_kernel_fallback(reason: str) -> None:
+    """Say once per process that ``precision.kernels=auto`` runs the torch path on a CUDA device, and why."""
+    global _fallback_warned
+    if _fallback_warned:
+        return
+    _fallback_warned = True
+    msg = (f"precision.kernels=auto: the Triton kernels cannot run ({reason}); the layers take the torch reference "
+           "path, several times slower on GPU. Fix the Triton install, or set precision.kernels=torch to "
+           "silence this.")
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    logging.getLogger("bitnet_dist").warning(msg)
+
+
+@dataclass
+class KernelPath:
+    """Which code the layers run on this process's device: ``name`` "triton" or "torch", and why."""
+
+    name: str
+    reason: str
+
+    def __str__(self) -> str:
+        return self.name + (f" ({self.reason})" if self.reason else "")
+
+
+def kernel_path(setting: str, device, *, sequence_parallel: bool = False) -> KernelPath:
+    """The kernel path a run with ``precision.kernels=setting`` takes on ``device`` (warns once when ``auto``
+    falls back to torch on CUDA; raises ConfigError when ``triton`` cannot run there)."""
+    device = torch.device(device)
+    if setting not in ("auto", "triton", "torch"):
+        raise ConfigError("precision.kernels", setting, "auto, triton or torch")
+    if setting == "torch":
+        return KernelPath("torch", "precision.kernels=torch")
+    if device.type != "cuda":
+        if setting == "triton":
+            raise ConfigError("precision.kernels", "triton", f"auto or torch on {device.type} (the kernels need CUDA)")
+        return KernelPath("torch", f"{device.type} device")
+    k, reason = kernel_status()
+    if k is None:
+        if setting == "triton":
+            raise ConfigError("precision.kernels", "triton", f"auto or torch: the Triton kernels cannot run ({reason})")
+        warn_kernel_fallback(reason)
+        return KernelPath("torch", reason)
+    return KernelPath("triton", "")
 
 
 def _swiglu_torch(h: torch.Tensor) -> torch.Tensor:
@@ -136,9 +213,11 @@ class _BitMixin:
             return False
         k = _kernels()
         if k is None:
+            reason = kernel_status()[1]
             if self.kernels == "triton":
-                raise RuntimeError("precision.kernels=triton but bitnet_dist.kernels is unavailable "
-                                   "(needs CUDA and Triton); use precision.kernels=auto or torch")
+                raise RuntimeError(f"precision.kernels=triton but bitnet_dist.kernels is unavailable ({reason}); "
+                                   "use precision.kernels=auto or torch")
+            warn_kernel_fallback(reason)
             return False
         return True
 
@@ -179,16 +258,27 @@ class BitColumnParallelLinear(_BitMixin, ColumnParallelLinear):
         return None
 
     def _forward_impl(self, input, weight, *args, **kwargs):
-        if self._use_kernels(input) and not kwargs.get("sequence_parallel", False):
+        if self._use_kernels(input):
             if self.stats_hook is not None:
                 x = rms_norm(input, self.norm_weight, self.eps)
                 self._probe(x, x)
-            if kwargs.get("allreduce_dgrad", False):
-                x_in = copy_to_tensor_model_parallel_region(input, group=self.tp_group)
+            # The fused kernel normalizes and quantizes the whole input, and its backward gives this rank's share of
+            # the input and norm-weight gradients (from its own output columns). Those shares are summed over TP:
+            norm_weight = self.norm_weight
+            if kwargs.get("sequence_parallel", False):
+                # the sequence all-gather before the fused norm + quantize (its backward reduce-scatters the input
+                # gradient); the norm weight's shares are summed by megatron's all-reduce of sequence-parallel
+                # parameters (finalize_model_grads), as the torch path's per-token-shard gradients are
+                x_in = gather_from_sequence_parallel_region(input, tensor_parallel_output_grad=True,
+                                                            group=self.tp_group)
             else:
-                x_in = input
+                x_in = (copy_to_tensor_model_parallel_region(input, group=self.tp_group)
+                        if kwargs.get("allreduce_dgrad", False) else input)
+                if _tp_size(self.tp_group) > 1:
+                    # replicated, not sequence-parallel: nothing else sums its gradient over TP
+                    norm_weight = copy_to_tensor_model_parallel_region(norm_weight, group=self.tp_group)
             return _kernels().hbit_linear(
-                x_in, weight, self.norm_weight, act_bits=self.act_bits, hadamard_block=0, eps=self.eps,
+                x_in, weight, norm_weight, act_bits=self.act_bits, hadamard_block=0, eps=self.eps,
                 weight_segments=self.segments, tp_group=self.tp_group,  # weight scale over all TP rows
                 fp8_backward=self.fp8_backward)
         x = rms_norm(input, self.norm_weight, self.eps)
@@ -304,9 +394,12 @@ class SwiGLUMLP(MLP):
             finally:
                 self.linear_fc2.glu_input = False
         k = _kernels() if (h.is_cuda and self.kernels != "torch") else None
-        if k is None and h.is_cuda and self.kernels == "triton":
-            raise RuntimeError("precision.kernels=triton but bitnet_dist.kernels is unavailable (needs CUDA and "
-                               "Triton); use precision.kernels=auto or torch")
+        if k is None and h.is_cuda and self.kernels != "torch":
+            reason = kernel_status()[1]
+            if self.kernels == "triton":
+                raise RuntimeError(f"precision.kernels=triton but bitnet_dist.kernels is unavailable ({reason}); "
+                                   "use precision.kernels=auto or torch")
+            warn_kernel_fallback(reason)
         if k is not None:
             from bitnet_dist.kernels.swiglu import swiglu_op  # deferred: imports Triton
 
@@ -324,12 +417,10 @@ def bit_layers(module: torch.nn.Module):
 
 
 def batchable_layers(modules) -> list:
-    """The BitLinear layers under ``modules`` whose forward takes the Triton path's per-step weight codes: kernels
-    not forced to torch, and not a column-parallel layer under sequence parallelism (that one runs the torch
-    path). The device is not checked here (see ``batch_weight_quant``)."""
-    return [layer for m in modules for layer in bit_layers(m)
-            if layer.kernels != "torch"
-            and not (isinstance(layer, BitColumnParallelLinear) and getattr(layer, "sequence_parallel", False))]
+    """The BitLinear layers under ``modules`` whose forward takes the Triton path's per-step weight codes (kernels
+    not forced to torch; sequence parallelism included). The device is not checked here (see
+    ``batch_weight_quant``)."""
+    return [layer for m in modules for layer in bit_layers(m) if layer.kernels != "torch"]
 
 
 def batch_weight_quant(modules) -> int:

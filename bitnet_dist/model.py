@@ -63,6 +63,42 @@ class BitNetTransformerConfig(TransformerConfig):
     """megatron's TransformerConfig plus what the BitLinear layers read (set by build_model)."""
 
     bitnet: Optional[BitSettings] = None
+    # the loss from the bf16 logits in one fused kernel each way (BitNetGPTModel); set by the engines from
+    # trainer.fused_cross_entropy
+    fused_cross_entropy: bool = False
+
+
+def _token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy, fp32: logits [s, b, V] (bf16 or fp32), labels [b, s] -> [b, s]."""
+    s, b, v = logits.shape
+    loss = F.cross_entropy(logits.float().reshape(s * b, v), labels.t().reshape(s * b), reduction="none")
+    return loss.view(s, b).t()
+
+
+_compiled_ce = None
+
+
+def fused_token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``_token_cross_entropy`` through torch.compile on CUDA: forward and backward each one reduction over the bf16
+    logits (the fp32 upcast, max, log-sum-exp and the gradient softmax - onehot computed in registers), where
+    megatron's vocab-parallel cross-entropy writes fp32 copies of the logits ([s, b, V], 1 GiB per 8192 tokens at a
+    32k vocabulary) in several passes and keeps one for backward. Elsewhere the same formula eagerly."""
+    global _compiled_ce
+    if not logits.is_cuda:
+        return _token_cross_entropy(logits, labels)
+    if _compiled_ce is None:
+        _compiled_ce = torch.compile(_token_cross_entropy, dynamic=False)
+    return _compiled_ce(logits, labels)
+
+
+class BitNetGPTModel(GPTModel):
+    """megatron's GPTModel with the fused cross-entropy (``config.fused_cross_entropy``) where the vocabulary is not
+    split over tensor-parallel ranks; megatron's vocab-parallel loss otherwise."""
+
+    def compute_language_model_loss(self, labels, logits):
+        if getattr(self.config, "fused_cross_entropy", False) and self.config.tensor_model_parallel_size == 1:
+            return fused_token_cross_entropy(logits, labels)
+        return super().compute_language_model_loss(labels, logits)
 
 
 class SDPACoreAttention(MegatronModule):
@@ -201,7 +237,7 @@ def build_model(model: ModelConfig, precision: PrecisionConfig, config: Transfor
     n_local = get_num_layers_to_build(config, vp_stage=vp_stage)
     block = ModuleSpec(module=TransformerBlock,
                        submodules=TransformerBlockSubmodules(layer_specs=[spec] * n_local, layer_norm=RMSNorm))
-    gpt = GPTModel(
+    gpt = BitNetGPTModel(
         config=config,
         transformer_layer_spec=block,
         vocab_size=padded_vocab_size(vocab_size, config.tensor_model_parallel_size),

@@ -86,6 +86,20 @@ def _fmt(x: Optional[float], spec: str = ".3f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
+def _kernels_cell(records: list[dict]) -> str:
+    """The kernel path of the run's start record, and of each resume where it differs (a resumed run may land on
+    another machine)."""
+    paths = []
+    for r in records:
+        if r.get("event") in ("start", "resume") and r.get("kernels"):
+            p = r["kernels"] + (f" ({r['kernels_reason']})" if r.get("kernels_reason") else "")
+            if not paths or paths[-1][1] != p:
+                paths.append((r["step"], p))
+    if not paths:
+        return "not recorded"
+    return "; ".join(p if i == 0 else f"from step {s}: {p}" for i, (s, p) in enumerate(paths))
+
+
 def write_report(run_dir: Path | str, cfg=None, unigram_ppl: Optional[float] = None) -> Path:
     """Write run_dir/report.md and run_dir/report.png; returns the path of report.md.
 
@@ -130,7 +144,8 @@ def write_report(run_dir: Path | str, cfg=None, unigram_ppl: Optional[float] = N
         lines.append(f"| perplexity / unigram perplexity | {final_ppl / unigram_ppl:.3f} |")
     lines += [f"| final training loss (step {ls[-1] if ls else 'n/a'}) | {_fmt(lv[-1] if lv else None)} |",
               f"| tokens trained | {int(toks[-1]) if toks else 'n/a'} |",
-              f"| median tokens/s | {_fmt(statistics.median(tps) if tps else None, '.0f')} |"]
+              f"| median tokens/s | {_fmt(statistics.median(tps) if tps else None, '.0f')} |",
+              f"| kernel path | {_kernels_cell(records)} |"]
     for ev in events(records, "act_bits_switch"):
         step = ev["step"]
         before = [r for r in records if r.get("step") == step and "val_ppl_before_switch" in r]

@@ -95,6 +95,11 @@ class Trainer:
         self.data = build_data(cfg, self.run_dir, dp_rank=self.engine.dp_rank, dp_size=self.engine.dp_size)
         self.engine.build(self.data.vocab_size)
         self.device = self.engine.device
+        from bitnet_dist.layers import kernel_path
+
+        # the code the layers run here (Triton kernels or the torch reference), named in the start record, the
+        # log and the report; precision.kernels=auto falling back to torch on CUDA warns once with the reason
+        self.kernel_path = kernel_path(cfg.precision.kernels, self.device)
         self.telemetry = Telemetry(cfg, self.run_dir, enabled=self.engine.is_logging_rank)
         self.ckpt = CheckpointManager(self.run_dir, keep=t.keep_checkpoints)
         self.max_steps = t.max_steps
@@ -113,7 +118,7 @@ class Trainer:
                 "max_steps": self.max_steps, "seed": self.cfg.trainer.seed}
 
     def save(self) -> None:
-        if self.last_saved == self.step:
+        if self.last_saved == self.step or not self.cfg.trainer.checkpoints:
             return
 
         def write(tmp: Path) -> None:
@@ -131,7 +136,9 @@ class Trainer:
             self.telemetry.truncate_after(0)
             self.telemetry.event(0, "start", unigram_ppl=self.data.unigram_perplexity,
                                  vocab_size=self.data.vocab_size, world_size=self.world_size,
-                                 engine=self.engine.name, switch_step=self.switch_step)
+                                 engine=self.engine.name, switch_step=self.switch_step,
+                                 kernels=self.kernel_path.name, kernels_reason=self.kernel_path.reason)
+            self._log_kernels()
             return
         state = self.engine.load(latest)
         if state.get("max_steps", self.max_steps) != self.max_steps:
@@ -149,9 +156,16 @@ class Trainer:
         self.act_bits = int(state["act_bits"])
         self.last_saved = self.step
         self.telemetry.truncate_after(self.step)
-        self.telemetry.event(self.step, "resume", checkpoint=str(latest))
+        self.telemetry.event(self.step, "resume", checkpoint=str(latest), kernels=self.kernel_path.name,
+                             kernels_reason=self.kernel_path.reason)
+        self._log_kernels()
         if self.engine.is_logging_rank:
             print(f"[bitnet-train] resumed from {latest} at step {self.step}", flush=True)
+
+    def _log_kernels(self) -> None:
+        if self.engine.is_logging_rank:
+            print(f"[bitnet-train] kernels: {self.kernel_path} (precision.kernels={self.cfg.precision.kernels}, "
+                  f"device {self.device})", flush=True)
 
     # -- evaluation ---------------------------------------------------------------------------------------
     def evaluate(self, suffix: str = "") -> float:
@@ -218,11 +232,20 @@ class Trainer:
                 with self.telemetry.stats_probe(self.engine.model_chunks()):
                     self.engine.eval_loss(batches[:n])
                 probe_s = time.perf_counter() - tp  # the probe's exit read its sums on the host: work done
-            stats = self.engine.train_step(batches, lr, wd)
+            profiled = t.profile_step == s + 1
+            if profiled:  # trainer.profile_step: this step under torch.profiler, left out of tokens_per_s
+                from bitnet_dist.profile import profile_step
+
+                with profile_step(self.run_dir / f"profile_step_{s + 1}.json", self.device,
+                                  meta={"step": s + 1, "tokens": self.tokens_per_step}):
+                    stats = self.engine.train_step(batches, lr, wd)
+            else:
+                stats = self.engine.train_step(batches, lr, wd)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            window_time += time.perf_counter() - t0 - probe_s
-            window_tokens += self.tokens_per_step
+            if not profiled:
+                window_time += time.perf_counter() - t0 - probe_s
+                window_tokens += self.tokens_per_step
             self.step += 1
             steps_here += 1
             if probe:

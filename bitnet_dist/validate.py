@@ -65,10 +65,18 @@ def check_train(cfg, world_size: int, engine_name: str | None = None) -> None:
                 "keep_checkpoints"):
         _positive_int(f"trainer.{key}", getattr(t, key))
     _positive_int("trainer.stats_interval", t.stats_interval, allow_zero=True)
+    _positive_int("trainer.profile_step", getattr(t, "profile_step", 0), allow_zero=True)
     _positive_int("trainer.stats_micro_batches", t.stats_micro_batches, allow_zero=True)
     _positive_int("optim.warmup_steps", o.warmup_steps, allow_zero=True)
+    from bitnet_dist.recompute import check_recompute
+
+    check_recompute(t, cfg.model, cfg.parallel.pipeline)
     if t.exit_after_steps is not None:
         _positive_int("trainer.exit_after_steps", t.exit_after_steps)
+        if not getattr(t, "checkpoints", True):
+            raise ConfigError("trainer.exit_after_steps", t.exit_after_steps,
+                              "null with trainer.checkpoints=false (a chunk that saves nothing cannot be resumed), "
+                              "or set trainer.checkpoints=true")
     if t.wall_clock_minutes is not None and not t.wall_clock_minutes > 0:
         raise ConfigError("trainer.wall_clock_minutes", t.wall_clock_minutes, "a positive number of minutes or null")
     if t.seq_length > cfg.model.max_sequence_length:

@@ -52,7 +52,7 @@ bitnet_setup_env() {
     rm -f "$stamp"
     bitnet_check_disk "$root" || return 1
     bitnet_pip install -q "$BITNET_TORCH_SPEC" || { bitnet_env_fail "installing $BITNET_TORCH_SPEC failed"; return 1; }
-    bitnet_pip install -q -e "$root[dev,hf]" || { bitnet_env_fail "installing bitnet-dist failed"; return 1; }
+    bitnet_pip install -q -e "$root[dev,hf,bench]" || { bitnet_env_fail "installing bitnet-dist failed"; return 1; }
     echo "$want" > "$stamp"
   fi
 }

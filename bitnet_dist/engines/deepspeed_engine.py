@@ -147,8 +147,12 @@ class DeepSpeedEngine(MegatronDataParallelTopology, Engine):
             raise RuntimeError("call init_parallel() before build()")
         compat.install_cpu_path()
         bf16 = self._dtype == torch.bfloat16
+        from bitnet_dist.recompute import megatron_recompute
+
+        # trainer.recompute: the model is megatron's GPTModel here too, so megatron's recomputation applies
         tcfg = bm.transformer_config(self.cfg.model, self.cfg.parallel, params_dtype=self._dtype, bf16=bf16,
-                                     use_cpu_initialization=True)
+                                     use_cpu_initialization=True, **megatron_recompute(self.cfg.trainer),
+                                     fused_cross_entropy=bool(getattr(self.cfg.trainer, "fused_cross_entropy", False)))
         seed = self.cfg.trainer.seed
         torch.manual_seed(seed)
         # seed=: every weight drawn from (seed, its global name), so any layout starts from the same model.

@@ -216,6 +216,10 @@ class MegatronEngine(MegatronDataParallelTopology, Engine):
             # main_grad cannot apply (notes section 6.3)
             gradient_accumulation_fusion=False,
         )
+        from bitnet_dist.recompute import megatron_recompute
+
+        overrides.update(megatron_recompute(self.cfg.trainer))  # trainer.recompute: megatron's own
+        overrides["fused_cross_entropy"] = bool(getattr(self.cfg.trainer, "fused_cross_entropy", False))
         if par.virtual_pipeline:
             # Interleaved 1F1B exchanges activations and gradients with both neighbours in one call.
             # At PP=2 both neighbours are the same rank, and megatron-core's batched path

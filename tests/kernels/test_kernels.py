@@ -1124,13 +1124,13 @@ def test_weight_batch_equals_the_per_weight_quantization():
 @pytest.mark.parametrize("tp,sequence", [(2, False), (2, True)])
 def test_weight_batch_under_tensor_parallelism(tp, sequence):
     """A model's weights batched at TP=2 (one all-reduce of the concatenated statistics) give the bits of the
-    per-weight path (one all-reduce each) and the torch path's absmean; under sequence parallelism the
-    column-parallel layers (which run the torch path there) are left out."""
+    per-weight path (one all-reduce each) and the torch path's absmean, with and without sequence parallelism
+    (the column-parallel layers take the fused path under it too)."""
     from dist_utils import run_ranks
     from mp_workers import weight_batch_tp
 
     for batched, total, runs, mismatches, rel in run_ranks(weight_batch_tp, tp, sequence):
-        assert total == 8 and batched == (4 if sequence else 8), (batched, total)
+        assert total == 8 and batched == 8, (batched, total)
         assert runs == 1 and mismatches == 0
         assert rel <= 1e-6
 
