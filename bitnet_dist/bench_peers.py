@@ -134,7 +134,7 @@ class PeerLM(nn.Module):
             x = blk(x, cos, sin)
         return self.head_loss(x, labels)
 
-    def compile(self, **kw):  # noqa: A003 - nn.Module.compile's name, our regions
+    def compile(self, **kw):
         """Each block and the head + loss through torch.compile (the regions torchtitan compiles)."""
         for i, blk in enumerate(self.blocks):
             self.blocks[i] = torch.compile(blk, **kw)
@@ -150,8 +150,8 @@ def torchao_filter(module: nn.Module, fqn: str) -> bool:
 def apply_torchao_bitnet(model: PeerLM) -> int:
     """Swap the block linears' weights for torchao's BitNet training weights; returns how many were swapped.
     Raises ImportError without torchao (``pip install bitnet-dist[bench]``)."""
-    from torchao.quantization import quantize_
     from torchao.prototype.quantized_training import bitnet_training
+    from torchao.quantization import quantize_
 
     quantize_(model, bitnet_training(), filter_fn=torchao_filter)
     return sum(1 for n, m in model.named_modules() if torchao_filter(m, n) and "BitNet" in type(m.weight).__name__)
@@ -203,7 +203,7 @@ def train_peer(kind: str, s: PeerShape, *, micro_batch: int, global_batch: int, 
             torch.cuda.synchronize(device)
         return total
 
-    for i in range(steps):
+    for _i in range(steps):
         data = torch.randint(0, s.vocab, (n_micro, micro_batch, s.seq + 1), device=device, generator=gen)
         t0 = time.perf_counter()
         total = one_step(data)
@@ -219,7 +219,6 @@ def train_peer(kind: str, s: PeerShape, *, micro_batch: int, global_batch: int, 
     out = {"peer": kind, "step_s": step_s, "loss": losses,
            "tokens_per_s": global_batch * s.seq / statistics.median(timed)}
     out["peak_mem_gib"] = (torch.cuda.max_memory_allocated(device) / 2**30) if cuda else None
-    del model, opt, params
     return out
 
 
@@ -229,6 +228,6 @@ def peer_available(kind: str, device) -> Optional[str]:
         try:
             import torchao  # noqa: F401
             from torchao.prototype.quantized_training import bitnet_training  # noqa: F401
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             return f"torchao not importable ({type(e).__name__}: {e}); pip install 'bitnet-dist[bench]'"
     return None

@@ -75,14 +75,14 @@ def kernel_status():
         return None, "no CUDA device"
     try:
         import triton  # noqa: F401
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return None, f"import triton failed: {type(e).__name__}: {e}"
     if not getattr(kernels, "available", lambda: False)():
         return None, "bitnet_dist.kernels.available() is False"
     try:
         for mod in ("hbit_autograd", "swiglu", "ternary"):
             importlib.import_module(f"bitnet_dist.kernels.{mod}")
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return None, f"import bitnet_dist.kernels.{mod} failed: {type(e).__name__}: {e}"
     return kernels, ""
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import torch
-
 from mp_workers import fixed_batch, gather_full, setup
 
 RECOMPUTE_MODES = {
@@ -37,11 +36,11 @@ def recompute_grads(rank, world, presets=("bf16", "v2_a4"), modes=tuple(RECOMPUT
             gpt.train()
             calls = {"mlp": 0, "layer": 0}
             for layer in gpt.decoder.layers:
-                layer.mlp.register_forward_hook(lambda *a: calls.__setitem__("mlp", calls["mlp"] + 1))
-                layer.register_forward_hook(lambda *a: calls.__setitem__("layer", calls["layer"] + 1))
+                layer.mlp.register_forward_hook(lambda *a, c=calls: c.__setitem__("mlp", c["mlp"] + 1))
+                layer.register_forward_hook(lambda *a, c=calls: c.__setitem__("layer", c["layer"] + 1))
             saved = {}
 
-            def pack(t):
+            def pack(t, saved=saved):
                 saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
                 return t
 
@@ -82,9 +81,9 @@ def column_fused_vs_torch(rank, world, preset="v2_a8", sequence=True):
 
             orig = kern.hbit_linear
 
-            def counting(*a, **k):
-                taken["fused"] += 1
-                return orig(*a, **k)
+            def counting(*a, _taken=taken, _orig=orig, **k):
+                _taken["fused"] += 1
+                return _orig(*a, **k)
 
             # the layers' "Triton path available" check pretended on CPU (the kernels run interpreted); only the
             # column-parallel layers take it here, the row-parallel ones keep the torch path they had

@@ -10,8 +10,16 @@ import torch
 import torch.nn.functional as F
 
 from bitnet_dist import bench_e2e
-from bitnet_dist.bench_peers import (Block, PeerLM, PeerShape, apply_rope, apply_torchao_bitnet, rope_tables,
-                                     torchao_filter, train_peer)
+from bitnet_dist.bench_peers import (
+    Block,
+    PeerLM,
+    PeerShape,
+    apply_rope,
+    apply_torchao_bitnet,
+    rope_tables,
+    torchao_filter,
+    train_peer,
+)
 from bitnet_dist.presets import model_preset
 from bitnet_dist.telemetry import flops_per_token
 

@@ -5,12 +5,12 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from dist_utils import run_ranks
+from throughput_workers import RECOMPUTE_MODES, recompute_grads
 
 from bitnet_dist.errors import ConfigError
 from bitnet_dist.presets import model_preset
 from bitnet_dist.recompute import check_recompute, megatron_recompute
-from dist_utils import run_ranks
-from throughput_workers import RECOMPUTE_MODES, recompute_grads
 
 
 def trainer(**kw):

@@ -3,10 +3,10 @@ float64 formula and megatron's vocab-parallel cross-entropy, compiled (as on CUD
 import numpy as np
 import pytest
 import torch
-
-from bitnet_dist.model import _token_cross_entropy
 from dist_utils import run_ranks
 from throughput_workers import cross_entropy_paths
+
+from bitnet_dist.model import _token_cross_entropy
 
 
 def _reference(logits, labels):
@@ -18,7 +18,6 @@ def _reference(logits, labels):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_token_cross_entropy_equals_the_formula_and_megatron(dtype):
-    from megatron.core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 
     from bitnet_dist.compat import install_cpu_path
 

@@ -7,7 +7,6 @@ its share (from its own output columns), summed over TP by the layer (it was lef
 0.5-1.3 in the QKV / fc1 norm weights' gradients)."""
 import numpy as np
 import pytest
-
 from dist_utils import run_ranks
 from throughput_workers import column_fused_vs_torch
 
