@@ -132,10 +132,67 @@ def run_name(override_dirname: str | None = None) -> str:
     return re.sub(r"[^A-Za-z0-9_.,=+\-]", "_", override_dirname)
 
 
+def unknown_keys(cfg, schema=None, prefix: str = "") -> list[str]:
+    """Dotted keys of a composed config that are not fields of the typed schema (TrainConfig and its nested
+    dataclasses). Hydra's ``+key=value`` adds a key even to a structured config, and OmegaConf.to_object
+    keeps it as a stray attribute that nothing reads: ``+trainer.max_step=30`` would be ignored in silence.
+    Free-form dict fields (engine.ds_config_overrides) are not looked into."""
+    import dataclasses
+
+    from omegaconf import DictConfig
+
+    schema = TrainConfig if schema is None else schema
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    out = []
+    for key in cfg.keys():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            out.append(dotted)
+            continue
+        sub = cfg._get_node(key)
+        nested = fields[key].default_factory
+        if isinstance(sub, DictConfig) and nested is not dataclasses.MISSING and dataclasses.is_dataclass(nested):
+            out += unknown_keys(sub, nested, dotted + ".")
+    return out
+
+
+def check_known_keys(cfg) -> None:
+    """ConfigError naming the first key outside the schema, with the nearest real keys as the fix."""
+    import dataclasses
+    import difflib
+
+    from bitnet_dist.errors import ConfigError
+
+    bad = unknown_keys(cfg)
+    if not bad:
+        return
+
+    def all_keys(schema, prefix=""):
+        for f in dataclasses.fields(schema):
+            fac = f.default_factory
+            if fac is not dataclasses.MISSING and dataclasses.is_dataclass(fac):
+                yield from all_keys(fac, f"{prefix}{f.name}.")
+            else:
+                yield f"{prefix}{f.name}"
+
+    known = list(all_keys(TrainConfig))
+    key = bad[0]
+    near = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(near)}? " if near else ""
+    value = cfg
+    for part in key.split("."):
+        value = value.get(part) if hasattr(value, "get") else None
+    raise ConfigError(key, value, f"not a setting of the train app ({hint}the keys are the fields of "
+                      "bitnet_dist.config.TrainConfig; a '+' does not add settings)"
+                      + (f"; also unknown: {', '.join(bad[1:])}" if len(bad) > 1 else ""))
+
+
 def cfg_from_omegaconf(cfg) -> TrainConfig:
-    """A composed DictConfig (train_schema) -> TrainConfig dataclass instance."""
+    """A composed DictConfig (train_schema) -> TrainConfig dataclass instance. Raises ConfigError for a key
+    outside the schema (``check_known_keys``)."""
     from omegaconf import OmegaConf
 
+    check_known_keys(cfg)
     obj = OmegaConf.to_object(cfg)
     if not isinstance(obj, TrainConfig):  # composed without the schema (should not happen)
         obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg))

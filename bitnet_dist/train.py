@@ -334,9 +334,8 @@ def _hydra_entry():
         from bitnet_dist.checkpoint import CheckpointError
         from bitnet_dist.distributed import LaunchEnvError
 
-        cfg = cfg_from_omegaconf(dcfg)
         try:
-            return train(cfg)
+            return train(cfg_from_omegaconf(dcfg))
         except (ConfigError, CheckpointError, LaunchEnvError) as e:
             kind = ("config error" if isinstance(e, ConfigError) else
                     "checkpoint error" if isinstance(e, CheckpointError) else "launch error")
