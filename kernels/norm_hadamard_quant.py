@@ -100,9 +100,15 @@ def _rstd_of(ss, full_dim_f, eps, HAS_NORM: tl.constexpr):
 
 
 @triton.jit
+def _max_nan(a, b):
+    # tl.max / tl.maximum drop NaN (PTX max.f32): a NaN or inf activation would get a finite scale
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _stat_of(u, BITS: tl.constexpr):
     if BITS == 8:
-        s = tl.max(tl.abs(u), axis=1)
+        s = tl.reduce(tl.abs(u), 1, _max_nan)
     else:
         s = tl.sum(tl.abs(u), axis=1)
     return s
@@ -111,9 +117,9 @@ def _stat_of(u, BITS: tl.constexpr):
 @triton.jit
 def _scale_of(stat, full_dim_f, BITS: tl.constexpr):
     if BITS == 8:
-        s = tl.math.div_rn(tl.maximum(stat, 1e-5), 127.0)
+        s = tl.math.div_rn(_max_nan(stat, 1e-5), 127.0)
     else:
-        s = tl.math.div_rn(tl.maximum(tl.math.div_rn(stat, full_dim_f), 1e-5), 2.6457513110645907)
+        s = tl.math.div_rn(_max_nan(tl.math.div_rn(stat, full_dim_f), 1e-5), 2.6457513110645907)
     return s
 
 
@@ -294,7 +300,7 @@ def _tok_sum(v, BM: tl.constexpr, NB: tl.constexpr):
 
 @triton.jit
 def _tok_max(v, BM: tl.constexpr, NB: tl.constexpr):
-    return tl.max(tl.reshape(v, (BM, NB)), axis=1)
+    return tl.reduce(tl.reshape(v, (BM, NB)), 1, _max_nan)
 
 
 @triton.jit
@@ -405,7 +411,7 @@ def _fwd_flat_kernel(X, G, HM, Q, SCALE, RSTD, SS, STAT, T, D, stride_x, stride_
             if ROUND:
                 u = round_to(u, xdt, X_BF16)
             if BITS == 8:
-                srow = tl.max(tl.abs(u), axis=1)
+                srow = tl.reduce(tl.abs(u), 1, _max_nan)
             else:
                 srow = tl.sum(tl.abs(u), axis=1)
             if MODE == 2:
@@ -560,9 +566,9 @@ def _fwd_shfl_kernel(X, G, Q, SCALE, RSTD, T, D, stride_x, stride_q, eps, full_d
     stat = _stat_of(u, BITS)
     SQF: tl.constexpr = 1.0 if SQ == 0 else SQ * 1.0
     if BITS == 8:
-        scale = tl.math.div_rn(tl.maximum(stat, 1e-5 * SQF), 127.0)
+        scale = tl.math.div_rn(_max_nan(stat, 1e-5 * SQF), 127.0)
     else:
-        scale = tl.math.div_rn(tl.maximum(tl.math.div_rn(stat, full_dim_f), 1e-5 * SQF), 2.6457513110645907)
+        scale = tl.math.div_rn(_max_nan(tl.math.div_rn(stat, full_dim_f), 1e-5 * SQF), 2.6457513110645907)
     inv = tl.math.div_rn(1.0, scale)
     # INT8 absmax needs no clamp: |u| <= max |u| and scale is max |u| / 127 rounded to nearest (or the larger
     # 1e-5 floor), so |u / scale| <= 127 (1 + 2^-23) rounds into [-127, 127].
