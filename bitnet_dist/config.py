@@ -37,6 +37,9 @@ class TrainerConfig:
     # launch with the same overrides resumes. For chunked jobs and for the resume-exactness test.
     exit_after_steps: Optional[int] = None
     report: bool = True  # write run_dir/report.md and the loss / perplexity PNG at the end
+    # this many optimizer steps in a row with a non-finite loss or gradient norm (each skipped) stop the run
+    # with an error (docs/failures.md)
+    max_skipped_steps: int = 5
 
 
 @dataclass
@@ -110,7 +113,7 @@ RUN_INVARIANT_KEYS: tuple[str, ...] = (
     "experiment", "run_dir",
     "trainer.log_interval", "trainer.eval_interval", "trainer.eval_batches", "trainer.save_interval",
     "trainer.keep_checkpoints", "trainer.stats_interval", "trainer.stats_micro_batches", "trainer.progress_bar",
-    "trainer.wall_clock_minutes", "trainer.exit_after_steps", "trainer.report",
+    "trainer.wall_clock_minutes", "trainer.exit_after_steps", "trainer.report", "trainer.max_skipped_steps",
     "logging", "logging.wandb", "logging.project", "logging.entity", "logging.run_name",
     "data.cache_dir", "data.num_workers",
 )
