@@ -95,6 +95,9 @@ def _index(prefix: str):
 
         raise DataError(f"indexed dataset {prefix}.bin/.idx not found: make it with "
                         f"`bitnet-preprocess --input docs.jsonl --output-prefix {prefix}` or fix data.paths")
+    from bitnet_dist.data.indexed import check_indexed
+
+    check_indexed(str(p))  # damaged, mismatched or empty .bin/.idx: one DataError naming the file and the fix
     return IndexedDataset(str(p), mmap=True)
 
 
