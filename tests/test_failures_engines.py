@@ -74,7 +74,8 @@ def _job(rank, world, zero, dtype):
     return out
 
 
-@pytest.mark.parametrize("zero,dtype", [(0, "fp32"), (1, "fp32"), (1, "bf16")], ids=["fp32", "zero1", "zero1-bf16"])
+@pytest.mark.parametrize("zero,dtype", [(0, "fp32"), (1, "fp32"), (1, "bf16"), (2, "fp32"), (3, "fp32")],
+                         ids=["fp32", "zero1", "zero1-bf16", "zero2", "zero3"])
 def test_deepspeed_skips_a_nonfinite_step_bitwise(zero, dtype):
     res = run_ranks(_job, 1, zero, dtype, timeout=300)[0]
     loss, grad_norm, skipped = res["bad"]
@@ -207,23 +208,34 @@ def test_skip_counter_stops_after_max_consecutive():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: megatron-core's optimizers and schedules "
                     "are CUDA-only (the decision is tested on CPU above)")
 def test_megatron_skips_nonfinite_step_gpu():
-    def job(rank, world):
-        from bitnet_dist.engines.megatron_engine import MegatronEngine
+    skipped, unchanged, good_skipped, loss_skipped = run_ranks(_megatron_job, 1, timeout=300)[0]
+    assert skipped and unchanged and not good_skipped and loss_skipped
 
-        cfg = _cfg(0, "bf16")
-        cfg.engine.name = "megatron"
-        eng = MegatronEngine(cfg)
-        eng.init_parallel()
-        eng.build(VOCAB)
-        eng.train_step(_batches(0, eng.dp_rank, eng.dp_size), 1e-3, 0.1)
-        before = [t.detach().clone() for t in eng.state_tensors() if isinstance(t, torch.Tensor)]
-        p = next(p for n, p in eng.model_chunks()[0].named_parameters() if "word_embeddings" in n)
-        h = p.register_hook(lambda g: g * float("nan"))
-        bad = eng.train_step(_batches(99, eng.dp_rank, eng.dp_size), 1e-3, 0.1)
-        h.remove()
-        after = [t.detach().clone() for t in eng.state_tensors() if isinstance(t, torch.Tensor)]
-        good = eng.train_step(_batches(1, eng.dp_rank, eng.dp_size), 1e-3, 0.1)
-        return bad.skipped, all(torch.equal(x, y) for x, y in zip(before, after)), good.skipped
 
-    skipped, unchanged, good_skipped = run_ranks(job, 1, timeout=300)[0]
-    assert skipped and unchanged and not good_skipped
+def _megatron_job(rank, world):
+    from bitnet_dist.engines.megatron_engine import MegatronEngine
+
+    cfg = _cfg(0, "bf16")
+    cfg.engine.name = "megatron"
+    eng = MegatronEngine(cfg)
+    eng.init_parallel()
+    eng.build(VOCAB)
+    eng.train_step(_batches(0, eng.dp_rank, eng.dp_size), 1e-3, 0.1)
+
+    def state():
+        return [t.detach().clone() for t in eng.state_tensors() if isinstance(t, torch.Tensor)]
+
+    before = state()
+    p = next(p for n, p in eng.model_chunks()[0].named_parameters() if "word_embeddings" in n)
+    h = p.register_hook(lambda g: g * float("nan"))
+    bad = eng.train_step(_batches(99, eng.dp_rank, eng.dp_size), 1e-3, 0.1)
+    h.remove()
+    unchanged = all(torch.equal(x, y) for x, y in zip(before, state()))
+    good = eng.train_step(_batches(1, eng.dp_rank, eng.dp_size), 1e-3, 0.1)
+    # a non-finite loss with finite gradients: the loss the schedule reports is replaced by inf
+    orig = eng._run_schedule
+    eng._run_schedule = lambda *a, **k: (float("inf"), orig(*a, **k)[1])
+    before = state()
+    inf_loss = eng.train_step(_batches(2, eng.dp_rank, eng.dp_size), 1e-3, 0.1)
+    loss_skipped = inf_loss.skipped and all(torch.equal(x, y) for x, y in zip(before, state()))
+    return bad.skipped, unchanged, good.skipped, loss_skipped

@@ -300,8 +300,10 @@ class DeepSpeedEngine(MegatronDataParallelTopology, Engine):
         return files
 
     def state_tensors(self) -> list:
-        """Model parameters, and the fp32 weights and Adam state the torch optimizer inside DeepSpeed holds."""
-        return [*self._ds.module.parameters(), *guard.optimizer_tensors(self._ds.basic_optimizer)]
+        """Model parameters (ZeRO-3: this rank's partition of each), and the fp32 weights and Adam state the torch
+        optimizer inside DeepSpeed holds."""
+        return [*(getattr(p, "ds_tensor", p) for p in self._ds.module.parameters()),
+                *guard.optimizer_tensors(self._ds.basic_optimizer)]
 
     @property
     def device(self) -> torch.device:
