@@ -369,3 +369,16 @@ def test_second_ctrl_c_aborts_at_once(tmp_path):
     assert time.time() - t0 < 20
     assert "aborted by a second Ctrl-C" in err and "Traceback" not in err, err[-3000:]
     assert not (run / ".lock").exists()
+
+
+def test_an_empty_manifest_is_incomplete(tmp_path):
+    """The issue's concurrent launches published a checkpoint whose manifest listed no files, and verification
+    accepted it. With the engine's required files it is incomplete; resume skips it."""
+    from bitnet_dist.checkpoint import CheckpointManager, verify
+
+    m = CheckpointManager(tmp_path, required=["deepspeed_layout.json", "trainer_state.pt"])
+    m.save(1, lambda d: [(d / f).write_text("x") for f in ("deepspeed_layout.json", "trainer_state.pt")])
+    m.save(2, lambda d: None)
+    assert verify(m.path(2)) is None  # complete by its own (empty) manifest...
+    assert "lists no deepspeed_layout.json" in verify(m.path(2), m.required)  # ...not by the engine's needs
+    assert m.latest() == m.path(1)

@@ -239,3 +239,41 @@ def _megatron_job(rank, world):
     inf_loss = eng.train_step(_batches(2, eng.dp_rank, eng.dp_size), 1e-3, 0.1)
     loss_skipped = inf_loss.skipped and all(torch.equal(x, y) for x, y in zip(before, state()))
     return bad.skipped, unchanged, good.skipped, loss_skipped
+
+
+# -- megatron engine on CPU (model_only): its checkpoint files, the finiteness check, an incomplete manifest ----------
+def _megatron_ckpt_job(rank, world, root):
+    from pathlib import Path
+
+    from bitnet_dist.checkpoint import CheckpointManager, write_manifest
+    from bitnet_dist.engines.guard import state_finite
+    from bitnet_dist.engines.megatron_engine import MegatronEngine
+
+    cfg = _cfg(0, "fp32")
+    cfg.engine.name = "megatron"
+    eng = MegatronEngine(cfg, model_only=True)
+    eng.init_parallel()
+    eng.build(VOCAB)
+    m = CheckpointManager(root, keep=2, required=[*eng.checkpoint_files(), "trainer_rank00000.pt"])
+
+    def write(d):
+        eng.save(d, {"step": 1})
+        torch.save({"rank": 0}, d / "trainer_rank00000.pt")
+
+    finite = state_finite(eng.state_tensors())
+    m.save(1, write, extra={"finite": finite})
+    complete_before = [p.name for p in m.complete()]
+    with torch.no_grad():
+        next(eng.model_chunks()[0].parameters()).view(-1)[0] = float("nan")
+    finite_after_nan = state_finite(eng.state_tensors())
+    for shard in (Path(root) / "checkpoints" / "step_00000001" / "megatron").glob("*.distcp"):
+        shard.unlink()  # what a manifest of a save cut short by a concurrent writer can list
+    write_manifest(Path(root) / "checkpoints" / "step_00000001", 1)
+    return finite, complete_before, finite_after_nan, [p.name for p in m.complete()], eng.checkpoint_files()
+
+
+def test_megatron_checkpoint_files_and_finiteness_on_cpu(tmp_path):
+    finite, before, after_nan, after, files = run_ranks(_megatron_ckpt_job, 1, str(tmp_path), timeout=300)[0]
+    assert finite and before == ["step_00000001"], (before, files)  # the megatron patterns match its real files
+    assert not after_nan
+    assert after == []  # a manifest without the shards is incomplete
