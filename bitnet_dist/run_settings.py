@@ -72,7 +72,7 @@ def computation_settings(cfg, world_size: int, engine_name: str, cuda: Optional[
 REPORTED_PREFIXES = ("optim.", "engine.ds_config_overrides", "precision.kernels")
 
 
-def _max_steps_free(settings: dict[str, Any]) -> bool:
+def max_steps_free(settings: dict[str, Any]) -> bool:
     """Nothing in the schedule depends on max_steps: a constant lr schedule and no act-bits switch."""
     return settings.get("optim.schedule") == "constant" and settings.get("precision.final_act_bits") is None
 
@@ -86,7 +86,7 @@ def compare(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[tuple[str, A
             continue
         if key.startswith(REPORTED_PREFIXES):
             reported.append((key, a, b))
-        elif key == "trainer.max_steps" and _max_steps_free(old) and _max_steps_free(new):
+        elif key == "trainer.max_steps" and max_steps_free(old) and max_steps_free(new):
             continue
         else:
             refused.append((key, a, b))

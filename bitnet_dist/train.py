@@ -241,9 +241,9 @@ class Trainer:
             return
         latest, state, rank_state = loaded
         if state.get("max_steps", self.max_steps) != self.max_steps:
-            from bitnet_dist.run_settings import _max_steps_free, computation_settings
+            from bitnet_dist.run_settings import computation_settings, max_steps_free
 
-            if not _max_steps_free(computation_settings(self.cfg, self.world_size, self.engine.name)):
+            if not max_steps_free(computation_settings(self.cfg, self.world_size, self.engine.name)):
                 raise ConfigError("trainer.max_steps", self.max_steps,
                                   f"{state['max_steps']} as in the checkpoints of {self.run_dir} (the schedule "
                                   "depends on it), or another run_dir")
@@ -401,7 +401,7 @@ class Trainer:
 
     def _count_skip(self, stats) -> None:
         """Count a skipped step; warn on one line; DivergenceError after trainer.max_skipped_steps in a row."""
-        from bitnet_dist.engines.guard import DivergenceError, _fmt
+        from bitnet_dist.engines.guard import DivergenceError, fmt_value
 
         try:
             line = self.skips.record(self.step, stats.skipped, stats.loss, stats.grad_norm, self._last_checkpoint())
@@ -409,8 +409,9 @@ class Trainer:
             self.telemetry.event(self.step, "diverged", message=str(e))
             raise
         if line is not None:
-            self.telemetry.event(self.step, "skipped_step", loss=_fmt(stats.loss), grad_norm=_fmt(stats.grad_norm),
-                                 consecutive=self.skips.consecutive, skipped=self.skips.total)
+            self.telemetry.event(self.step, "skipped_step", loss=fmt_value(stats.loss),
+                                 grad_norm=fmt_value(stats.grad_norm), consecutive=self.skips.consecutive,
+                                 skipped=self.skips.total)
             if self.engine.is_logging_rank:
                 print(f"[bitnet-train] WARNING: {line}", file=sys.stderr, flush=True)
 
@@ -465,10 +466,6 @@ def train(cfg: TrainConfig) -> Optional[float]:
 register_configs()
 
 
-def cfg_dir(dcfg) -> str:
-    return str(Path(str(dcfg.get("run_dir", "."))) / "checkpoints")
-
-
 def _hydra_entry():
     import hydra
 
@@ -490,7 +487,7 @@ def _hydra_entry():
             raise SystemExit(3) from None
         except KeyboardInterrupt:
             print("bitnet-train: aborted by a second Ctrl-C; the run resumes from its last complete checkpoint "
-                  f"in {cfg_dir(dcfg)}", file=sys.stderr, flush=True)
+                  f"in {Path(str(dcfg.get('run_dir', '.'))) / 'checkpoints'}", file=sys.stderr, flush=True)
             raise SystemExit(130) from None
         except Exception as e:
             import errno
@@ -499,7 +496,7 @@ def _hydra_entry():
 
             if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
                 print(f"bitnet-train: disk full: writing {e.filename or 'a file of the run'} failed ({e.strerror}). "
-                      f"Free space under {cfg_dir(dcfg)[:-len('/checkpoints')]} and relaunch: the run resumes from its "
+                      f"Free space under {dcfg.get('run_dir', '.')} and relaunch: the run resumes from its "
                       "last complete checkpoint", file=sys.stderr, flush=True)
                 raise SystemExit(2) from None
             if isinstance(e, DataError):

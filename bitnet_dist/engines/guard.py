@@ -76,8 +76,9 @@ def megatron_step(optimizer, loss: float) -> tuple[bool, float]:
             continue
         params = opt.get_parameters()
         if params and opt.config.clip_grad > 0.0:
+            decoupled = getattr(opt.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False)
             clip_grad_by_total_norm_fp32(params, max_norm=opt.config.clip_grad, total_norm=grad_norm,
-                                         use_decoupled_grad=getattr(opt.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False))
+                                         use_decoupled_grad=decoupled)
     return bool(optimizer.step_with_ready_grads()), grad_norm
 
 
@@ -119,7 +120,7 @@ class SkipCounter:
         self.total += 1
         if self.first_of_run is None:
             self.first_of_run = step - self.consecutive + 1
-        what = ", ".join(f"{k}={v}" for k, v in (("loss", _fmt(loss)), ("grad_norm", _fmt(grad_norm))))
+        what = ", ".join(f"{k}={v}" for k, v in (("loss", fmt_value(loss)), ("grad_norm", fmt_value(grad_norm))))
         line = (f"step {step}: non-finite loss or gradient norm ({what}): optimizer step skipped "
                 f"({self.consecutive} in a row, trainer.max_skipped_steps={self.limit})")
         if self.consecutive >= self.limit:
@@ -136,7 +137,7 @@ class SkipCounter:
         return {"skipped_consecutive": self.consecutive, "skipped_total": self.total}
 
 
-def _fmt(v: Optional[float]) -> str:
+def fmt_value(v: Optional[float]) -> str:
     if v is None:
         return "none"
     v = float(v)
