@@ -442,6 +442,13 @@ class RunDirLock:
         return True
 
     def acquire(self) -> None:
+        try:
+            self._acquire()
+        except OSError as e:
+            raise RunDirLocked(f"cannot create the lock {self.path} ({e.strerror or e}): the run directory must be "
+                               "writable by this job") from None
+
+    def _acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(3):
             if self._create():

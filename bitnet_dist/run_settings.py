@@ -116,43 +116,49 @@ def _why(key: str) -> str:
 
 
 def newest_record(run_dir: Path) -> tuple[Optional[Path], Optional[dict]]:
-    """The newest checkpoint with a manifest and its recorded settings (None, None: no checkpoint;
-    (path, None): a checkpoint that records none). Read-only; the settings file is checked against the
-    manifest's SHA-256."""
+    """The newest checkpoint that records its settings, and those settings (None, None: no checkpoint with a
+    manifest; (newest, None): checkpoints that record none). Read-only; a settings file counts only when it
+    matches its manifest's SHA-256."""
     from bitnet_dist.checkpoint import CheckpointManager, read_manifest, sha256_file
 
+    newest = None
     for _, p in reversed(CheckpointManager(run_dir).steps()):
         m = read_manifest(p)
         if not m:
             continue
-        meta = m.get("files", {}).get(SETTINGS_FILE)
+        newest = newest or p
+        meta = (m.get("files") or {}).get(SETTINGS_FILE) if isinstance(m.get("files"), dict) else None
         f = p / SETTINGS_FILE
         if meta is None or not f.is_file() or sha256_file(f) != meta.get("sha256"):
-            return p, None
+            continue
         try:
             return p, json.loads(f.read_text())
         except ValueError:
-            return p, None
-    return None, None
+            continue
+    return newest, None
 
 
 def check_resume(cfg, world_size: int, engine_name: str, cuda: Optional[bool] = None) -> Optional[Path]:
     """Compare this launch with the run directory's newest checkpoint (every rank; reads files only).
     Raises ResumeMismatchError; prints one note per reported (allowed) change. Returns the checkpoint
     compared against (None: nothing to resume)."""
+    import os
+
     run_dir = Path(cfg.run_dir)
+    talk = os.environ.get("RANK", "0") == "0"  # every rank compares; rank 0 prints the notes
     ckpt, old = newest_record(run_dir)
     if ckpt is None:
         return None
     if old is None:
-        print(f"[bitnet-train] note: {ckpt} records no settings (written by an older version); this launch's "
-              "settings are not compared with it", file=sys.stderr, flush=True)
+        if talk:
+            print(f"[bitnet-train] note: {ckpt} records no settings (written by an older version); this launch's "
+                  "settings are not compared with it", file=sys.stderr, flush=True)
         return ckpt
     new = computation_settings(cfg, world_size, engine_name, cuda)
     refused, reported = compare(old, new)
     if refused:
         raise ResumeMismatchError(run_dir, ckpt, refused)
-    for k, a, b in reported:
+    for k, a, b in reported if talk else ():
         print(f"[bitnet-train] note: {k} changed since {ckpt.name} ({a!r} -> {b!r}); the run continues with the "
               "new value", file=sys.stderr, flush=True)
     return ckpt

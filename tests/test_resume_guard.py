@@ -80,3 +80,16 @@ def test_settings_json_records_the_computation(stopped_run):
     s = json.loads((stopped_run / "checkpoints" / "step_00000004" / "settings.json").read_text())
     assert s["model.hidden_size"] == 64 and s["precision.name"] == "v2_a8_to_a4" and s["trainer.dtype"] == "fp32"
     assert s["data.vocab_size"] == 512 and s["engine"] == "deepspeed" and s["number of processes"] == 1
+
+
+def test_a_newer_checkpoint_without_settings_does_not_hide_the_record(stopped_run, tmp_path):
+    """A step_* with a manifest but no settings.json (the empty manifest of two concurrent launches) is not the
+    record compared against: the newest checkpoint that records settings is."""
+    from bitnet_dist.checkpoint import write_manifest
+
+    run = _copy(stopped_run, tmp_path)
+    bad = run / "checkpoints" / "step_00000006"
+    bad.mkdir()
+    write_manifest(bad, 6)
+    r = train_cli(run, *BASE, "precision=b158")
+    assert r.returncode == 2 and "precision.name: checkpoint 'v2_a8_to_a4', now 'b158'" in r.stderr, r.stderr[-2000:]
