@@ -17,8 +17,8 @@ Failure rules (docs/failures.md): one writer per run directory (:class:`RunDirLo
 lacks a file the engine needs (``required`` patterns) is incomplete; before a save the free space is
 checked against the size of the newest complete checkpoint (:class:`DiskSpaceError` names the directory
 and the bytes needed); a failed save removes its temporary directory; retention also removes the
-leftovers of interrupted saves (``.tmp_step_*``, ``*.partial-*``, ``*.replaced-*``) and never deletes
-the newest checkpoint whose manifest records finite state.
+leftovers of interrupted saves (``.tmp_step_*``, ``*.partial-*``; ``step_X.replaced-*`` once step X falls
+out of the kept window) and never deletes the newest checkpoint whose manifest records finite state.
 """
 from __future__ import annotations
 
@@ -302,28 +302,37 @@ class CheckpointManager:
         _barrier()
         return final
 
-    def remove_leftovers(self) -> list[Path]:
-        """Remove what interrupted saves left (``.tmp_step_*``, ``step_*.partial-*``, ``step_*.replaced-*``;
-        rank 0, under the run-directory lock). Returns what was removed."""
+    def remove_leftovers(self, replaced_before: Optional[int] = None) -> list[Path]:
+        """Remove what interrupted saves left (rank 0, under the run-directory lock): every ``.tmp_step_*`` and
+        ``*.partial-*``, and a ``step_X.replaced-*`` (a checkpoint a later save of step X moved aside, kept for
+        inspection) once X < ``replaced_before``, i.e. once retention would have removed step X itself.
+        Returns what was removed."""
         gone = []
         if self.dir.is_dir():
             for p in sorted(self.dir.iterdir()):
-                if _LEFTOVER_RE.match(p.name):
-                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-                    gone.append(p)
+                m = _LEFTOVER_RE.match(p.name)
+                if not m:
+                    continue
+                if m.group(2) == "replaced":
+                    step = int(p.name[len("step_"):].split(".")[0])
+                    if replaced_before is None or step >= replaced_before:
+                        continue
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                gone.append(p)
         return gone
 
     def _retain(self, newest: Path) -> None:
         """Delete complete checkpoints older than the newest ``keep`` complete ones, and leftovers of
         interrupted saves (rank 0). Never deleted: incomplete ``step_*`` (left for inspection), the one just
         published, and the newest checkpoint whose manifest records finite state."""
-        self.remove_leftovers()
         complete = [p for _, p in self.steps() if (p / MANIFEST).is_file()]
         finite = [p for p in complete if (read_manifest(p) or {}).get("finite") is True]
         newest_finite = finite[-1] if finite else None
         for p in complete[:-self.keep]:
             if p != newest and p != newest_finite:
                 shutil.rmtree(p)
+        kept = [int(_STEP_RE.match(p.name).group(1)) for p in complete[-self.keep:]]
+        self.remove_leftovers(replaced_before=min(kept) if kept else None)
 
     def complete(self) -> list[Path]:
         """Complete checkpoints, newest first (verification on rank 0, broadcast); incomplete ones are
