@@ -12,18 +12,28 @@ neither by discovery nor by retention, which removes only complete checkpoints o
 Every rank calls :meth:`save` and :meth:`latest` (collectives inside when torch.distributed is
 initialized); rank 0 does the file-system work. The run directory must be on a file system every
 rank sees.
+
+Failure rules (docs/failures.md): one writer per run directory (:class:`RunDirLock`); a manifest that
+lacks a file the engine needs (``required`` patterns) is incomplete; before a save the free space is
+checked against the size of the newest complete checkpoint (:class:`DiskSpaceError` names the directory
+and the bytes needed); a failed save removes its temporary directory; retention also removes the
+leftovers of interrupted saves (``.tmp_step_*``, ``*.partial-*``; ``step_X.replaced-*`` once step X falls
+out of the kept window) and never deletes the newest checkpoint whose manifest records finite state.
 """
 from __future__ import annotations
 
+import errno
+import fnmatch
 import hashlib
 import json
 import os
 import re
 import shutil
+import socket
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch.distributed as dist
 
@@ -33,6 +43,23 @@ _STEP_RE = re.compile(r"^step_(\d{8,})$")
 
 class CheckpointError(RuntimeError):
     """No usable checkpoint where one is required (the message names the directory and the fix)."""
+
+
+class DiskSpaceError(CheckpointError):
+    """A checkpoint does not fit: the message names the directory, the bytes needed and the bytes free."""
+
+
+class RunDirLocked(CheckpointError):
+    """Another live process writes this run directory (the message names its host, pid and job)."""
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes for an unprivileged writer on the file system of ``path`` (tests patch this)."""
+    return shutil.disk_usage(path).free
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
 
 
 def _dist():
@@ -80,15 +107,17 @@ def _files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
-def write_manifest(ckpt_dir: Path, step: int) -> dict:
-    """fsync every file (and directory) under ``ckpt_dir``, then write and fsync its manifest."""
+def write_manifest(ckpt_dir: Path, step: int, extra: Optional[dict] = None) -> dict:
+    """fsync every file (and directory) under ``ckpt_dir``, then write and fsync its manifest (``extra``
+    keys, e.g. {"finite": true}, are recorded beside step and files)."""
     files = {}
     for p in _files(ckpt_dir):
         _fsync_path(p)
         files[p.relative_to(ckpt_dir).as_posix()] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
     for d in sorted({p.parent for p in _files(ckpt_dir)} | {ckpt_dir}, key=lambda q: -len(q.parts)):
         _fsync_path(d)
-    manifest = {"step": step, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files}
+    manifest = {**(extra or {}), "step": step, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "files": files}
     tmp = ckpt_dir / (MANIFEST + ".tmp")
     with open(tmp, "w") as f:
         json.dump(manifest, f, indent=1, sort_keys=True)
@@ -99,8 +128,26 @@ def write_manifest(ckpt_dir: Path, step: int) -> dict:
     return manifest
 
 
-def verify(ckpt_dir: Path) -> Optional[str]:
-    """None when ``ckpt_dir`` is a complete checkpoint, else the reason it is not."""
+def read_manifest(ckpt_dir: Path) -> Optional[dict]:
+    try:
+        return json.loads((Path(ckpt_dir) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def checkpoint_bytes(ckpt_dir: Path) -> int:
+    """Size of a checkpoint from its manifest (0 when unreadable)."""
+    m = read_manifest(ckpt_dir) or {}
+    try:
+        return sum(int(v["size"]) for v in m.get("files", {}).values())
+    except (TypeError, KeyError, ValueError):
+        return 0
+
+
+def verify(ckpt_dir: Path, required: Sequence[str] = ()) -> Optional[str]:
+    """None when ``ckpt_dir`` is a complete checkpoint, else the reason it is not. ``required``: glob
+    patterns (relative paths) each of which some manifest entry must match (the files the engine and the
+    trainer need to load it)."""
     mpath = ckpt_dir / MANIFEST
     if not mpath.is_file():
         return "no manifest.json (the save did not finish)"
@@ -109,6 +156,11 @@ def verify(ckpt_dir: Path) -> Optional[str]:
         files = manifest["files"]
     except (ValueError, KeyError, TypeError) as e:
         return f"unreadable manifest.json ({e})"
+    if not isinstance(files, dict):
+        return "unreadable manifest.json (no file table)"
+    for pattern in required:
+        if not any(fnmatch.fnmatchcase(rel, pattern) for rel in files):
+            return f"the manifest lists no {pattern} (a file needed to load it)"
     m = _STEP_RE.match(ckpt_dir.name)
     if m and manifest.get("step") != int(m.group(1)):
         return f"manifest says step {manifest.get('step')}, directory says {int(m.group(1))}"
@@ -132,15 +184,24 @@ def _report(msg: str) -> None:
     print(f"[bitnet-dist checkpoint] WARNING: {msg}", file=sys.stderr, flush=True)
 
 
-class CheckpointManager:
-    """Atomic checkpoints under ``run_dir/checkpoints``; keeps the newest ``keep`` complete ones."""
+_LEFTOVER_RE = re.compile(r"^(\.tmp_step_\d{8,}.*|step_\d{8,}\.(partial|replaced)-.*)$")
 
-    def __init__(self, run_dir: Path | str, keep: int = 3):
+
+class CheckpointManager:
+    """Atomic checkpoints under ``run_dir/checkpoints``; keeps the newest ``keep`` complete ones.
+
+    ``required``: glob patterns of files every complete checkpoint lists in its manifest (``verify``).
+    ``space_margin``: a save needs ``space_margin`` x the newest complete checkpoint's size free.
+    """
+
+    def __init__(self, run_dir: Path | str, keep: int = 3, required: Sequence[str] = (), space_margin: float = 1.1):
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.run_dir = Path(run_dir)
         self.dir = self.run_dir / "checkpoints"
         self.keep = keep
+        self.required = tuple(required)
+        self.space_margin = space_margin
 
     def path(self, step: int) -> Path:
         return self.dir / f"step_{step:08d}"
@@ -157,39 +218,134 @@ class CheckpointManager:
         return sorted(out)
 
     # -- save -------------------------------------------------------------------------------------------
-    def save(self, step: int, write_fn: Callable[[Path], None]) -> Path:
+    def space_needed(self) -> int:
+        """Bytes a save needs free: ``space_margin`` x the newest complete checkpoint (0: none yet)."""
+        for _, p in reversed(self.steps()):
+            if (p / MANIFEST).is_file():
+                return int(checkpoint_bytes(p) * self.space_margin)
+        return 0
+
+    def check_space(self) -> None:
+        """DiskSpaceError when the checkpoint directory's file system has less free than ``space_needed``."""
+        need = self.space_needed()
+        where = self.dir if self.dir.is_dir() else self.run_dir
+        free = free_bytes(where)
+        if need and free < need:
+            raise DiskSpaceError(
+                f"not enough space for a checkpoint in {self.dir}: {_gib(need)} needed (the previous checkpoint "
+                f"is {_gib(need / self.space_margin)}), {_gib(free)} free. Free space there or point run_dir "
+                "elsewhere (copy the run directory over and relaunch)")
+
+    def save(self, step: int, write_fn: Callable[[Path], None], extra: Optional[dict] = None) -> Path:
         """Every rank calls this; ``write_fn(tmp_dir)`` writes this rank's files into the shared temporary
-        directory. Returns the published directory ``step_{step:08d}``."""
+        directory. Returns the published directory ``step_{step:08d}``. ``extra`` goes into the manifest.
+
+        Raises DiskSpaceError (nothing written) when ``check_space`` fails or a write runs out of space; any
+        failure removes the temporary directory, so the previous checkpoints stay as they were.
+        """
         final, tmp = self.path(step), self.dir / f".tmp_step_{step:08d}"
+        err = None
         if _rank() == 0:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():  # a save of this step that died half-way: keep it for inspection, out of the way
-                aside = tmp.with_name(f"{tmp.name}.partial-{time.strftime('%Y%m%d-%H%M%S')}")
-                _report(f"{tmp} is a partial save from an earlier attempt; moved to {aside.name}")
-                tmp.rename(aside)
-            tmp.mkdir()
-        _barrier()
-        write_fn(tmp)
-        _barrier()
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                self.check_space()
+                if tmp.exists():  # a save that died half-way; this process is the run's one writer (RunDirLock)
+                    _report(f"removing {tmp}, an interrupted save of an earlier launch")
+                    shutil.rmtree(tmp)
+                tmp.mkdir()
+            except BaseException as e:
+                err = e
+        err = _broadcast(err if isinstance(err, CheckpointError) else (
+            None if err is None else CheckpointError(f"cannot create {tmp}: {err}")))
+        if err is not None:
+            raise err
+        try:
+            write_fn(tmp)
+            _barrier()
+            if _rank() == 0:
+                write_manifest(tmp, step, extra)
+                if final.exists():  # the same step saved twice (e.g. a rerun after a crash right after publishing)
+                    aside = final.with_name(f"{final.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+                    _report(f"{final} already exists; moved to {aside.name} before publishing the new one")
+                    final.rename(aside)
+                os.replace(tmp, final)
+                _fsync_path(self.dir)
+        except BaseException as e:
+            full = _disk_full(self.dir)  # before the partial files go
+            disk = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or (
+                isinstance(e, (RuntimeError, OSError)) and full)  # torch.save: "unexpected pos", "iostream error"
+            if not disk:
+                if _rank() == 0:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            what = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+            # The failed writer's file objects live on in the traceback's frames, and with them the space of the
+            # deleted files: drop the frames before removing the partial save.
+            x = e
+            while x is not None:
+                x.__traceback__ = None
+                x = x.__context__
+            del e
+        else:
+            what = None
+        if what is not None:
+            import gc
+
+            gc.collect()
+            if _rank() == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise DiskSpaceError(
+                f"the checkpoint of step {step} did not fit in {self.dir} ({what}); its partial files were removed "
+                f"({_gib(free_bytes(self.dir))} free now). Free space there or point run_dir elsewhere")
         if _rank() == 0:
-            write_manifest(tmp, step)
-            if final.exists():  # the same step saved twice (e.g. a rerun after a crash right after publishing)
-                aside = final.with_name(f"{final.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-                _report(f"{final} already exists; moved to {aside.name} before publishing the new one")
-                final.rename(aside)
-            os.replace(tmp, final)
-            _fsync_path(self.dir)
             self._retain(final)
         _barrier()
         return final
 
+    def remove_leftovers(self, replaced_before: Optional[int] = None) -> list[Path]:
+        """Remove what interrupted saves left (rank 0, under the run-directory lock): every ``.tmp_step_*`` and
+        ``*.partial-*``, and a ``step_X.replaced-*`` (a checkpoint a later save of step X moved aside, kept for
+        inspection) once X < ``replaced_before``, i.e. once retention would have removed step X itself.
+        Returns what was removed."""
+        gone = []
+        if self.dir.is_dir():
+            for p in sorted(self.dir.iterdir()):
+                m = _LEFTOVER_RE.match(p.name)
+                if not m:
+                    continue
+                if m.group(2) == "replaced":
+                    step = int(p.name[len("step_"):].split(".")[0])
+                    if replaced_before is None or step >= replaced_before:
+                        continue
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                gone.append(p)
+        return gone
+
     def _retain(self, newest: Path) -> None:
-        """Delete complete checkpoints older than the newest ``keep`` complete ones (rank 0). Incomplete
-        ones are never deleted; the one just published is never deleted."""
+        """Delete complete checkpoints older than the newest ``keep`` complete ones, and leftovers of
+        interrupted saves (rank 0). Never deleted: incomplete ``step_*`` (left for inspection), the one just
+        published, and the newest checkpoint whose manifest records finite state."""
         complete = [p for _, p in self.steps() if (p / MANIFEST).is_file()]
+        finite = [p for p in complete if (read_manifest(p) or {}).get("finite") is True]
+        newest_finite = finite[-1] if finite else None
         for p in complete[:-self.keep]:
-            if p != newest:
+            if p != newest and p != newest_finite:
                 shutil.rmtree(p)
+        kept = [int(_STEP_RE.match(p.name).group(1)) for p in complete[-self.keep:]]
+        self.remove_leftovers(replaced_before=min(kept) if kept else None)
+
+    def complete(self) -> list[Path]:
+        """Complete checkpoints, newest first (verification on rank 0, broadcast); incomplete ones are
+        reported once and skipped."""
+        result: list = []
+        if _rank() == 0:
+            for _step, p in reversed(self.steps()):
+                reason = verify(p, self.required)
+                if reason is None:
+                    result.append(str(p))
+                else:
+                    _report(f"skipping checkpoint {p}: {reason}; left in place for inspection")
+        return [Path(p) for p in _broadcast(result)]
 
     # -- discovery --------------------------------------------------------------------------------------
     def latest(self) -> Optional[Path]:
@@ -203,7 +359,7 @@ class CheckpointManager:
         if _rank() == 0:
             bad = []
             for _step, p in reversed(self.steps()):
-                reason = verify(p)
+                reason = verify(p, self.required)
                 if reason is None:
                     result = str(p)
                     break
@@ -219,3 +375,118 @@ class CheckpointManager:
         if isinstance(result, CheckpointError):
             raise result
         return Path(result) if result else None
+
+
+def _disk_full(path: Path) -> bool:
+    try:
+        return free_bytes(path) < (1 << 20)
+    except OSError:
+        return False
+
+
+# -- one writer per run directory -------------------------------------------------------------------------------
+LOCK_FILE = ".lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunDirLock:
+    """``run_dir/.lock``: the run directory's one writer (rank 0 of the job that holds it).
+
+    Taken with ``open(O_CREAT | O_EXCL)``, which is atomic on local file systems, on NFSv3+ and on Lustre
+    (the shared file systems Slurm clusters use); the file holds the holder's host, pid and SLURM_JOB_ID.
+    A lock is stale, and is taken over, when its holder is gone: the same host and a pid that no longer runs,
+    or the same SLURM_JOB_ID (a requeued job: Slurm ended the earlier incarnation before starting this one).
+    A lock held from another host without a matching job id is never broken automatically: the message
+    names the holder; remove the file by hand once that process is certainly gone.
+    """
+
+    def __init__(self, run_dir: Path | str, env: Optional[dict] = None):
+        self.path = Path(run_dir) / LOCK_FILE
+        self.env = os.environ if env is None else env
+        self.held = False
+
+    def _me(self) -> dict:
+        return {"host": socket.gethostname(), "pid": os.getpid(),
+                "slurm_job_id": self.env.get("SLURM_JOB_ID") or None,
+                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+    def holder(self) -> Optional[dict]:
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}
+
+    def stale(self, holder: dict) -> Optional[str]:
+        """Why the lock of ``holder`` may be taken over, or None when its holder may be alive."""
+        me = self._me()
+        if holder.get("slurm_job_id") and holder.get("slurm_job_id") == me["slurm_job_id"]:
+            return f"same Slurm job {me['slurm_job_id']} (requeued)"
+        if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int):
+            if holder["pid"] == me["pid"]:
+                return "held by this process"
+            if not _pid_alive(holder["pid"]):
+                return f"process {holder['pid']} on {me['host']} is gone"
+        return None
+
+    def _create(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            json.dump(self._me(), f)
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+
+    def acquire(self) -> None:
+        try:
+            self._acquire()
+        except OSError as e:
+            raise RunDirLocked(f"cannot create the lock {self.path} ({e.strerror or e}): the run directory must be "
+                               "writable by this job") from None
+
+    def _acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            if self._create():
+                self.held = True
+                return
+            holder = self.holder()
+            if holder is None:  # released in between
+                continue
+            why = self.stale(holder) if holder else None
+            if why is None:
+                who = (f"host {holder.get('host')}, pid {holder.get('pid')}, SLURM_JOB_ID {holder.get('slurm_job_id')}, "
+                       f"since {holder.get('started')}") if holder else "unreadable lock file"
+                raise RunDirLocked(
+                    f"{self.path.parent} is in use by another training process ({who}): one run directory has one "
+                    f"writer. Wait for it to finish, use another run_dir, or, if that process is certainly gone, "
+                    f"remove {self.path}")
+            # take over a stale lock: move it aside atomically (only one taker succeeds), then create ours
+            aside = self.path.with_name(f"{LOCK_FILE}.stale-{os.getpid()}")
+            try:
+                os.rename(self.path, aside)
+            except FileNotFoundError:
+                continue
+            _report(f"taking over the lock of {self.path.parent} ({why})")
+            aside.unlink(missing_ok=True)
+        raise RunDirLocked(f"could not take the lock {self.path} (another launch is taking it at the same time)")
+
+    def release(self) -> None:
+        if self.held:
+            holder = self.holder()
+            if holder and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+                self.path.unlink(missing_ok=True)
+            self.held = False

@@ -76,6 +76,9 @@ class TrainerConfig:
     profile_step: int = 0
     # false: write no checkpoint at all, the final one included (benchmarks, throwaway runs; such a run cannot resume)
     checkpoints: bool = True
+    # this many optimizer steps in a row with a non-finite loss or gradient norm (each skipped) stop the run
+    # with an error (docs/failures.md)
+    max_skipped_steps: int = 5
 
 
 @dataclass
@@ -149,7 +152,7 @@ RUN_INVARIANT_KEYS: tuple[str, ...] = (
     "experiment", "run_dir",
     "trainer.log_interval", "trainer.eval_interval", "trainer.eval_batches", "trainer.save_interval",
     "trainer.keep_checkpoints", "trainer.stats_interval", "trainer.stats_micro_batches", "trainer.progress_bar",
-    "trainer.wall_clock_minutes", "trainer.exit_after_steps", "trainer.report",
+    "trainer.wall_clock_minutes", "trainer.exit_after_steps", "trainer.report", "trainer.max_skipped_steps",
     "logging", "logging.wandb", "logging.project", "logging.entity", "logging.run_name",
     "data.cache_dir", "data.num_workers",
 )
@@ -171,8 +174,65 @@ def run_name(override_dirname: str | None = None) -> str:
     return re.sub(r"[^A-Za-z0-9_.,=+\-]", "_", override_dirname)
 
 
+def unknown_keys(cfg, schema=None, prefix: str = "") -> list[str]:
+    """Dotted keys of a composed config that are not fields of the typed schema (TrainConfig and its nested
+    dataclasses). Hydra's ``+key=value`` adds a key even to a structured config, and OmegaConf.to_object
+    keeps it as a stray attribute that nothing reads: ``+trainer.max_step=30`` would be ignored in silence.
+    Free-form dict fields (engine.ds_config_overrides) are not looked into."""
+    import dataclasses
+
+    from omegaconf import DictConfig
+
+    schema = TrainConfig if schema is None else schema
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    out = []
+    for key in cfg.keys():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            out.append(dotted)
+            continue
+        sub = cfg._get_node(key)
+        nested = fields[key].default_factory
+        if isinstance(sub, DictConfig) and nested is not dataclasses.MISSING and dataclasses.is_dataclass(nested):
+            out += unknown_keys(sub, nested, dotted + ".")
+    return out
+
+
+def check_known_keys(cfg) -> None:
+    """ConfigError naming the first key outside the schema, with the nearest real keys as the fix."""
+    import dataclasses
+    import difflib
+
+    from bitnet_dist.errors import ConfigError
+
+    bad = unknown_keys(cfg)
+    if not bad:
+        return
+
+    def all_keys(schema, prefix=""):
+        for f in dataclasses.fields(schema):
+            fac = f.default_factory
+            if fac is not dataclasses.MISSING and dataclasses.is_dataclass(fac):
+                yield from all_keys(fac, f"{prefix}{f.name}.")
+            else:
+                yield f"{prefix}{f.name}"
+
+    known = list(all_keys(TrainConfig))
+    key = bad[0]
+    near = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(near)}? " if near else ""
+    value = cfg
+    for part in key.split("."):
+        value = value.get(part) if hasattr(value, "get") else None
+    raise ConfigError(key, value, f"not a setting of the train app ({hint}the keys are the fields of "
+                      "bitnet_dist.config.TrainConfig; a '+' does not add settings)"
+                      + (f"; also unknown: {', '.join(bad[1:])}" if len(bad) > 1 else ""))
+
+
 def cfg_from_omegaconf(cfg) -> TrainConfig:
-    """A composed DictConfig (train_schema) -> TrainConfig dataclass instance."""
+    """A composed DictConfig (train_schema) -> TrainConfig dataclass instance. Raises ConfigError for a key
+    outside the schema (``check_known_keys``)."""
+    check_known_keys(cfg)
     obj = OmegaConf.to_object(cfg)
     if not isinstance(obj, TrainConfig):  # composed without the schema (should not happen)
         obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg))

@@ -11,8 +11,9 @@ import torch
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """y = x / sqrt(mean(x^2) + eps) * weight over the last dim; fp32 statistics, x's dtype out."""
-    xf = x.float()
+    """y = x / sqrt(mean(x^2) + eps) * weight over the last dim; fp32 statistics (fp64 for fp64 input), x's
+    dtype out."""
+    xf = x if x.dtype == torch.float64 else x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
     return y.to(x.dtype) * weight.to(x.dtype)
 

@@ -19,6 +19,8 @@ Three things raise the stop flag on a rank:
   uses it because torchrun's agent forwards only SIGTERM/SIGINT/SIGHUP/SIGQUIT and dies on USR2, so
   its batch shell catches the warning (``B:USR2``) and touches the file instead.
 * the wall-clock guard: ``wall_clock_minutes`` after construction (clusters that send no signal).
+* Ctrl-C (``interrupt=True``, the train app): the first SIGINT stops like SIGTERM (checkpoint at the next
+  step boundary, clean exit, no requeue); a second one raises KeyboardInterrupt at once.
 
 ``should_stop()`` all-reduces the flag (MAX) so the ranks agree even when only one was signalled or
 their clocks differ.
@@ -81,7 +83,7 @@ class PreemptionGuard:
 
     def __init__(self, wall_clock_minutes: Optional[float] = None, *,
                  signals: Sequence[int] = DEFAULT_SIGNALS, stop_file: Optional[str] = None,
-                 clock: Callable[[], float] = time.monotonic, group=None):
+                 clock: Callable[[], float] = time.monotonic, group=None, interrupt: bool = False):
         if wall_clock_minutes is not None and not isinstance(wall_clock_minutes, (int, float)):
             raise ValueError(f"trainer.wall_clock_minutes={wall_clock_minutes!r}: a number of minutes or null")
         self._clock = clock
@@ -96,6 +98,8 @@ class PreemptionGuard:
         if threading.current_thread() is threading.main_thread():
             for sig in signals:
                 self._previous[sig] = signal.signal(sig, self._handler)
+            if interrupt and signal.SIGINT not in self._previous:
+                self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
         else:
             log.warning("PreemptionGuard created outside the main thread: no signal handlers installed")
 
@@ -103,6 +107,21 @@ class PreemptionGuard:
     def _handler(self, signum, frame) -> None:
         if self._signal is None:
             self._signal = signum
+
+    def _interrupt(self, signum, frame) -> None:
+        if self._signal == signal.SIGINT:  # the second Ctrl-C: abort now, no checkpoint
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        if self._signal is None:
+            self._signal = signum
+        # os.write: print() may be in progress on the interrupted frame (not reentrant)
+        os.write(2, b"\n[bitnet-train] Ctrl-C: stopping at the next step boundary with a checkpoint; "
+                    b"press Ctrl-C again to abort at once (without one)\n")
+
+    @property
+    def interrupted(self) -> bool:
+        """The stop came from Ctrl-C (SIGINT): the user stops the run, nothing to requeue."""
+        return self._signal == signal.SIGINT
 
     @property
     def signal_received(self) -> Optional[int]:

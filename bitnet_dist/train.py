@@ -15,6 +15,8 @@ and schedule step all come back).
 """
 from __future__ import annotations
 
+import errno
+import json
 import math
 import multiprocessing as mp
 import random
@@ -25,20 +27,25 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from bitnet_dist import schedule
-from bitnet_dist.checkpoint import CheckpointError, CheckpointManager
+from bitnet_dist.checkpoint import CheckpointError, CheckpointManager, DiskSpaceError, RunDirLock, _broadcast
 from bitnet_dist.compat import filter_backend_warnings
 from bitnet_dist.config import CONF_SEARCH_PATH, TrainConfig, cfg_from_omegaconf, register_configs
 from bitnet_dist.data import build_data
 from bitnet_dist.data.errors import DataError
 from bitnet_dist.distributed import LaunchEnvError, destroy_distributed, init_distributed, parse_launch_env
-from bitnet_dist.engines import make_engine
+from bitnet_dist.engines import make_engine, resolve_engine_name
 from bitnet_dist.engines.common import resolve_dtype
+from bitnet_dist.engines.guard import DivergenceError, SkipCounter, fmt_value, nonfinite_fields, state_finite
 from bitnet_dist.errors import ConfigError
+from bitnet_dist.layers import kernel_path
 from bitnet_dist.preemption import PreemptionGuard
+from bitnet_dist.profile import profile_step
 from bitnet_dist.report import write_report
+from bitnet_dist.run_settings import SETTINGS_FILE, check_resume, computation_settings, max_steps_free
 from bitnet_dist.telemetry import Telemetry, device_peak_flops, flops_per_token, memory_stats, throughput_metrics
 from bitnet_dist.validate import check_group_choices, check_train
 
@@ -84,9 +91,34 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir).resolve()
         self.dist = init_distributed()
         # Before the (possibly long) start-up, so a preemption signal during it is caught, not fatal.
-        self.guard = PreemptionGuard(wall_clock_minutes=t.wall_clock_minutes)
+        self.guard = PreemptionGuard(wall_clock_minutes=t.wall_clock_minutes, interrupt=True)
         self.rank = self.dist.rank
         self.world_size = self.dist.world_size
+        # One writer per run directory (docs/failures.md): taken before anything is written there.
+        self.lock = RunDirLock(self.run_dir)
+        self._take_lock()
+        try:
+            self._build(cfg)
+        except BaseException:
+            self.close()
+            raise
+
+    def _take_lock(self) -> None:
+
+        err = None
+        if self.rank == 0:
+            try:
+                self.lock.acquire()
+            except CheckpointError as e:
+                err = e
+        err = _broadcast(err)
+        if err is not None:
+            self.guard.close()
+            raise err
+
+    def _build(self, cfg: TrainConfig) -> None:
+
+        t = cfg.trainer
         _seed_everything(t.seed)
         self.engine = make_engine(cfg)
         self.engine.init_parallel()
@@ -95,13 +127,15 @@ class Trainer:
         self.data = build_data(cfg, self.run_dir, dp_rank=self.engine.dp_rank, dp_size=self.engine.dp_size)
         self.engine.build(self.data.vocab_size)
         self.device = self.engine.device
-        from bitnet_dist.layers import kernel_path
 
         # the code the layers run here (Triton kernels or the torch reference), named in the start record, the
         # log and the report; precision.kernels=auto falling back to torch on CUDA warns once with the reason
         self.kernel_path = kernel_path(cfg.precision.kernels, self.device)
         self.telemetry = Telemetry(cfg, self.run_dir, enabled=self.engine.is_logging_rank)
-        self.ckpt = CheckpointManager(self.run_dir, keep=t.keep_checkpoints)
+        self.ckpt = CheckpointManager(
+            self.run_dir, keep=t.keep_checkpoints,
+            required=[*self.engine.checkpoint_files(), *(RANK_STATE.format(rank=r) for r in range(self.world_size))])
+        self.skips = SkipCounter(t.max_skipped_steps)
         self.max_steps = t.max_steps
         self.tokens_per_step = t.global_batch_size * t.seq_length
         self.switch_step = schedule.switch_step(cfg.precision, t.max_steps)
@@ -115,24 +149,90 @@ class Trainer:
     # -- checkpoints --------------------------------------------------------------------------------------
     def _trainer_state(self) -> dict[str, Any]:
         return {"step": self.step, "act_bits": self.act_bits, "tokens": self.step * self.tokens_per_step,
-                "max_steps": self.max_steps, "seed": self.cfg.trainer.seed}
+                "max_steps": self.max_steps, "seed": self.cfg.trainer.seed, **self.skips.state()}
 
-    def save(self) -> None:
+    def _last_checkpoint(self) -> Optional[str]:
+        return str(self.ckpt.path(self.last_saved)) if self.last_saved is not None else None
+
+    def save(self, final: bool = False) -> None:
+        """Checkpoint the state after ``self.step`` steps (docs/failures.md for what a failure does).
+
+        Never publishes non-finite state (DivergenceError). A periodic save that does not fit on the disk is
+        skipped with a warning and training goes on; a ``final`` one (end of run, stop signal) raises."""
+
         if self.last_saved == self.step or not self.cfg.trainer.checkpoints:
             return
+        if not state_finite(self.engine.state_tensors(), self.device):
+            last = self._last_checkpoint()
+            raise DivergenceError(
+                f"step {self.step}: the model or optimizer state holds NaN or inf; no checkpoint written "
+                f"({'the last complete one is ' + last if last else 'there is no earlier checkpoint'}). Lower optim.lr "
+                "and relaunch to resume from it")
 
         def write(tmp: Path) -> None:
             self.engine.save(tmp, self._trainer_state())
             torch.save({"data": self.data.train.state_dict(), "rng": _rng_state()},
                        tmp / RANK_STATE.format(rank=self.rank))
+            if self.rank == 0:
+                settings = computation_settings(self.cfg, self.world_size, self.engine.name,
+                                                cuda=self.device.type == "cuda")
+                (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=1, sort_keys=True))
 
-        path = self.ckpt.save(self.step, write)
+        try:
+            path = self.ckpt.save(self.step, write, extra={"finite": True})
+        except DiskSpaceError as e:
+            if final:
+                raise
+            last = self._last_checkpoint()
+            self.telemetry.event(self.step, "checkpoint_skipped", reason=str(e))
+            if self.engine.is_logging_rank:
+                print(f"[bitnet-train] WARNING: checkpoint of step {self.step} skipped: {e}. Training goes on; "
+                      f"the last checkpoint is {last or 'none yet'}", file=sys.stderr, flush=True)
+            return
         self.last_saved = self.step
         self.telemetry.event(self.step, "checkpoint", path=str(path))
 
+    def _load(self, path: Path) -> tuple[dict, dict]:
+        state = self.engine.load(path)
+        rank_file = path / RANK_STATE.format(rank=self.rank)
+        if not rank_file.is_file():
+            raise ConfigError("number of processes", self.world_size,
+                              f"the layout that wrote {path} ({rank_file.name} is missing there)")
+        return state, torch.load(rank_file, map_location="cpu", weights_only=False)
+
+    def _load_newest(self) -> Optional[tuple[Path, dict, dict]]:
+        """Load the newest complete checkpoint that loads; a failure falls back to the previous complete one
+        with a warning (the ranks agree on each attempt). None: no checkpoint at all."""
+
+
+        candidates = self.ckpt.complete()
+        if not candidates:
+            self.ckpt.latest()  # raises CheckpointError when step_* directories exist but none is complete
+            return None
+        failures = []
+        for path in candidates:
+            try:
+                state, rank_state = self._load(path)
+                err = None
+            except ConfigError:
+                raise
+            except Exception as e:
+                err = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            ok = torch.tensor([0 if err else 1], dtype=torch.int32)
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                ok = ok.to(self.device)
+                dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+            if int(ok.item()) == 1:
+                return path, state, rank_state
+            failures.append(f"{path.name}: {err or 'failed on another rank'}")
+            print(f"[bitnet-train] WARNING: could not load {path} ({err or 'failed on another rank'}); falling back "
+                  "to the previous complete checkpoint", file=sys.stderr, flush=True)
+        raise CheckpointError(f"no checkpoint in {self.ckpt.dir} loads: " + "; ".join(failures)
+                              + ". Restore a good copy, or move the checkpoints away to start this run from scratch")
+
     def resume(self) -> None:
-        latest = self.ckpt.latest()
-        if latest is None:
+        loaded = self._load_newest()
+        if loaded is None:
             self.telemetry.truncate_after(0)
             self.telemetry.event(0, "start", unigram_ppl=self.data.unigram_perplexity,
                                  vocab_size=self.data.vocab_size, world_size=self.world_size,
@@ -140,20 +240,19 @@ class Trainer:
                                  kernels=self.kernel_path.name, kernels_reason=self.kernel_path.reason)
             self._log_kernels()
             return
-        state = self.engine.load(latest)
+        latest, state, rank_state = loaded
         if state.get("max_steps", self.max_steps) != self.max_steps:
-            raise ConfigError("trainer.max_steps", self.max_steps,
-                              f"{state['max_steps']} as in the checkpoints of {self.run_dir} (the schedule depends "
-                              "on it), or another run_dir")
-        rank_file = latest / RANK_STATE.format(rank=self.rank)
-        if not rank_file.is_file():
-            raise ConfigError("number of processes", self.world_size,
-                              f"the layout that wrote {latest} ({rank_file.name} is missing there)")
-        rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
+
+            if not max_steps_free(computation_settings(self.cfg, self.world_size, self.engine.name)):
+                raise ConfigError("trainer.max_steps", self.max_steps,
+                                  f"{state['max_steps']} as in the checkpoints of {self.run_dir} (the schedule "
+                                  "depends on it), or another run_dir")
         self.data.train.load_state_dict(rank_state["data"])
         _set_rng_state(rank_state["rng"])
         self.step = int(state["step"])
         self.act_bits = int(state["act_bits"])
+        self.skips.consecutive = int(state.get("skipped_consecutive", 0))
+        self.skips.total = int(state.get("skipped_total", 0))
         self.last_saved = self.step
         self.telemetry.truncate_after(self.step)
         self.telemetry.event(self.step, "resume", checkpoint=str(latest), kernels=self.kernel_path.name,
@@ -234,7 +333,6 @@ class Trainer:
                 probe_s = time.perf_counter() - tp  # the probe's exit read its sums on the host: work done
             profiled = t.profile_step == s + 1
             if profiled:  # trainer.profile_step: this step under torch.profiler, left out of tokens_per_s
-                from bitnet_dist.profile import profile_step
 
                 with profile_step(self.run_dir / f"profile_step_{s + 1}.json", self.device,
                                   meta={"step": s + 1, "tokens": self.tokens_per_step}):
@@ -248,6 +346,7 @@ class Trainer:
                 window_tokens += self.tokens_per_step
             self.step += 1
             steps_here += 1
+            self._count_skip(stats)
             if probe:
                 self.telemetry.log(self.step, {**(self.telemetry.stats_probe_result or {}), "stats_probe_s": probe_s})
             if self.step % t.log_interval == 0 or self.step == self.max_steps:
@@ -258,7 +357,9 @@ class Trainer:
                 self.telemetry.log(self.step, {
                     "loss": stats.loss, "lr": lr, "wd": wd, "grad_norm": stats.grad_norm,
                     "act_bits": self.act_bits, "tokens": self.step * self.tokens_per_step,
-                    "skipped": int(stats.skipped), **speed, **memory_stats(self.device),
+                    # steps skipped so far in this run (non-finite loss or gradient norm); which of the two
+                    # numbers of this step is non-finite (JSON writes them as null)
+                    "skipped": self.skips.total, **self._nonfinite(stats), **speed, **memory_stats(self.device),
                     # engine.cuda_graph: training steps replayed from the captured graph so far (dashboards show
                     # whether the graph is in use; warm-up steps and evaluation run eagerly)
                     **({"cuda_graph_replays": self.engine.graph_replays}
@@ -278,14 +379,14 @@ class Trainer:
                 chunk_done = t.exit_after_steps is not None and steps_here >= t.exit_after_steps
                 if stop or chunk_done:
                     reason = self.guard.reason if stop else f"trainer.exit_after_steps={t.exit_after_steps}"
-                    self.save()
+                    self.save(final=True)
                     self.telemetry.event(self.step, "stop", reason=reason)
                     if self.engine.is_logging_rank:
                         print(f"[bitnet-train] stopped at step {self.step} ({reason}); checkpoint in "
                               f"{self.ckpt.path(self.step)}; relaunch with the same overrides to resume",
                               flush=True)
                     self.telemetry.close()
-                    if stop:
+                    if stop and not self.guard.interrupted:
                         self.guard.requeue()
                     return None
         return self.finish(evaluate=True)
@@ -294,7 +395,7 @@ class Trainer:
         loss = None
         if evaluate:
             loss = self.last_eval[1] if self.last_eval and self.last_eval[0] == self.step else self.evaluate()
-            self.save()
+            self.save(final=True)
         self.telemetry.event(self.step, "finished")
         self.telemetry.close()
         if self.cfg.trainer.report and self.rank == 0:
@@ -303,8 +404,35 @@ class Trainer:
                   f"[bitnet-train] metrics: {self.run_dir / 'metrics.jsonl'}", flush=True)
         return loss
 
+    def _nonfinite(self, stats) -> dict:
+
+        bad = nonfinite_fields(stats.loss, stats.grad_norm)
+        return {"nonfinite": bad} if bad else {}
+
+    def _count_skip(self, stats) -> None:
+        """Count a skipped step; warn on one line; DivergenceError after trainer.max_skipped_steps in a row."""
+
+        try:
+            line = self.skips.record(self.step, stats.skipped, stats.loss, stats.grad_norm, self._last_checkpoint())
+        except DivergenceError as e:
+            self.telemetry.event(self.step, "diverged", message=str(e))
+            raise
+        if line is not None:
+            self.telemetry.event(self.step, "skipped_step", loss=fmt_value(stats.loss),
+                                 grad_norm=fmt_value(stats.grad_norm), consecutive=self.skips.consecutive,
+                                 skipped=self.skips.total)
+            if self.engine.is_logging_rank:
+                print(f"[bitnet-train] WARNING: {line}", file=sys.stderr, flush=True)
+
     def close(self) -> None:
+        telemetry = getattr(self, "telemetry", None)
+        if telemetry is not None:
+            try:
+                telemetry.close()
+            except Exception:
+                pass
         self.guard.close()
+        self.lock.release()
 
 
 def _standard_start_method() -> None:
@@ -321,6 +449,9 @@ def train(cfg: TrainConfig) -> Optional[float]:
     filter_backend_warnings()  # also in Hydra launcher workers, which call train() without main()
     world_size = parse_launch_env().world_size
     check_train(cfg, world_size=world_size)
+
+    # before anything in run_dir changes: the checkpoints there must be of this computation
+    check_resume(cfg, world_size, resolve_engine_name(cfg.engine.name))
     _standard_start_method()
     trainer = None
     try:
@@ -342,17 +473,30 @@ def _hydra_entry():
 
     @hydra.main(version_base="1.3", config_path=CONF_SEARCH_PATH, config_name="train")
     def _main(dcfg) -> Optional[float]:
-        cfg = cfg_from_omegaconf(dcfg)
         try:
-            return train(cfg)
+            return train(cfg_from_omegaconf(dcfg))
         except (ConfigError, CheckpointError, LaunchEnvError) as e:
             kind = ("config error" if isinstance(e, ConfigError) else
                     "checkpoint error" if isinstance(e, CheckpointError) else "launch error")
             print(f"bitnet-train: {kind}: {e}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
-        except DataError as e:
-            print(f"bitnet-train: data error: {e}", file=sys.stderr, flush=True)
-            raise SystemExit(2) from None
+        except DivergenceError as e:
+            print(f"bitnet-train: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(3) from None
+        except KeyboardInterrupt:
+            print("bitnet-train: aborted by a second Ctrl-C; the run resumes from its last complete checkpoint "
+                  f"in {Path(str(dcfg.get('run_dir', '.'))) / 'checkpoints'}", file=sys.stderr, flush=True)
+            raise SystemExit(130) from None
+        except Exception as e:
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                print(f"bitnet-train: disk full: writing {e.filename or 'a file of the run'} failed ({e.strerror}). "
+                      f"Free space under {dcfg.get('run_dir', '.')} and relaunch: the run resumes from its "
+                      "last complete checkpoint", file=sys.stderr, flush=True)
+                raise SystemExit(2) from None
+            if isinstance(e, DataError):
+                print(f"bitnet-train: data error: {e}", file=sys.stderr, flush=True)
+                raise SystemExit(2) from None
+            raise
 
     return _main
 

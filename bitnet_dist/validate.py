@@ -49,6 +49,7 @@ def check_train(cfg, world_size: int, engine_name: str | None = None) -> None:
     """
     t, o, par, eng = cfg.trainer, cfg.optim, cfg.parallel, cfg.engine
     world = world_size
+    check_finite(cfg)
 
     if eng.name not in ENGINES:
         raise ConfigError("engine", eng.name, f"one of {list(ENGINES)}")
@@ -62,7 +63,7 @@ def check_train(cfg, world_size: int, engine_name: str | None = None) -> None:
         raise ConfigError("trainer.dtype", t.dtype, f"one of {list(DTYPES)}")
 
     for key in ("max_steps", "seq_length", "log_interval", "eval_interval", "eval_batches", "save_interval",
-                "keep_checkpoints"):
+                "keep_checkpoints", "max_skipped_steps"):
         _positive_int(f"trainer.{key}", getattr(t, key))
     _positive_int("trainer.stats_interval", t.stats_interval, allow_zero=True)
     _positive_int("trainer.profile_step", getattr(t, "profile_step", 0), allow_zero=True)
@@ -137,6 +138,28 @@ def check_train(cfg, world_size: int, engine_name: str | None = None) -> None:
         raise ConfigError("parallel.tensor * parallel.pipeline", tp * pp,
                           f"a divisor of the number of processes ({world}); launch a multiple of {tp * pp} processes")
     check_batch(t, world // (tp * pp))
+
+
+def check_finite(cfg, prefix: str = "") -> None:
+    """Every float setting (at any depth of the config dataclasses, and inside list / dict values) is finite:
+    ``optim.lr=inf`` would train on NaN weights from the first step."""
+    import dataclasses
+    import math
+
+    def walk(key: str, v: Any) -> None:
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(key, v, "a finite number")
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            for f in dataclasses.fields(v):
+                walk(f"{key}.{f.name}" if key else f.name, getattr(v, f.name))
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                walk(f"{key}.{k}", x)
+        elif isinstance(v, (list, tuple)):
+            for i, x in enumerate(v):
+                walk(f"{key}[{i}]", x)
+
+    walk(prefix, cfg)
 
 
 CONFIG_GROUPS = ("model", "precision", "parallel", "engine", "data", "optim", "logging", "experiment")

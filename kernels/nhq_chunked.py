@@ -67,9 +67,15 @@ def _rstd_of(ss, full_dim_f, eps, HAS_NORM: tl.constexpr):
 
 
 @triton.jit
+def _max_nan(a, b):
+    # tl.max / tl.maximum drop NaN (PTX max.f32): a NaN or inf activation would get a finite scale
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _stat_of(u, BITS: tl.constexpr):
     if BITS == 8:
-        s = tl.max(tl.abs(u), axis=1)
+        s = tl.reduce(tl.abs(u), 1, _max_nan)
     else:
         s = tl.sum(tl.abs(u), axis=1)
     return s
@@ -78,9 +84,9 @@ def _stat_of(u, BITS: tl.constexpr):
 @triton.jit
 def _scale_of(stat, full_dim_f, BITS: tl.constexpr):
     if BITS == 8:
-        s = tl.math.div_rn(tl.maximum(stat, 1e-5), 127.0)
+        s = tl.math.div_rn(_max_nan(stat, 1e-5), 127.0)
     else:
-        s = tl.math.div_rn(tl.maximum(tl.math.div_rn(stat, full_dim_f), 1e-5), 2.6457513110645907)
+        s = tl.math.div_rn(_max_nan(tl.math.div_rn(stat, full_dim_f), 1e-5), 2.6457513110645907)
     return s
 
 
@@ -131,7 +137,7 @@ def _fwd_kernel(X, G, Q, SCALE, RSTD, SS, STAT, T, D, stride_x, stride_q, eps, f
             x, u = _load_u(X, G, rows, rmask, c * C, D, stride_x, rstd, inv_sqrt_hb,
                            HAS_NORM, HB, BM, C, PREC, ROUND, X_BF16)
             if BITS == 8:
-                stat = tl.maximum(stat, _stat_of(u, BITS))
+                stat = _max_nan(stat, _stat_of(u, BITS))
             else:
                 stat += _stat_of(u, BITS)
         tl.store(STAT + rows, stat, mask=rmask)
@@ -169,7 +175,7 @@ def _fwd_kernel(X, G, Q, SCALE, RSTD, SS, STAT, T, D, stride_x, stride_q, eps, f
                 x, u = _load_u(X, G, rows, rmask, c * C, D, stride_x, rstd, inv_sqrt_hb,
                                HAS_NORM, HB, BM, C, PREC, ROUND, X_BF16)
                 if BITS == 8:
-                    stat = tl.maximum(stat, _stat_of(u, BITS))
+                    stat = _max_nan(stat, _stat_of(u, BITS))
                 else:
                     stat += _stat_of(u, BITS)
             scale = _scale_of(stat, full_dim_f, BITS)

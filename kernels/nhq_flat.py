@@ -15,7 +15,7 @@ from ._common import (
     rint,
     round_to,
 )
-from .nhq_chunked import _rstd_of, _scale_of
+from .nhq_chunked import _max_nan, _rstd_of, _scale_of
 
 
 # ------------------------------------------------------------------------- "flat" kernels (one chunk)
@@ -32,7 +32,7 @@ def _tok_sum(v, BM: tl.constexpr, NB: tl.constexpr):
 
 @triton.jit
 def _tok_max(v, BM: tl.constexpr, NB: tl.constexpr):
-    return tl.max(tl.reshape(v, (BM, NB)), axis=1)
+    return tl.reduce(tl.reshape(v, (BM, NB)), 1, _max_nan)
 
 
 @triton.jit
@@ -143,7 +143,7 @@ def _fwd_flat_kernel(X, G, HM, Q, SCALE, RSTD, SS, STAT, T, D, stride_x, stride_
             if ROUND:
                 u = round_to(u, xdt, X_BF16)
             if BITS == 8:
-                srow = tl.max(tl.abs(u), axis=1)
+                srow = tl.reduce(tl.abs(u), 1, _max_nan)
             else:
                 srow = tl.sum(tl.abs(u), axis=1)
             if MODE == 2:

@@ -19,7 +19,7 @@ from ._common import (
     round_bf16_pair,
     round_to,
 )
-from .nhq_chunked import _rstd_of, _stat_of
+from .nhq_chunked import _max_nan, _rstd_of, _stat_of
 from .swiglu import swiglu_grads, swiglu_values
 
 
@@ -102,9 +102,9 @@ def _fwd_shfl_kernel(X, G, Q, SCALE, RSTD, T, D, stride_x, stride_q, eps, full_d
     stat = _stat_of(u, BITS)
     SQF: tl.constexpr = 1.0 if SQ == 0 else SQ * 1.0
     if BITS == 8:
-        scale = tl.math.div_rn(tl.maximum(stat, 1e-5 * SQF), 127.0)
+        scale = tl.math.div_rn(_max_nan(stat, 1e-5 * SQF), 127.0)
     else:
-        scale = tl.math.div_rn(tl.maximum(tl.math.div_rn(stat, full_dim_f), 1e-5 * SQF), 2.6457513110645907)
+        scale = tl.math.div_rn(_max_nan(tl.math.div_rn(stat, full_dim_f), 1e-5 * SQF), 2.6457513110645907)
     inv = tl.math.div_rn(1.0, scale)
     # INT8 absmax needs no clamp: |u| <= max |u| and scale is max |u| / 127 rounded to nearest (or the larger
     # 1e-5 floor), so |u / scale| <= 127 (1 + 2^-23) rounds into [-127, 127].

@@ -145,6 +145,60 @@ def indexed_exists(prefix: str | os.PathLike) -> bool:
     return Path(f"{prefix}.bin").is_file() and Path(f"{prefix}.idx").is_file()
 
 
+_IDX_MAGIC = b"MMIDIDX\x00\x00"  # megatron.core.datasets.indexed_dataset._INDEX_HEADER
+_IDX_HEADER = 9 + 8 + 1 + 8 + 8  # magic, version <Q, dtype code <B, sequence count <Q, document count <Q
+
+
+def check_indexed(prefix: str | os.PathLike) -> dict:
+    """Check ``prefix``.idx and ``prefix``.bin against each other before anything reads them: the header, the
+    index size its counts imply, the document boundaries, and the .bin size the sequence lengths imply; an
+    empty dataset is an error too. Raises DataError naming the file and the fix (re-run the preprocessing);
+    returns {"sequences", "documents", "tokens"}. The layout is megatron-core's (indexed_dataset.py:
+    _IndexWriter / _IndexReader)."""
+    from megatron.core.datasets.indexed_dataset import DType
+
+    prefix = str(prefix)
+    idx, binf = Path(prefix + ".idx"), Path(prefix + ".bin")
+    fix = (f"re-create it: python -m bitnet_dist.data.preprocess --input FILE.jsonl --tokenizer TOKENIZER "
+           f"--output-prefix {prefix} (or bitnet-preprocess)")
+    for p in (idx, binf):
+        if not p.is_file():
+            raise DataError(f"{p} is missing: {fix}")
+    size = idx.stat().st_size
+    with idx.open("rb") as f:
+        head = f.read(_IDX_HEADER)
+        if len(head) < _IDX_HEADER or head[:9] != _IDX_MAGIC:
+            raise DataError(f"{idx} is not a megatron index ({size} bytes, "
+                            f"{'too short' if len(head) < _IDX_HEADER else 'wrong header'}): {fix}")
+        version, = np.frombuffer(head[9:17], "<u8")
+        code = head[17]
+        n_seq, n_doc = (int(x) for x in np.frombuffer(head[18:34], "<u8"))
+        if version != 1:
+            raise DataError(f"{idx}: index version {int(version)}, expected 1: {fix}")
+        try:
+            dtype = np.dtype(DType.dtype_from_code(code))
+        except (KeyError, ValueError, TypeError):
+            raise DataError(f"{idx}: unknown token dtype code {code}: {fix}") from None
+        expect = _IDX_HEADER + 4 * n_seq + 8 * n_seq + 8 * n_doc
+        if size != expect:
+            raise DataError(f"{idx} is {size} bytes; its header ({n_seq} sequences, {n_doc} document boundaries) "
+                            f"implies {expect}: the file is cut short or damaged: {fix}")
+        lengths = np.fromfile(f, dtype=np.int32, count=n_seq)
+        f.seek(_IDX_HEADER + 12 * n_seq)
+        docs = np.fromfile(f, dtype=np.int64, count=n_doc)
+    if n_seq == 0 or n_doc < 2 or int(lengths.sum(dtype=np.int64)) == 0:
+        raise DataError(f"{prefix}.bin/.idx hold no documents (an empty corpus): {fix} from a corpus with text")
+    if docs[0] != 0 or docs[-1] != n_seq or np.any(np.diff(docs) < 0) or np.any(lengths < 0):
+        raise DataError(f"{idx}: document boundaries do not match its {n_seq} sequences: {fix}")
+    tokens = int(lengths.sum(dtype=np.int64))
+    want = tokens * dtype.itemsize
+    have = binf.stat().st_size
+    if have != want:
+        raise DataError(f"{binf} is {have} bytes; {idx} describes {tokens} tokens of {dtype.name} = {want} bytes "
+                        f"({'cut short' if have < want else 'extra bytes'}; .bin and .idx of different runs?): {fix}")
+    return {"sequences": n_seq, "documents": n_doc - 1, "tokens": tokens}
+
+
 @dataclass
 class DocTokens:
     """Documents of one indexed dataset: ``tokens`` (memory-mapped, all ids back to back),
@@ -164,6 +218,7 @@ class DocTokens:
                             f"--tokenizer gpt2 --output-prefix {prefix}")
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+        check_indexed(prefix)  # one clear error, not megatron's or numpy's traceback, for damaged or empty files
         ds = IndexedDataset(prefix, mmap=True)
         # copies: these are views into the index's mmap, which megatron closes when ds is collected
         seq_len = np.array(ds.sequence_lengths, dtype=np.int64, copy=True)

@@ -28,37 +28,53 @@ class InputError(ValueError):
     """An input file that cannot be read as documents (the message names file, line and fix)."""
 
 
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 file; a line that is not UTF-8 is an InputError naming file and line."""
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"{path}:{lineno} is not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                 "convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8) or remove that line") from None
+
+
 def iter_documents(path: Path, json_key: str = "text", txt_doc_per_line: bool = False) -> Iterator[str]:
-    """Documents of one input file, in file order."""
+    """Documents of one input file, in file order. Bad records are errors naming ``file:line`` (not skipped):
+    a line that is not UTF-8, not JSON, without ``json_key``, or whose text is not a string (null, a number)."""
     if path.suffix in (".jsonl", ".json", ".ndjson"):
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise InputError(f"{path}:{lineno} is not valid JSON ({e.msg}); expected one JSON object "
-                                     "per line") from None
-                if not isinstance(rec, dict) or json_key not in rec:
-                    keys = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
-                    raise InputError(f"{path}:{lineno} has no key {json_key!r} (found {keys}); pass "
-                                     "--json-key NAME")
-                yield str(rec[json_key])
+        for lineno, line in _lines(path):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{lineno} is not valid JSON ({e.msg}); expected one JSON object "
+                                 "per line") from None
+            if not isinstance(rec, dict) or json_key not in rec:
+                keys = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
+                raise InputError(f"{path}:{lineno} has no key {json_key!r} (found {keys}); pass "
+                                 "--json-key NAME")
+            text = rec[json_key]
+            if not isinstance(text, str):
+                raise InputError(f"{path}:{lineno}: {json_key!r} is {json.dumps(text)[:40]} "
+                                 f"({'null' if text is None else type(text).__name__}), not a string; fix or "
+                                 "remove that record")
+            yield text
     elif path.suffix == ".txt":
-        with path.open(encoding="utf-8") as f:
-            if txt_doc_per_line:
-                yield from (line.rstrip("\n") for line in f)
-                return
-            block: list[str] = []
-            for line in f:
-                if line.strip():
-                    block.append(line.rstrip("\n"))
-                elif block:
-                    yield "\n".join(block)
-                    block = []
-            if block:
+        f = (line for _, line in _lines(path))
+        if txt_doc_per_line:
+            yield from (line.rstrip("\n") for line in f)
+            return
+        block: list[str] = []
+        for line in f:
+            if line.strip():
+                block.append(line.rstrip("\n"))
+            elif block:
                 yield "\n".join(block)
+                block = []
+        if block:
+            yield "\n".join(block)
     else:
         raise InputError(f"--input {path}: unsupported file type {path.suffix!r}; use .jsonl or .txt")
 
@@ -107,6 +123,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     dt = time.perf_counter() - t0
+    if meta["documents"] == 0:
+        for ext in (".bin", ".idx", ".meta.json"):
+            Path(args.output_prefix + ext).unlink(missing_ok=True)
+        print(f"error: the input holds no documents ({meta['skipped_empty']} empty or whitespace-only skipped): "
+              f"{' '.join(map(str, inputs))}; nothing written. Check --input and --json-key", file=sys.stderr)
+        return 2
     print(f"wrote {args.output_prefix}.bin/.idx: {meta['documents']} documents, {meta['tokens']} tokens "
           f"({meta['dtype']}, eod={meta['eod_id']}, {meta['skipped_empty']} empty skipped) in {dt:.1f}s")
     return 0

@@ -83,6 +83,16 @@ class Engine(abc.ABC):
     def model_chunks(self) -> list[torch.nn.Module]:
         """The unwrapped local model chunks (GPTModel instances), for telemetry probes."""
 
+    def checkpoint_files(self) -> list[str]:
+        """Glob patterns (relative to a checkpoint directory) of the files ``load`` needs: a checkpoint whose
+        manifest lacks one is incomplete (bitnet_dist.checkpoint.verify)."""
+        return []
+
+    def state_tensors(self) -> list:
+        """This rank's tensors a checkpoint holds (model and optimizer state), for the finiteness check before a
+        checkpoint is published (bitnet_dist.engines.guard). Default: the model chunks' parameters."""
+        return [p for m in self.model_chunks() for p in m.parameters()]
+
     # -- topology, valid after init_parallel() -------------------------------------------------------------
     @property
     @abc.abstractmethod

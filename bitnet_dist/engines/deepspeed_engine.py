@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from bitnet_dist import compat, step_cache
 from bitnet_dist import model as bm
-from bitnet_dist.engines import common
+from bitnet_dist.engines import common, guard
 from bitnet_dist.engines.base import Batch, Engine, StepStats
 from bitnet_dist.engines.common import MegatronDataParallelTopology
 from bitnet_dist.errors import ConfigError
@@ -176,6 +176,17 @@ class DeepSpeedEngine(MegatronDataParallelTopology, Engine):
         for g in self._ds.optimizer.param_groups:  # fail now, not at the first step
             if common.DECAY_KEY not in g:
                 raise RuntimeError("DeepSpeed's optimizer dropped our parameter-group tags")
+        # Non-finite steps (bitnet_dist.engines.guard): the torch optimizer inside every DeepSpeed wrapper steps
+        # only when the step's loss and gradient norm are finite. DeepSpeed's ZeRO and bf16 optimizers skip an
+        # invalid norm themselves in some configurations; the plain fp32 path and the loss are ours.
+        self._step_loss = self._pre_norm = None
+        self._inner_skips = guard.skip_inner_steps(self._ds.basic_optimizer, self._skip_decision)
+
+    def _skip_decision(self) -> bool:
+        """Called by the inner optimizer's step: DeepSpeed's wrappers have computed this step's global norm."""
+        wrapper = self._ds.optimizer
+        norm = self._pre_norm if wrapper is self._ds.basic_optimizer else getattr(wrapper, "_global_grad_norm", None)
+        return guard.skip_step(self._step_loss, guard.clean_norm(norm))
 
     # -- steps -------------------------------------------------------------------------------------------------
     def _forward_loss_sum(self, b: Batch) -> torch.Tensor:
@@ -197,22 +208,27 @@ class DeepSpeedEngine(MegatronDataParallelTopology, Engine):
         ds.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self._device)
         grad_norm = None
+        skips_before = self._inner_skips()
         for i, b in enumerate(batches):
             lsum = self._forward_loss_sum(b)
             ds.backward(lsum * scale, scale_wrt_gas=False)
             loss_sum += lsum.detach()
             if i == len(batches) - 1:
                 common.apply_lr_wd(ds.optimizer.param_groups, lr, weight_decay)
+                # the global loss before the update: a non-finite one skips it (guard.skip_step)
+                self._step_loss = common.reduce_loss(loss_sum, num_tokens, dp_group)
+                self._pre_norm = None
                 if not (ds.zero_optimization() or ds.bfloat16_enabled()):
                     # Plain fp32 DeepSpeed clips without keeping the norm: measure it (grads are reduced).
-                    grad_norm = self._fp32_grad_norm()
+                    grad_norm = self._pre_norm = self._fp32_grad_norm()
             ds.step()
         step_cache.advance()  # the optimizer stepped at the last micro-batch: later forwards get new codes
         if grad_norm is None:
-            grad_norm = common.optional_float(ds.get_global_grad_norm())
-        loss = common.reduce_loss(loss_sum, num_tokens, dp_group)
-        return StepStats(loss=loss, grad_norm=float("nan") if grad_norm is None else grad_norm,
-                         num_tokens=num_tokens, skipped=not ds.was_step_applied())
+            grad_norm = ds.get_global_grad_norm()
+        loss, grad_norm = self._step_loss, guard.clean_norm(grad_norm)
+        skipped = (self._inner_skips() > skips_before or not ds.was_step_applied()
+                   or guard.skip_step(loss, grad_norm))
+        return StepStats(loss=loss, grad_norm=grad_norm, num_tokens=num_tokens, skipped=skipped)
 
     def _fp32_grad_norm(self) -> float:
         from deepspeed.runtime.utils import get_flattened_grad_norm
@@ -273,6 +289,19 @@ class DeepSpeedEngine(MegatronDataParallelTopology, Engine):
 
     def model_chunks(self) -> list[torch.nn.Module]:
         return [self._ds.module]
+
+    def checkpoint_files(self) -> list[str]:
+        # DeepSpeed's model states (with ZeRO also one optimizer-state file per rank), our layout and trainer state
+        files = [LAYOUT_FILE, common.TRAINER_STATE_FILE, f"{CKPT_TAG}/*model_states.pt"]
+        if self.cfg.parallel.zero_stage:
+            files.append(f"{CKPT_TAG}/*optim_states.pt")
+        return files
+
+    def state_tensors(self) -> list:
+        """Model parameters (ZeRO-3: this rank's partition of each), and the fp32 weights and Adam state the torch
+        optimizer inside DeepSpeed holds."""
+        return [*(getattr(p, "ds_tensor", p) for p in self._ds.module.parameters()),
+                *guard.optimizer_tensors(self._ds.basic_optimizer)]
 
     @property
     def device(self) -> torch.device:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
-import math
 import os
 from functools import partial
 from pathlib import Path
@@ -41,8 +40,10 @@ import torch.distributed as dist
 from bitnet_dist import step_cache
 from bitnet_dist.compat import install_cpu_path, install_foreach_multi_tensor
 from bitnet_dist.distributed import init_distributed
+from bitnet_dist.engines import guard
 from bitnet_dist.engines.base import Batch, Engine, StepStats
 from bitnet_dist.engines.common import (
+    TRAINER_STATE_FILE,
     MegatronDataParallelTopology,
     batch_to_device,
     init_model_parallel,
@@ -483,11 +484,12 @@ class MegatronEngine(MegatronDataParallelTopology, Engine):
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
         loss, ntok = self._run_schedule(micro_batches, forward_only=False)
-        ok, grad_norm, _ = self.optimizer.step()
+        # megatron-core's optimizer step with the non-finite decision (loss or grad norm) between its norm and
+        # its update (bitnet_dist.engines.guard.megatron_step)
+        ok, grad_norm = guard.megatron_step(self.optimizer, loss)
         step_cache.advance()  # forwards outside train_step (telemetry probes) must not see the old codes
-        grad_norm = float("nan") if grad_norm is None else float(grad_norm)
         return StepStats(loss=loss, grad_norm=grad_norm, num_tokens=ntok,
-                         skipped=(not ok) or not math.isfinite(grad_norm))
+                         skipped=(not ok) or guard.skip_step(loss, grad_norm))
 
     @torch.no_grad()
     def eval_loss(self, batches: Iterable[Batch]) -> tuple[float, int]:
@@ -527,6 +529,17 @@ class MegatronEngine(MegatronDataParallelTopology, Engine):
 
     def model_chunks(self) -> list[torch.nn.Module]:
         return list(self._raw)
+
+    def checkpoint_files(self) -> list[str]:
+        return [LAYOUT_FILE, TRAINER_STATE_FILE, f"{CKPT_SUBDIR}/metadata.json", f"{CKPT_SUBDIR}/*.distcp"]
+
+    def state_tensors(self) -> list:
+        """Model parameters, and the main (fp32) weights and Adam state of every optimizer in the chain."""
+        out = [p for m in self._raw for p in m.parameters()]
+        if self.optimizer is not None:
+            for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+                out += guard.optimizer_tensors(getattr(opt, "optimizer", None))
+        return out
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def sharded_state_dict(self, *, with_optimizer: bool = True, is_loading: bool = False) -> dict:

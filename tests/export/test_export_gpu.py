@@ -3,7 +3,7 @@ and the v2 remote code load on the GPU and compute the project model's logits (t
 CPU, the export in fp32 on the GPU; TF32 off). The same checks run on CPU in test_export.py; this file adds the
 CUDA path of transformers' bitnet integration (its unpacking and activation quantization compiled for CUDA).
 
-The merger runs it on a GPU machine: pytest -q tests/test_export_gpu.py
+The merger runs it on a GPU machine: pytest -q tests/export/test_export_gpu.py
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from dist_utils import run_ranks  # noqa: E402
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the CPU path of the "
-                                 "same exports is tested in tests/test_export.py)")]
+                                 "same exports is tested in tests/export/test_export.py)")]
 
 
 @pytest.mark.parametrize("precision, latent", [("b158", False), ("b158", True), ("v2_a8", False), ("v2_a4", False),
