@@ -123,16 +123,15 @@ def test_compiled_peer_equals_eager():
 
 
 def test_overrides_compose_into_the_train_schema(tmp_path):
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize_config_module
 
     from bitnet_dist.config import cfg_from_omegaconf, register_configs
-    from bitnet_dist.train import CONF_DIR
     from bitnet_dist.validate import check_train
 
     register_configs()
     ov = bench_e2e.train_overrides("1.3B", "v2_a4_fp8bwd", seq=2048, mbs=4, gbs=16, vocab=32000, steps=12,
                                    run_dir=tmp_path / "r")
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_module(config_module="bitnet_dist.conf", version_base="1.3"):
         cfg = cfg_from_omegaconf(compose(config_name="train", overrides=ov))
     check_train(cfg, world_size=1)
     assert (cfg.model.name, cfg.precision.name, cfg.precision.act_bits, cfg.precision.fp8_backward) == \

@@ -38,14 +38,13 @@ def test_settings_map_onto_megatron_and_bad_ones_are_config_errors():
 
 
 def test_train_config_accepts_recompute_and_check_train_rejects_a_bad_one():
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize_config_module
 
     from bitnet_dist.config import cfg_from_omegaconf, register_configs
-    from bitnet_dist.train import CONF_DIR
     from bitnet_dist.validate import check_train
 
     register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_module(config_module="bitnet_dist.conf", version_base="1.3"):
         good = cfg_from_omegaconf(compose(config_name="train", overrides=[
             "experiment=smoke", "trainer.recompute=selective", "trainer.recompute_modules=[mlp,core_attn]"]))
         bad = cfg_from_omegaconf(compose(config_name="train", overrides=[

@@ -48,14 +48,13 @@ def test_unknown_key_is_an_error_with_or_without_plus(tmp_path, override):
 
 
 def test_unknown_key_names_the_nearest_setting():
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize_config_module
 
     from bitnet_dist.config import check_known_keys, register_configs
     from bitnet_dist.errors import ConfigError
-    from bitnet_dist.train import CONF_DIR
 
     register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_module(config_module="bitnet_dist.conf", version_base="1.3"):
         ok = compose("train", overrides=["experiment=smoke", "+engine.ds_config_overrides.zero_optimization.stage=0"])
         check_known_keys(ok)  # free-form dicts are not checked
         bad = compose("train", overrides=["experiment=smoke", "+trainer.max_step=30"])
