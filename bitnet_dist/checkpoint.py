@@ -468,7 +468,7 @@ class RunDirLock:
                 continue
             why = self.stale(holder) if holder else None
             if why is None:
-                who = (f"host {holder.get('host')}, pid {holder.get('pid')}, SLURM_JOB_ID {holder.get('slurm_job_id')}, "
+                who = (f"host {holder.get('host')}, pid {holder.get('pid')}, SLURM_JOB_ID {holder.get('slurm_job_id') or 'none'}, "
                        f"since {holder.get('started')}") if holder else "unreadable lock file"
                 raise RunDirLocked(
                     f"{self.path.parent} is in use by another training process ({who}): one run directory has one "
