@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -172,7 +173,13 @@ def test_second_launch_in_a_run_directory_refuses(tmp_path, reference_losses):
     deadline = time.time() + 120
     while not (run / ".lock").exists() and time.time() < deadline and first.poll() is None:
         time.sleep(0.05)
-    second = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=300)
+    # the holder is paused while the second launch starts, so that launch meets a live holder whatever the
+    # machine's speed (a paused process is alive: its lock is not stale)
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        second = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=300)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     out, err = first.communicate(timeout=300)
     assert first.returncode == 0, err[-3000:]
     assert second.returncode == 2, second.stderr[-3000:]

@@ -111,10 +111,3 @@ def test_training_start_refuses_damaged_or_empty_data(dataset, tmp_path, kind):
     assert "Traceback" not in r.stderr
 
 
-def test_megatron_dataset_path_checks_the_files_too(dataset, tmp_path):
-    from bitnet_dist.data.errors import DataError
-    from bitnet_dist.engines.megatron_data import _index
-
-    assert len(_index(str(dataset))) == 200
-    with pytest.raises(DataError, match="cut short"):
-        _index(str(_damaged(dataset, tmp_path, "idx-truncated")))
