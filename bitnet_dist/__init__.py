@@ -4,4 +4,4 @@ Subpackages: ``bitnet_dist.kernels`` (Triton kernels; the repository's top-level
 ``bitnet_dist.conf`` (Hydra configs; the top-level ``conf/`` folder), both mapped by pyproject.toml.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -14,7 +14,7 @@ For each model preset it runs, one after another on the same GPU and each in a p
 Every row trains the same number of tokens per step (micro x global batch x seq) on uniform random tokens.
 Reported per row: tokens/s (median over the steps after ``--warmup``), MFU (the project's FLOP count,
 ``telemetry.flops_per_token``, the same for every row, over the device's dense bf16 peak), peak memory (the CUDA
-allocator's maximum, GiB), and the ratios the issue targets. Results: DIR/e2e_<device>_<date>.json and .md.
+allocator's maximum, GiB), and the ratios against the throughput targets (a table in the report). Results: DIR/e2e_<device>_<date>.json and .md.
 """
 from __future__ import annotations
 

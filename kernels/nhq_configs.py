@@ -14,7 +14,7 @@ from ._common import next_pow2
 def launch_config(D: int, hadamard_block: int, *, max_chunk: int = 16384, elems: int = 4096):
     """(BM tokens, CHUNK features, num_warps) for a row length D; CHUNK is a power of two >= the block.
 
-    From the H100 sweep (docs/benchmarks/kernels.json, "fused" rows with variants): one chunk per row is
+    From the H100 sweep (docs/benchmarks/kernels_h100_2026-11-25.json, "fused" rows with variants): one chunk per row is
     best up to 16384 features; about 4096 elements per program with 4 warps for short rows, one token
     per program with 8 warps for long ones."""
     C = max(16, min(next_pow2(D), max_chunk), hadamard_block)

@@ -1,6 +1,6 @@
 """The data pipeline's one error type for data that cannot be found, fetched or trusted.
 
-Configuration mistakes (a bad ``data.*`` value) raise ``bitnet_dist.validate.ConfigError`` instead;
+Configuration mistakes (a bad ``data.*`` value) raise ``bitnet_dist.errors.ConfigError`` instead;
 ``DataError`` is for the files themselves: a corpus that cannot be fetched, a hash that does not match,
 a dataset prefix with no .bin/.idx. Its message always says how to provide the files.
 """

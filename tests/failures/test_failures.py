@@ -82,7 +82,7 @@ def test_nonfinite_settings_are_rejected(tmp_path, override):
 
 
 def test_diverging_run_skips_counts_and_stops(tmp_path):
-    """The issue's run (lr 1e6): non-finite steps are skipped and counted, logged as non-finite (never -1),
+    """A diverging run (lr 1e6): non-finite steps are skipped and counted, logged as non-finite (never -1),
     max_skipped_steps in a row stop it with one error and exit 3; every published checkpoint is finite."""
     run = tmp_path / "run"
     r = train_cli(run, "optim.lr=1e6", "optim.lr_stage2=1e6", "trainer.log_interval=1", "trainer.save_interval=1",
@@ -218,7 +218,7 @@ def _rewrite_manifest(ckpt):
 
 
 def test_manifest_without_a_needed_file_is_incomplete_and_load_failures_fall_back(tmp_path, reference_losses):
-    """step_8's manifest lacks deepspeed_layout.json (as the concurrent launches of the issue published it);
+    """step_8's manifest lacks deepspeed_layout.json (as two concurrent launches without a lock could publish it);
     step_6's model states are cut short with a matching manifest (verification passes, loading fails). The
     relaunch reports step_8 incomplete, warns that step_6 does not load, resumes from step_4 and ends with the
     uninterrupted run's losses."""
@@ -378,7 +378,7 @@ def test_second_ctrl_c_aborts_at_once(tmp_path):
 
 
 def test_an_empty_manifest_is_incomplete(tmp_path):
-    """The issue's concurrent launches published a checkpoint whose manifest listed no files, and verification
+    """Concurrent launches without a lock could publish a checkpoint whose manifest listed no files, and verification
     accepted it. With the engine's required files it is incomplete; resume skips it."""
     from bitnet_dist.checkpoint import CheckpointManager, verify
 

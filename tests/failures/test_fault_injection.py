@@ -1,4 +1,4 @@
-"""Fault injection (issue 28 acceptance): kill -9 at random points of checkpoint saves, a full disk, and two
+"""Fault injection: kill -9 at random points of checkpoint saves, a full disk, and two
 concurrent launches of one run directory. After each, a relaunch completes and its losses equal an
 uninterrupted run's bitwise (CPU fp32, DeepSpeed engine); the newest complete checkpoint never goes back.
 
