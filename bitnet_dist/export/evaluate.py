@@ -19,6 +19,7 @@ of ``lm_eval --model hf --model_args pretrained=EXPORT,trust_remote_code=True`` 
 """
 from __future__ import annotations
 
+import abc
 import argparse
 import json
 import math
@@ -92,16 +93,19 @@ def read_documents(data, tokenizer_encode: Callable[[str], list[int]]) -> Iterab
 
 
 # ------------------------------------------------------------------------------------------ scorers
-class _Scorer:
+class _Scorer(abc.ABC):
+    """What perplexity needs of a model: its tokenizer and its per-position log-probabilities."""
+
     eod_id: int
     max_length: int
 
+    @abc.abstractmethod
     def encode(self, text: str) -> list[int]:
-        raise NotImplementedError
+        """Token ids of ``text`` (the model's own tokenizer)."""
 
+    @abc.abstractmethod
     def logprobs(self, ids: list[int]) -> torch.Tensor:
         """[len(ids), V] fp64 log-softmax of the logits at every input position."""
-        raise NotImplementedError
 
 
 class ProjectScorer(_Scorer):
