@@ -36,6 +36,7 @@ def records(run_dir: Path, key: str = "loss") -> list[dict]:
 
 
 # -- item 6: overrides outside the schema ----------------------------------------------------------------------
+@pytest.mark.slow  # runs the train app in subprocesses
 @pytest.mark.parametrize("override", ["+trainer.max_step=30", "trainer.max_step=30", "+foo=1",
                                       "+model.hiden_size=64"])
 def test_unknown_key_is_an_error_with_or_without_plus(tmp_path, override):
@@ -71,6 +72,7 @@ def _wrapper(patch: str) -> str:
 
 
 # -- item 1: divergence ----------------------------------------------------------------------------------------------
+@pytest.mark.slow  # runs the train app in subprocesses
 @pytest.mark.parametrize("override", ["optim.lr=inf", "optim.lr_stage2=inf", "optim.eps=nan", "optim.clip_grad=-inf",
                                       "trainer.wall_clock_minutes=inf"])
 def test_nonfinite_settings_are_rejected(tmp_path, override):
@@ -81,6 +83,7 @@ def test_nonfinite_settings_are_rejected(tmp_path, override):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow  # runs the train app in subprocesses
 def test_diverging_run_skips_counts_and_stops(tmp_path):
     """A diverging run (lr 1e6): non-finite steps are skipped and counted, logged as non-finite (never -1),
     max_skipped_steps in a row stop it with one error and exit 3; every published checkpoint is finite."""
@@ -110,6 +113,7 @@ def test_diverging_run_skips_counts_and_stops(tmp_path):
     assert not (run / ".lock").exists()
 
 
+@pytest.mark.slow  # runs the train app in subprocesses
 def test_nonfinite_state_is_never_checkpointed(tmp_path):
     """Weights that turn NaN (injected after step 3) are refused at the next save: exit 3, the last good
     checkpoint stays the newest complete one, no step_4 is published."""
@@ -162,6 +166,7 @@ def reference_losses(tmp_path_factory):
     return _losses(run)
 
 
+@pytest.mark.slow  # runs the train app in subprocesses
 def test_second_launch_in_a_run_directory_refuses(tmp_path, reference_losses):
     import time
 
@@ -217,6 +222,7 @@ def _rewrite_manifest(ckpt):
     write_manifest(ckpt, int(ckpt.name.split("_")[1]), {"finite": True})
 
 
+@pytest.mark.slow  # runs the train app in subprocesses
 def test_manifest_without_a_needed_file_is_incomplete_and_load_failures_fall_back(tmp_path, reference_losses):
     """step_8's manifest lacks deepspeed_layout.json (as two concurrent launches without a lock could publish it);
     step_6's model states are cut short with a matching manifest (verification passes, loading fails). The
@@ -241,6 +247,7 @@ def test_manifest_without_a_needed_file_is_incomplete_and_load_failures_fall_bac
 
 
 # -- item 4: full disk --------------------------------------------------------------------------------------------
+@pytest.mark.slow  # runs the train app in subprocesses
 def test_leftovers_of_interrupted_saves_are_removed(tmp_path):
     run = tmp_path / "run"
     ck = run / "checkpoints"
@@ -257,6 +264,7 @@ _SMALL_DISK = (
     "c.free_bytes = lambda path: 1000\n")
 
 
+@pytest.mark.slow  # runs the train app in subprocesses
 def test_full_disk_skips_periodic_saves_and_fails_the_final_one(tmp_path):
     """Free space below the previous checkpoint's size (simulated: free_bytes reports 1000 bytes): the periodic
     save is skipped with a warning naming the directory and the space needed, training goes on; the final save
@@ -283,6 +291,7 @@ def _tmpfs(path, size):
     return r.returncode == 0
 
 
+@pytest.mark.slow  # runs the train app in subprocesses
 @pytest.mark.parametrize("size,kept", [("2600k", ["step_00000010"]), ("1200k", [])], ids=["second-save", "first-save"])
 def test_a_save_that_runs_out_of_space_is_cleaned_up(tmp_path, size, kept):
     """A real small file system (tmpfs, when this process may mount) or a simulated ENOSPC from the writer:

@@ -101,6 +101,7 @@ def test_damaged_or_empty_index_is_one_clear_error(dataset, tmp_path, kind):
     assert check_indexed(dataset)["documents"] == 200
 
 
+@pytest.mark.slow  # runs the train app in subprocesses
 @pytest.mark.parametrize("kind", ["empty", "bin-truncated"])
 def test_training_start_refuses_damaged_or_empty_data(dataset, tmp_path, kind):
     prefix = _damaged(dataset, tmp_path, kind)

@@ -12,6 +12,9 @@ import shutil
 import pytest
 from test_failures import records, train_cli
 
+# every test resumes a run of the train app (subprocesses)
+pytestmark = pytest.mark.slow
+
 BASE = ["trainer.max_steps=8", "trainer.save_interval=4", "trainer.log_interval=1", "optim.warmup_steps=2"]
 
 

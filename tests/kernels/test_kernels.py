@@ -532,6 +532,7 @@ def test_fast_launch_keyed_reuses_by_the_callers_key_and_checks_it(monkeypatch):
     assert calls[-1][0] == "jit" and not fl.enabled
 
 
+@pytest.mark.slow  # seven kernel variants, each compiled under the interpreter
 @pytest.mark.parametrize("hmode,prefetch,hb", [(0, True, 64), (1, False, 64), (3, True, 64), (3, False, 64),
                                                (4, True, 64), (4, False, 256), (3, True, 256)])
 def test_flat_kernels_all_hadamard_modes(hmode, prefetch, hb):
