@@ -429,8 +429,9 @@ class Trainer:
         if telemetry is not None:
             try:
                 telemetry.close()
-            except Exception:
-                pass
+            except Exception as e:  # the guard and the run-directory lock are released regardless
+                print(f"[bitnet-train] WARNING: closing the run's metrics and logger failed: {type(e).__name__}: {e}",
+                      file=sys.stderr, flush=True)
         self.guard.close()
         self.lock.release()
 
