@@ -67,10 +67,11 @@ class TrainerConfig:
     recompute: str = "none"
     recompute_modules: list = field(default_factory=lambda: ["mlp"])
     recompute_num_layers: int = 1
-    # true: the loss from the bf16 logits in one fused kernel each way (torch.compile on CUDA; no fp32 logits in
-    # memory) at tensor parallel 1; megatron's vocab-parallel cross-entropy otherwise or when false (bitnet_dist.model).
-    # Off by default until its speed is measured on a GPU (docs/training.md)
-    fused_cross_entropy: bool = False
+    # the fused element-wise paths (bitnet_dist.fusions): auto (on with CUDA, off on CPU) | true | false.
+    # fused_rope: megatron's RoPE fusion, one kernel each way; fused_cross_entropy: the loss from the bf16 logits in
+    # one compiled kernel each way at tensor parallel 1 (no fp32 logits in memory); docs/training.md
+    fused_rope: str = "auto"
+    fused_cross_entropy: str = "auto"
     # profile optimizer step N (1-based; 0 = none) with torch.profiler: run_dir/profile_step_N.json, the step's kernel
     # time by category (bitnet_dist.profile); that step is left out of tokens_per_s
     profile_step: int = 0

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.common.embeddings import rope_utils
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -89,6 +90,46 @@ def fused_token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tor
     if _compiled_ce is None:
         _compiled_ce = torch.compile(_token_cross_entropy, dynamic=False)
     return _compiled_ce(logits, labels)
+
+
+def _rope(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding in megatron's rotate-half layout: t [s, b, heads, d] (any float dtype), freqs
+    [s, 1, 1, r] fp32 (r <= d; the dims past r pass through). Computed in fp32 (fp64 for fp64 input) and rounded
+    once to t's dtype, as Transformer Engine's fused RoPE does; megatron's unfused path rounds cos, sin and each
+    product to t's dtype (the same arithmetic in fp32)."""
+    r = freqs.shape[-1]
+    x = t[..., :r].to(torch.promote_types(t.dtype, torch.float32))
+    x1, x2 = x.chunk(2, dim=-1)
+    f = freqs.to(x.dtype)
+    y = x * torch.cos(f) + torch.cat((-x2, x1), dim=-1) * torch.sin(f)
+    return torch.cat((y.to(t.dtype), t[..., r:]), dim=-1)
+
+
+_compiled_rope = None
+
+
+def fused_rope(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """megatron's ``fused_apply_rotary_pos_emb`` hook (``apply_rope_fusion``): ``_rope`` through torch.compile on
+    CUDA, one kernel each way instead of megatron's ~7 element-wise passes over q and k per direction (slices,
+    rotate-half cat, two products, sum, a cat with the pass-through dims); the same formula eagerly elsewhere."""
+    if interleaved:
+        raise ConfigError("rotary_interleaved", True, "false (the fused RoPE implements the rotate-half layout)")
+    global _compiled_rope
+    if not t.is_cuda:
+        return _rope(t, freqs)
+    if _compiled_rope is None:
+        _compiled_rope = torch.compile(_rope, dynamic=False)
+    return _compiled_rope(t, freqs)
+
+
+def install_fused_rope() -> str:
+    """Make megatron's RoPE fusion (``TransformerConfig.apply_rope_fusion``) available: Transformer Engine's fused
+    RoPE where megatron found one, else ``fused_rope``. Returns which ("transformer_engine" or "bitnet_dist")."""
+    current = rope_utils.fused_apply_rotary_pos_emb
+    if current is not None and current is not fused_rope:
+        return "transformer_engine"
+    rope_utils.fused_apply_rotary_pos_emb = fused_rope
+    return "bitnet_dist"
 
 
 class BitNetGPTModel(GPTModel):
@@ -213,6 +254,8 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, params_d
         pipeline_dtype=params_dtype,
     )
     kw.update(overrides)
+    if kw["apply_rope_fusion"]:
+        install_fused_rope()  # before the config: its __post_init__ checks that a fused RoPE is there
     return BitNetTransformerConfig(**kw)
 
 

@@ -13,7 +13,8 @@ may change on resume, and what may not, is listed in docs/failures.md:
 * allowed and reported (one note each): optim.* and engine.ds_config_overrides (an operator lowering the
   learning rate after a spike), precision.kernels (the same computation by another implementation).
 * allowed silently: intervals, logging, checkpoint retention, exit_after_steps, wall-clock limits,
-  trainer.micro_batch_size (the same gradient, summed in another order), data.cache_dir / num_workers,
+  trainer.micro_batch_size (the same gradient, summed in another order), trainer.recompute and the fusions
+  (trainer.fused_rope / fused_cross_entropy: the same computation up to rounding), data.cache_dir / num_workers,
   and with engine=megatron the parallel layout (dist_checkpointing reshards).
 """
 from __future__ import annotations

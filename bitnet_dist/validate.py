@@ -10,7 +10,9 @@ from bitnet_dist.config import conf_options
 from bitnet_dist.data import check_data_config
 from bitnet_dist.engines import resolve_engine_name
 from bitnet_dist.errors import ConfigError
+from bitnet_dist.fusions import check_fusions
 from bitnet_dist.presets import check_model
+from bitnet_dist.recompute import check_recompute
 
 # -- the whole train config -------------------------------------------------------------------------------
 
@@ -69,9 +71,8 @@ def check_train(cfg, world_size: int, engine_name: str | None = None) -> None:
     _positive_int("trainer.profile_step", getattr(t, "profile_step", 0), allow_zero=True)
     _positive_int("trainer.stats_micro_batches", t.stats_micro_batches, allow_zero=True)
     _positive_int("optim.warmup_steps", o.warmup_steps, allow_zero=True)
-    from bitnet_dist.recompute import check_recompute
-
     check_recompute(t, cfg.model, cfg.parallel.pipeline)
+    check_fusions(t)
     if t.exit_after_steps is not None:
         _positive_int("trainer.exit_after_steps", t.exit_after_steps)
         if not getattr(t, "checkpoints", True):

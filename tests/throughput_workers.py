@@ -120,3 +120,23 @@ def cross_entropy_paths(rank, world, preset="v2_a8"):
         grads = {n: gather_full(p, p.grad, world).numpy().copy() for n, p in gpt.named_parameters()}
         out[fused] = (loss.item(), grads if rank == 0 else None)
     return out
+
+
+def rope_paths(rank, world, preset="bf16"):
+    """The tiny model with trainer.fused_rope on and off (TP=world): (loss, grads) each."""
+    setup(world)
+    out = {}
+    from megatron.core.models.common.embeddings import rope_utils
+
+    for fused in (False, True):
+        gpt = _build(preset, world, apply_rope_fusion=fused)
+        hook, calls = rope_utils.fused_apply_rotary_pos_emb, []
+        if fused:  # count the hook's calls: q and k in every layer
+            rope_utils.fused_apply_rotary_pos_emb = lambda *a, **k: calls.append(1) or hook(*a, **k)
+        tokens, labels, pos = fixed_batch()
+        loss = gpt(input_ids=tokens, position_ids=pos, attention_mask=None, labels=labels).float().mean()
+        rope_utils.fused_apply_rotary_pos_emb = hook
+        loss.backward()
+        grads = {n: gather_full(p, p.grad, world).numpy().copy() for n, p in gpt.named_parameters()}
+        out[fused] = (loss.item(), grads if rank == 0 else None, len(calls), len(gpt.decoder.layers))
+    return out

@@ -29,7 +29,9 @@ from bitnet_dist.engines import common, guard
 from bitnet_dist.engines.base import Batch, Engine, StepStats
 from bitnet_dist.engines.common import MegatronDataParallelTopology
 from bitnet_dist.errors import ConfigError
+from bitnet_dist.fusions import megatron_fusions
 from bitnet_dist.layers import batch_weight_quant, set_act_bits
+from bitnet_dist.recompute import megatron_recompute
 
 # DeepSpeed and megatron-core's parallel_state are imported where used (heavy; only the running engine needs them).
 
@@ -147,12 +149,10 @@ class DeepSpeedEngine(MegatronDataParallelTopology, Engine):
             raise RuntimeError("call init_parallel() before build()")
         compat.install_cpu_path()
         bf16 = self._dtype == torch.bfloat16
-        from bitnet_dist.recompute import megatron_recompute
-
-        # trainer.recompute: the model is megatron's GPTModel here too, so megatron's recomputation applies
+        # trainer.recompute and the fusions: the model is megatron's GPTModel here too, so megatron's settings apply
         tcfg = bm.transformer_config(self.cfg.model, self.cfg.parallel, params_dtype=self._dtype, bf16=bf16,
                                      use_cpu_initialization=True, **megatron_recompute(self.cfg.trainer),
-                                     fused_cross_entropy=bool(getattr(self.cfg.trainer, "fused_cross_entropy", False)))
+                                     **megatron_fusions(self.cfg.trainer, cuda=self._device.type == "cuda"))
         seed = self.cfg.trainer.seed
         torch.manual_seed(seed)
         # seed=: every weight drawn from (seed, its global name), so any layout starts from the same model.

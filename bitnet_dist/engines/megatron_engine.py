@@ -54,9 +54,11 @@ from bitnet_dist.engines.common import (
     save_trainer_state,
 )
 from bitnet_dist.errors import ConfigError
+from bitnet_dist.fusions import megatron_fusions
 from bitnet_dist.layers import batch_weight_quant, bit_layers, set_act_bits
 from bitnet_dist.model import build_model, transformer_config
 from bitnet_dist.presets import check_model
+from bitnet_dist.recompute import megatron_recompute
 
 # megatron-core's CUDA-side subsystems (optimizer, schedules, DDP, CUDA graphs, dist-checkpointing) are imported in
 # the methods that use them: the engine's CPU paths (tests, checks) never load them.
@@ -217,10 +219,10 @@ class MegatronEngine(MegatronDataParallelTopology, Engine):
             # main_grad cannot apply (notes section 6.3)
             gradient_accumulation_fusion=False,
         )
-        from bitnet_dist.recompute import megatron_recompute
-
         overrides.update(megatron_recompute(self.cfg.trainer))  # trainer.recompute: megatron's own
-        overrides["fused_cross_entropy"] = bool(getattr(self.cfg.trainer, "fused_cross_entropy", False))
+        # trainer.fused_rope / fused_cross_entropy (auto: on with CUDA)
+        cuda = self._device.type == "cuda" if self._device is not None else torch.cuda.is_available()
+        overrides.update(megatron_fusions(self.cfg.trainer, cuda=cuda))
         if par.virtual_pipeline:
             # Interleaved 1F1B exchanges activations and gradients with both neighbours in one call.
             # At PP=2 both neighbours are the same rank, and megatron-core's batched path
