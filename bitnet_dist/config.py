@@ -96,6 +96,9 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     clip_grad: float = 1.0
+    # engine=megatron: torch's fused AdamW in place of the multi-tensor one megatron-core uses without Transformer
+    # Engine / Apex; auto (on with CUDA) | true | false (bitnet_dist.fusions)
+    fused: str = "auto"
 
 
 @dataclass

@@ -5,6 +5,9 @@
     trainer.fused_cross_entropy  the loss from the bf16 logits in one compiled kernel each way at tensor parallel 1
                                  (bitnet_dist.model.fused_token_cross_entropy); megatron's vocab-parallel loss at
                                  tensor parallel > 1 in any case
+    optim.fused                  engine=megatron without Transformer Engine / Apex: torch's fused AdamW (one
+                                 kernel over all tensors) for the torch AdamW megatron-core falls back to, which
+                                 runs the multi-tensor (foreach) implementation
 
 Each takes ``auto`` (on with CUDA, off on CPU), ``true`` or ``false``. ``auto`` keeps the CPU runs on megatron's own
 unfused formulas (the references of the tests), and gives a GPU run the fused paths without a flag. Both fused
@@ -20,23 +23,30 @@ SETTINGS = ("fused_rope", "fused_cross_entropy")
 VALUES = ("auto", "true", "false")
 
 
-def _value(trainer, name: str) -> str:
-    v = getattr(trainer, name, "auto")
-    return str(v).lower()  # OmegaConf gives a str field "True" / "False" for a boolean override
+def _value(section, name: str, key: str) -> str:
+    v = str(getattr(section, name, "auto")).lower()  # OmegaConf gives a str field "True" / "False" for a boolean
+    if v not in VALUES:
+        raise ConfigError(key, getattr(section, name), f"one of {list(VALUES)}")
+    return v
 
 
-def check_fusions(trainer) -> None:
+def check_fusions(trainer, optim=None) -> None:
     """ConfigError for a fusion setting other than auto / true / false (before any process-group work)."""
     for name in SETTINGS:
-        if _value(trainer, name) not in VALUES:
-            raise ConfigError(f"trainer.{name}", getattr(trainer, name), f"one of {list(VALUES)}")
+        _value(trainer, name, f"trainer.{name}")
+    if optim is not None:
+        _value(optim, "fused", "optim.fused")
 
 
 def fusion_enabled(trainer, name: str, cuda: bool) -> bool:
     """Whether ``trainer.<name>`` is on for a run on CUDA (``cuda``) or not."""
-    v = _value(trainer, name)
-    if v not in VALUES:
-        raise ConfigError(f"trainer.{name}", getattr(trainer, name), f"one of {list(VALUES)}")
+    v = _value(trainer, name, f"trainer.{name}")
+    return cuda if v == "auto" else v == "true"
+
+
+def fused_adam_enabled(optim, cuda: bool) -> bool:
+    """Whether ``optim.fused`` is on for a run on CUDA (``cuda``) or not."""
+    v = _value(optim, "fused", "optim.fused")
     return cuda if v == "auto" else v == "true"
 
 

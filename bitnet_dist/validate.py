@@ -72,7 +72,7 @@ def check_train(cfg, world_size: int, engine_name: str | None = None) -> None:
     _positive_int("trainer.stats_micro_batches", t.stats_micro_batches, allow_zero=True)
     _positive_int("optim.warmup_steps", o.warmup_steps, allow_zero=True)
     check_recompute(t, cfg.model, cfg.parallel.pipeline)
-    check_fusions(t)
+    check_fusions(t, o)
     if t.exit_after_steps is not None:
         _positive_int("trainer.exit_after_steps", t.exit_after_steps)
         if not getattr(t, "checkpoints", True):

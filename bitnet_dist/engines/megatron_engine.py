@@ -54,7 +54,7 @@ from bitnet_dist.engines.common import (
     save_trainer_state,
 )
 from bitnet_dist.errors import ConfigError
-from bitnet_dist.fusions import megatron_fusions
+from bitnet_dist.fusions import fused_adam_enabled, megatron_fusions
 from bitnet_dist.layers import batch_weight_quant, bit_layers, set_act_bits
 from bitnet_dist.model import build_model, transformer_config
 from bitnet_dist.presets import check_model
@@ -293,6 +293,9 @@ class MegatronEngine(MegatronDataParallelTopology, Engine):
         # without TE / apex: megatron's per-tensor grad-norm fallback syncs the host once per tensor
         self.multi_tensor_swaps = install_foreach_multi_tensor()
         self.optimizer = self._make_optimizer()
+        # optim.fused (auto: on with CUDA): torch's fused AdamW for the torch AdamW megatron falls back to
+        self.fused_adam = (use_fused_adam(self.optimizer) if fused_adam_enabled(self.cfg.optim, self._device.type == "cuda")
+                           else 0)
 
         # what the schedules call around micro-batches (megatron-LM training.py, setup of `config`)
         if eng.overlap_grad_reduce:
@@ -689,6 +692,36 @@ def finalize_model_grads_capturable(model, num_tokens=None, **kwargs):
     scaling = 1.0 / num_tokens.clamp(min=1)
     for chunk in model:
         chunk.scale_gradients(scaling)
+
+
+def use_fused_adam(optimizer) -> int:
+    """Switch the torch AdamW inside megatron's optimizer to torch's fused implementation; returns how many
+    optimizers were switched.
+
+    Without Transformer Engine / Apex, megatron-core builds ``torch.optim.AdamW`` without ``fused`` or ``foreach``
+    (optimizer/__init__.py), so torch picks the multi-tensor (foreach) form: a dozen passes over the fp32 main
+    weights, gradients and moments per step. The fused form is one kernel per tensor chunk with the same update
+    rule (the compiled peer of the end-to-end benchmark uses it). torch reads ``fused`` / ``foreach`` from each
+    parameter group at every step, and its ``load_state_dict`` puts a fused optimizer's ``step`` counters on the
+    parameters' device, so megatron's checkpoint loading is unchanged. Transformer Engine's or Apex's FusedAdam
+    (already fused) and optimizers over other devices or non-float parameters are left as they are."""
+    switched = 0
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", opt)
+        if type(inner) not in (torch.optim.AdamW, torch.optim.Adam):
+            continue
+        params = [p for g in inner.param_groups for p in g["params"]]
+        if not params or len({p.device for p in params}) != 1 or params[0].device.type not in ("cuda", "cpu") \
+                or not all(p.is_floating_point() for p in params):
+            continue  # torch's fused AdamW: one device, CUDA (or CPU), floating point
+        inner.defaults.update(fused=True, foreach=False)
+        for g in inner.param_groups:
+            g.update(fused=True, foreach=False)
+        for st in inner.state.values():  # counters created before the switch (a fused step keeps them on device)
+            if torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].to(device=params[0].device, dtype=torch.float32)
+        switched += 1
+    return switched
 
 
 def unshare_adam_steps(optimizer) -> int:

@@ -436,3 +436,53 @@ def test_rebuilding_engines_does_not_accumulate_process_groups():
     for groups, losses in run_ranks(_rebuild_worker, 2, tiny_cfg(tp=2), 3):
         assert groups[0] > 1 and groups == [groups[0]] * 3, groups  # (before the fix: 21, 38, 55)
         assert math.isfinite(losses[0]) and losses == [losses[0]] * 3, losses  # the new groups work
+
+
+def test_fused_adam_switch_gives_the_same_update_as_a_fused_adamw():
+    """optim.fused: megatron's torch AdamW (multi-tensor) switched to torch's fused form in place (CPU has the fused
+    kernel too): every later step equals a fused AdamW built as such, counters loaded before the switch included;
+    the foreach form agrees to rounding. Non-torch-Adam optimizers (Transformer Engine's, Apex's) are left alone."""
+    from types import SimpleNamespace
+
+    from bitnet_dist.engines.megatron_engine import use_fused_adam
+
+    def make(**kw):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+        return params, torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), **kw)
+
+    def steps(params, opt, n=3):
+        for i in range(n):
+            opt.zero_grad()
+            sum(((i + 1) * p * p).sum() for p in params).backward()
+            opt.step()
+        return [p.detach().clone() for p in params]
+
+    pm, meg = make()  # as megatron builds it: no fused / foreach argument
+    steps(pm, meg, 1)
+    chained = SimpleNamespace(chained_optimizers=[SimpleNamespace(optimizer=meg), SimpleNamespace(optimizer=object())])
+    assert use_fused_adam(chained) == 1
+    assert all(g["fused"] and not g["foreach"] for g in meg.param_groups)
+    got = steps(pm, meg, 2)
+    pf, ref = make(fused=True)
+    steps(pf, ref, 1)
+    want = steps(pf, ref, 2)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    pe, eager = make(foreach=True)
+    steps(pe, eager, 1)
+    for a, b in zip(steps(pe, eager, 2), want):
+        assert not torch.equal(a, pe[0].new_zeros(a.shape))
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert use_fused_adam(SimpleNamespace(optimizer=torch.optim.SGD([torch.nn.Parameter(torch.ones(2))]))) == 0
+
+
+def test_optim_fused_setting():
+    from types import SimpleNamespace
+
+    from bitnet_dist.fusions import check_fusions, fused_adam_enabled
+
+    assert fused_adam_enabled(SimpleNamespace(fused="auto"), cuda=True)
+    assert not fused_adam_enabled(SimpleNamespace(fused="auto"), cuda=False)
+    assert fused_adam_enabled(SimpleNamespace(fused="True"), cuda=False)
+    with pytest.raises(ConfigError, match=r"optim\.fused"):
+        check_fusions(SimpleNamespace(fused_rope="auto", fused_cross_entropy="auto"), SimpleNamespace(fused="yes"))
