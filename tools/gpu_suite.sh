@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU suite: install the package, run every GPU test (pytest -m gpu: kernels, megatron engine, DeepSpeed
-# engine) and the kernel benchmark (python -m bitnet_dist.bench), writing logs and summaries to $OUT.
+# engine) and the kernel benchmark (python -m bitnet_dist.bench), writing logs and summaries to $OUT; the
+# end-to-end benchmark against the peers (python -m bitnet_dist.bench_e2e) on request.
 #
-#   tools/gpu_suite.sh [STEP ...]        STEP: install, tests, bench (default: all three, in this order)
+#   tools/gpu_suite.sh [STEP ...]        STEP: install, tests, bench, e2e (default: install tests bench, in order)
 #   tools/gpu_suite.sh --help
 #
 # Run it from the repository root on a machine with a CUDA GPU and the dependencies installed (torch, Triton,
@@ -13,6 +14,7 @@
 #   OUT            folder for logs and summaries (default: ./gpu_suite_out); summary.txt lists each step
 #   TESTS_TIMEOUT  seconds for the GPU tests (default 1200)
 #   BENCH_ARGS     extra arguments for bitnet_dist.bench (default: none; the benchmark's defaults)
+#   E2E_ARGS       arguments for bitnet_dist.bench_e2e (default: none; its defaults: 1.3B and 400M, every row)
 set -uo pipefail
 case "${1:-}" in -h|--help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0 ;; esac
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -25,7 +27,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 steps=("$@")
 [ ${#steps[@]} -gt 0 ] || steps=(install tests bench)
 for step in "${steps[@]}"; do
-  case "$step" in install|tests|bench) ;; *) echo "gpu_suite.sh: unknown step '$step' (install, tests or bench; --help)" >&2; exit 2 ;; esac
+  case "$step" in install|tests|bench|e2e) ;; *) echo "gpu_suite.sh: unknown step '$step' (install, tests, bench or e2e; --help)" >&2; exit 2 ;; esac
 done
 command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$OUT/device.txt"
 python -c "import sys, torch; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)" \
@@ -57,6 +59,10 @@ for step in "${steps[@]}"; do
     bench)
       # shellcheck disable=SC2086
       python -m bitnet_dist.bench --out "$OUT/bench" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
+      rc=$? ;;
+    e2e)
+      # shellcheck disable=SC2086
+      python -m bitnet_dist.bench_e2e --out "$OUT/e2e" ${E2E_ARGS:-} > "$OUT/e2e.log" 2>&1
       rc=$? ;;
   esac
   summary "$step: $([ $rc -eq 0 ] && echo ok || echo "FAILED (exit $rc, see $OUT)") in $(( $(date +%s) - t0 )) s"
