@@ -30,24 +30,29 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from bitnet_dist import schedule
-from bitnet_dist.checkpoint import CheckpointError, CheckpointManager, DiskSpaceError, RunDirLock, _broadcast
 from bitnet_dist.compat import filter_backend_warnings
-from bitnet_dist.config import CONF_SEARCH_PATH, TrainConfig, cfg_from_omegaconf, register_configs
-from bitnet_dist.data import build_data
-from bitnet_dist.data.errors import DataError
-from bitnet_dist.distributed import LaunchEnvError, destroy_distributed, init_distributed, parse_launch_env
-from bitnet_dist.engines import make_engine, resolve_engine_name
-from bitnet_dist.engines.common import resolve_dtype
-from bitnet_dist.engines.guard import DivergenceError, SkipCounter, fmt_value, nonfinite_fields, state_finite
-from bitnet_dist.errors import ConfigError
-from bitnet_dist.layers import kernel_path
-from bitnet_dist.preemption import PreemptionGuard
-from bitnet_dist.profile import profile_step
-from bitnet_dist.report import write_report
-from bitnet_dist.run_settings import SETTINGS_FILE, check_resume, computation_settings, max_steps_free
-from bitnet_dist.telemetry import Telemetry, device_peak_flops, flops_per_token, memory_stats, throughput_metrics
-from bitnet_dist.validate import check_group_choices, check_train
+
+# before the imports below bring in megatron-core, whose modules warn at import time that Transformer Engine and
+# apex are absent (bitnet_dist.compat): the CLI starts without those warnings
+filter_backend_warnings()
+
+from bitnet_dist import schedule  # noqa: E402
+from bitnet_dist.checkpoint import CheckpointError, CheckpointManager, DiskSpaceError, RunDirLock, _broadcast  # noqa: E402
+from bitnet_dist.config import CONF_SEARCH_PATH, TrainConfig, cfg_from_omegaconf, register_configs  # noqa: E402
+from bitnet_dist.data import build_data  # noqa: E402
+from bitnet_dist.data.errors import DataError  # noqa: E402
+from bitnet_dist.distributed import LaunchEnvError, destroy_distributed, init_distributed, parse_launch_env  # noqa: E402
+from bitnet_dist.engines import make_engine, resolve_engine_name  # noqa: E402
+from bitnet_dist.engines.common import resolve_dtype  # noqa: E402
+from bitnet_dist.engines.guard import DivergenceError, SkipCounter, fmt_value, nonfinite_fields, state_finite  # noqa: E402
+from bitnet_dist.errors import ConfigError  # noqa: E402
+from bitnet_dist.layers import kernel_path  # noqa: E402
+from bitnet_dist.preemption import PreemptionGuard  # noqa: E402
+from bitnet_dist.profile import profile_step  # noqa: E402
+from bitnet_dist.report import write_report  # noqa: E402
+from bitnet_dist.run_settings import SETTINGS_FILE, check_resume, computation_settings, max_steps_free  # noqa: E402
+from bitnet_dist.telemetry import Telemetry, device_peak_flops, flops_per_token, memory_stats, throughput_metrics  # noqa: E402
+from bitnet_dist.validate import check_group_choices, check_train  # noqa: E402
 
 RANK_STATE = "trainer_rank{rank:05d}.pt"  # per-rank data position and RNG states inside a checkpoint
 

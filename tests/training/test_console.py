@@ -39,6 +39,17 @@ def test_backend_warnings_filtered_by_message_and_module():
     assert "(from elsewhere)" in filtered  # the same words from another module still show: no blanket ignore
 
 
+@pytest.mark.slow
+def test_cli_start_prints_no_backend_warnings(tmp_path):
+    """At the CLI: the train module's own imports bring in megatron-core, so the filter must be in place before
+    them. A run that stops at its config check (after every import) prints the error and no backend warning."""
+    out = subprocess.run([sys.executable, "-m", "bitnet_dist.train", "experiment=smoke",
+                          "trainer.micro_batch_size=3", "trainer.global_batch_size=4", f"run_dir={tmp_path / 'r'}"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 2 and "trainer.global_batch_size" in out.stderr, out.stderr[-2000:]
+    assert "not installed" not in out.stderr and "UserWarning" not in out.stderr, out.stderr[-2000:]
+
+
 def _telemetry(tmp_path, log_interval=5):
     cfg = TrainConfig()
     cfg.logging.wandb = "disabled"
