@@ -132,7 +132,7 @@ def rope_paths(rank, world, preset="bf16"):
         gpt = _build(preset, world, apply_rope_fusion=fused)
         hook, calls = rope_utils.fused_apply_rotary_pos_emb, []
         if fused:  # count the hook's calls: q and k in every layer
-            rope_utils.fused_apply_rotary_pos_emb = lambda *a, **k: calls.append(1) or hook(*a, **k)
+            rope_utils.fused_apply_rotary_pos_emb = lambda *a, _c=calls, _h=hook, **k: _c.append(1) or _h(*a, **k)
         tokens, labels, pos = fixed_batch()
         loss = gpt(input_ids=tokens, position_ids=pos, attention_mask=None, labels=labels).float().mean()
         rope_utils.fused_apply_rotary_pos_emb = hook
