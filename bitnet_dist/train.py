@@ -270,6 +270,12 @@ class Trainer:
         if self.engine.is_logging_rank:
             print(f"[bitnet-train] kernels: {self.kernel_path} (precision.kernels={self.cfg.precision.kernels}, "
                   f"device {self.device})", flush=True)
+            p = self.cfg.precision
+            if p.fp8_backward and p.quantize and self.kernel_path.name != "triton":
+                print("[bitnet-train] note: precision.fp8_backward=true has no effect on the torch path "
+                      f"({self.kernel_path.reason}): the backward GEMMs run in "
+                      f"{str(resolve_dtype(self.cfg.trainer.dtype, self.device)).replace('torch.', '')}; the FP8 "
+                      "backward needs the Triton kernels on CUDA", file=sys.stderr, flush=True)
 
     # -- evaluation ---------------------------------------------------------------------------------------
     def evaluate(self, suffix: str = "") -> float:

@@ -40,36 +40,41 @@ def test_markdown_graph_table_only_when_measured():
     assert "median of 15 rounds" in md
 
 
-def test_fp8_loss_summary_pairs_runs_by_seed(tmp_path):
-    """tools/megatron/fp8_loss_summary.py: pairs bf16 / FP8-backward curves by precision and seed, detects a step-0
-    mismatch and reports the paired differences and their spread."""
+def test_fp8_loss_study_pairs_runs_by_seed(tmp_path):
+    """tools/fp8_loss_study.py summarize: pairs the bf16-backward / FP8-backward runs of each seed from their
+    metrics.jsonl, reports the final validation losses' relative difference, a step-1 mismatch and the curves'
+    largest gap; a run without its partner is left out."""
     import importlib.util
     import json
     from pathlib import Path
 
     spec = importlib.util.spec_from_file_location(
-        "fp8_loss_summary", Path(__file__).resolve().parents[2] / "tools" / "megatron" / "fp8_loss_summary.py")
+        "fp8_loss_study", Path(__file__).resolve().parents[2] / "tools" / "fp8_loss_study.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
 
-    def write(name, losses, ev):
-        rows = [{"step": i, "loss": v} for i, v in enumerate(losses)] + [{"eval_loss": ev, "eval_tokens": 8}]
-        (tmp_path / name).write_text(json.dumps({"model": "25M", "seq": 256, "gbs": 16, "lr": 1e-3, "device": "X",
-                                                 "rows": rows}))
+    def write(name, losses, vals):
+        d = tmp_path / name
+        d.mkdir()
+        recs = [{"step": 0, "event": "start"}] + [{"step": 10 * (i + 1), "loss": v} for i, v in enumerate(losses)]
+        recs += [{"step": 10 * (i + 1), "val_loss": v} for i, v in enumerate(vals)]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
 
-    write("v2_a8_s1_bf16bwd.json", [7.0, 5.0, 4.0, 3.0], 3.5)
-    write("v2_a8_s1_fp8bwd.json", [7.0, 5.5, 4.0, 3.2], 3.4)
-    write("v2_a8_s2_bf16bwd.json", [7.1, 5.0, 4.0, 3.0], 3.7)
-    write("v2_a8_s2_fp8bwd.json", [7.2, 5.0, 4.0, 2.8], 3.9)  # step 0 differs
-    write("v2_a4_s1_bf16bwd.json", [7.0, 6.0], 5.0)  # no FP8 partner: left out
-    res = mod.summarize(tmp_path, tail=2)
-    p = res["precisions"]["v2_a8"]
-    assert list(res["precisions"]) == ["v2_a8"]
-    assert [r["step0_equal"] for r in p["seeds"]] == [True, False] and not p["step0_all_equal"]
-    assert abs(p["seeds"][0]["tail_diff"] - 0.1) < 1e-12 and abs(p["seeds"][1]["tail_diff"] + 0.1) < 1e-12
-    assert abs(p["eval_diff_mean"] - 0.05) < 1e-12 and abs(p["eval_diff_sd"] - 0.2121320343559643) < 1e-12
-    assert abs(p["seeds"][0]["max_rel_gap"] - 0.1) < 1e-12  # (5.5 - 5.0) / 5.0
-    assert "| 2 | 4 | no |" in mod.markdown(res)
+    write("v2_a4_s1_bf16bwd", [7.0, 5.0, 4.0], [5.0, 4.0])
+    write("v2_a4_s1_fp8bwd", [7.0, 5.5, 4.0], [5.1, 4.02])
+    write("v2_a4_s2_bf16bwd", [7.1, 5.0, 4.0], [5.0, 4.1])
+    write("v2_a4_s2_fp8bwd", [7.2, 5.0, 4.0], [5.0, 4.1])  # step 1 differs
+    write("v2_a8_s1_bf16bwd", [7.0], [6.0])  # no FP8 partner
+    res = mod.summarize_dir(tmp_path)
+    assert [(s["precision"], s["seed"]) for s in res["seeds"]] == [("v2_a4", 1), ("v2_a4", 2)]
+    s1, s2 = res["seeds"]
+    assert s1["first_loss_equal"] and not s2["first_loss_equal"]
+    assert abs(s1["final_val_rel_diff"] - 0.005) < 1e-12 and s2["final_val_rel_diff"] == 0.0
+    assert abs(s1["max_rel_gap_smoothed_train"] - 0.25 / 6.0) < 1e-12  # smoothed: (7 + 5.5) / 2 vs (7 + 5) / 2
+    assert abs(res["final_val_rel_diff_max_abs"] - 0.005) < 1e-12
+    assert abs(res["seed_spread_bf16bwd_rel"] - 0.1 / 4.05) < 1e-12
+    md = mod.to_markdown(res)
+    assert "| v2_a4 | 1 | 30 | yes | 4.0000 | 4.0200 | +0.50% |" in md and "20: 4.000 / 4.020" in md
 
 
 def test_breakdown_bytes_are_the_kernels_minimum_traffic():
