@@ -70,7 +70,7 @@ def summarize_metrics(records: list[dict], warmup: int) -> dict:
             "tokens_per_s_steps": [r["tokens_per_s"] for r in steps],
             "peak_mem_gib": max(mem) if mem else None, "timed_steps": len(timed),
             "loss": steps[-1].get("loss"), "kernels": start.get("kernels"),
-            "kernels_reason": start.get("kernels_reason")}
+            "kernels_reason": start.get("kernels_reason"), "fused": start.get("fused")}
 
 
 def run_cli(model: str, config: str, args, workdir: Path) -> dict:
@@ -201,6 +201,14 @@ def target_table(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _path(r: dict) -> str:
+    """The kernel path column: the layers' path, and the fused paths outside them (bitnet_dist.fusions)."""
+    if r["kind"] == "peer":
+        return "-"
+    fused = r.get("fused")
+    return (r.get("kernels") or "?") + ("" if fused is None else f" + {', '.join(fused) or 'no fusions'}")
+
+
 def _f(v, spec, suffix=""):
     return "-" if v is None else format(v, spec) + suffix
 
@@ -216,7 +224,7 @@ def to_markdown(res: dict) -> str:
              f"{m['engine']}), numbers from its metrics.jsonl; `peer` rows: bitnet_dist.bench_peers. MFU: the "
              "project's FLOP count (6 x matmul weights + 12 L h s attention, the same for every row) over the "
              f"device's dense bf16 peak ({_f(m.get('peak_tflops'), '.0f')} TFLOP/s).", "",
-             "| model | row | kind | kernel path | tokens/s | MFU | peak mem (GiB) | vs plain | vs torchao |",
+             "| model | row | kind | kernel path + fused paths | tokens/s | MFU | peak mem (GiB) | vs plain | vs torchao |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         if r.get("error") or r.get("skipped"):
@@ -224,7 +232,7 @@ def to_markdown(res: dict) -> str:
                          f"{'failed: ' + r['error'] if r.get('error') else 'skipped: ' + r['skipped']} | | | | |")
             continue
         vs = r.get("vs", {})
-        lines.append(f"| {r['model']} | {r['config']} | {r['kind']} | {r.get('kernels') or ('-' if r['kind'] == 'peer' else '?')} "
+        lines.append(f"| {r['model']} | {r['config']} | {r['kind']} | {_path(r)} "
                      f"| {r['tokens_per_s']:,.0f} | {_f(r.get('mfu') and 100 * r['mfu'], '.1f', '%')} "
                      f"| {_f(r.get('peak_mem_gib'), '.1f')} | {_f(vs.get('plain'), '.2f', 'x')} | {_f(vs.get('torchao'), '.2f', 'x')} |")
     lines += ["", "Targets (tokens/s ratio in this run; peak memory at most the plain peer's):", "",

@@ -242,7 +242,8 @@ class Trainer:
             self.telemetry.event(0, "start", unigram_ppl=self.data.unigram_perplexity,
                                  vocab_size=self.data.vocab_size, world_size=self.world_size,
                                  engine=self.engine.name, switch_step=self.switch_step,
-                                 kernels=self.kernel_path.name, kernels_reason=self.kernel_path.reason)
+                                 kernels=self.kernel_path.name, kernels_reason=self.kernel_path.reason,
+                                 fused=self.engine.fused_paths())
             self._log_kernels()
             return
         latest, state, rank_state = loaded
@@ -261,7 +262,7 @@ class Trainer:
         self.last_saved = self.step
         self.telemetry.truncate_after(self.step)
         self.telemetry.event(self.step, "resume", checkpoint=str(latest), kernels=self.kernel_path.name,
-                             kernels_reason=self.kernel_path.reason)
+                             kernels_reason=self.kernel_path.reason, fused=self.engine.fused_paths())
         self._log_kernels()
         if self.engine.is_logging_rank:
             print(f"[bitnet-train] resumed from {latest} at step {self.step}", flush=True)
@@ -269,7 +270,7 @@ class Trainer:
     def _log_kernels(self) -> None:
         if self.engine.is_logging_rank:
             print(f"[bitnet-train] kernels: {self.kernel_path} (precision.kernels={self.cfg.precision.kernels}, "
-                  f"device {self.device})", flush=True)
+                  f"device {self.device}); fused: {', '.join(self.engine.fused_paths()) or 'none'}", flush=True)
             p = self.cfg.precision
             if p.fp8_backward and p.quantize and self.kernel_path.name != "triton":
                 print("[bitnet-train] note: precision.fp8_backward=true has no effect on the torch path "

@@ -93,6 +93,11 @@ class Engine(abc.ABC):
         checkpoint is published (bitnet_dist.engines.guard). Default: the model chunks' parameters."""
         return [p for m in self.model_chunks() for p in m.parameters()]
 
+    def fused_paths(self) -> list[str]:
+        """The fused paths outside the BitLinear layers that this run takes (bitnet_dist.fusions), after build():
+        any of "rope", "cross_entropy", "adamw"; named in the run's start record and log."""
+        return []
+
     # -- topology, valid after init_parallel() -------------------------------------------------------------
     @property
     @abc.abstractmethod

@@ -225,3 +225,16 @@ class MegatronDataParallelTopology:
         from megatron.core import parallel_state as ps
 
         return ps.get_data_parallel_world_size()
+
+
+def fused_paths_of(config, fused_adam: bool = False) -> list[str]:
+    """The fused paths a built model's megatron TransformerConfig (BitNetTransformerConfig) takes: the RoPE fusion,
+    the fused cross-entropy (tensor parallel 1 only), and the fused AdamW where the engine switched to it."""
+    out = []
+    if getattr(config, "apply_rope_fusion", False):
+        out.append("rope")
+    if getattr(config, "fused_cross_entropy", False) and config.tensor_model_parallel_size == 1:
+        out.append("cross_entropy")
+    if fused_adam:
+        out.append("adamw")
+    return out

@@ -158,6 +158,7 @@ class DeepSpeedEngine(MegatronDataParallelTopology, Engine):
         # seed=: every weight drawn from (seed, its global name), so any layout starts from the same model.
         model = bm.build_model(self.cfg.model, self.cfg.precision, tcfg, vocab_size=vocab_size, seed=seed)
         model.to(self._device)
+        self._fused = common.fused_paths_of(tcfg)
         groups = common.param_groups(model, self.cfg.optim.weight_decay)
         if self._device.type == "cpu":
             # DeepSpeed's shared-memory all-reduce serves only its inference path, yet its TorchBackend
@@ -286,6 +287,9 @@ class DeepSpeedEngine(MegatronDataParallelTopology, Engine):
     def set_act_bits(self, bits: int) -> None:
         for chunk in self.model_chunks():
             set_act_bits(chunk, bits)
+
+    def fused_paths(self) -> list[str]:
+        return list(getattr(self, "_fused", []))
 
     def model_chunks(self) -> list[torch.nn.Module]:
         return [self._ds.module]

@@ -46,6 +46,7 @@ from bitnet_dist.engines.common import (
     TRAINER_STATE_FILE,
     MegatronDataParallelTopology,
     batch_to_device,
+    fused_paths_of,
     init_model_parallel,
     load_trainer_state,
     no_weight_decay,
@@ -653,6 +654,9 @@ class MegatronEngine(MegatronDataParallelTopology, Engine):
 
             keep_step._bitnet_keeps_step = True
             opt._set_main_param_and_optimizer_states = keep_step
+
+    def fused_paths(self) -> list[str]:
+        return fused_paths_of(self.config, bool(getattr(self, "fused_adam", 0)))
 
     # -- topology -------------------------------------------------------------------------------------------
     @property

@@ -144,18 +144,19 @@ def test_overrides_compose_into_the_train_schema(tmp_path):
 
 
 def test_summaries_ratios_and_targets():
-    recs = [{"step": 0, "event": "start", "kernels": "triton", "kernels_reason": ""}]
+    recs = [{"step": 0, "event": "start", "kernels": "triton", "kernels_reason": "", "fused": ["rope", "adamw"]}]
     recs += [{"step": s, "loss": 1.0, "tokens_per_s": v, "mem/max_allocated_gib": m}
              for s, v, m in [(1, 10.0, 5.0), (2, 100.0, 7.0), (3, 90.0, 7.0), (4, 110.0, 6.0), (5, 80.0, 7.0)]]
     recs.append({"step": 5, "val_loss": 1.0})
     s = bench_e2e.summarize_metrics(recs, warmup=1)
     assert s["tokens_per_s"] == 95.0 and s["peak_mem_gib"] == 7.0 and s["timed_steps"] == 4
-    assert s["kernels"] == "triton"
+    assert s["kernels"] == "triton" and s["fused"] == ["rope", "adamw"]
     with pytest.raises(ValueError, match="no step records"):
         bench_e2e.summarize_metrics(recs, warmup=5)
     rows = [{"kind": "peer", "model": "tiny", "config": "plain", "tokens_per_s": 100.0, "peak_mem_gib": 10.0},
             {"kind": "peer", "model": "tiny", "config": "torchao", "tokens_per_s": 80.0, "peak_mem_gib": 9.0},
-            {"kind": "cli", "model": "tiny", "config": "bf16", "tokens_per_s": 100.0, "peak_mem_gib": 11.0},
+            {"kind": "cli", "model": "tiny", "config": "bf16", "tokens_per_s": 100.0, "peak_mem_gib": 11.0,
+             "kernels": "triton", "fused": ["rope", "cross_entropy"]},
             {"kind": "cli", "model": "tiny", "config": "v2_a8", "tokens_per_s": 88.0, "peak_mem_gib": 10.0},
             {"kind": "cli", "model": "tiny", "config": "v2_a4", "error": "boom"}]
     bench_e2e.add_derived(rows, seq=64, vocab=256, peak_flops=1e12)
@@ -169,6 +170,7 @@ def test_summaries_ratios_and_targets():
                                          "mbs": 1, "gbs": 2, "vocab": 256, "steps": 3, "warmup": 1,
                                          "engine": "megatron", "peak_tflops": 1.0},
                                 "rows": rows, "targets": bench_e2e.target_table(rows)})
+    assert "| tiny | bf16 | cli | triton + rope, cross_entropy | 100 |" in md
     assert "| tiny | v2_a4 | cli | | failed: boom |" in md and "| tiny | bf16 | plain | 1.00x | 1.000x | yes | 1.10 | no |" in md
 
 

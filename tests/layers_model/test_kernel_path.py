@@ -112,16 +112,21 @@ def test_train_run_records_logs_and_reports_the_kernel_path(tmp_path):
     p = subprocess.run([sys.executable, "-m", "bitnet_dist.train", *args], env=env, capture_output=True, text=True,
                        timeout=600, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-4000:]
-    assert "[bitnet-train] kernels: torch (cpu device) (precision.kernels=auto, device cpu)" in p.stdout
+    assert "[bitnet-train] kernels: torch (cpu device) (precision.kernels=auto, device cpu); fused: none" in p.stdout
     start = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
              if '"event": "start"' in line]
     assert len(start) == 1 and start[0]["kernels"] == "torch" and start[0]["kernels_reason"] == "cpu device"
+    assert start[0]["fused"] == []  # trainer.fused_* = auto: off on CPU
     assert "| kernel path | torch (cpu device) |" in (run_dir / "report.md").read_text()
     assert "fp8_backward" not in p.stderr
     # a setting the torch path cannot honour is named, not dropped silently
     p = subprocess.run([sys.executable, "-m", "bitnet_dist.train", *args, "precision.fp8_backward=true",
-                        f"run_dir={tmp_path / 'fp8'}"], env=env, capture_output=True, text=True, timeout=600,
-                       cwd=tmp_path)
+                        "trainer.fused_rope=true", "trainer.fused_cross_entropy=true", f"run_dir={tmp_path / 'fp8'}"],
+                       env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-4000:]
+    assert "; fused: rope, cross_entropy" in p.stdout  # forced on: the hooks' CPU formulas (optim.fused: megatron)
+    start = [json.loads(line) for line in (tmp_path / "fp8" / "metrics.jsonl").read_text().splitlines()
+             if '"event": "start"' in line]
+    assert start[0]["fused"] == ["rope", "cross_entropy"]
     assert ("note: precision.fp8_backward=true has no effect on the torch path (cpu device): the backward GEMMs run "
             "in float32") in p.stderr
