@@ -200,11 +200,16 @@ def test_fp8_backward_operands_gpu():
     assert torch.equal(qc.view(torch.int8), qt.view(torch.int8))
 
 
-def test_warp_shuffle_layout_holds_for_default_shapes():
-    """The default forward on this GPU is the warp-shuffle kernel for the model widths (its one-time layout
-    check passed), and its codes and scales equal the torch path's except at float ties."""
+def test_warp_shuffle_layout_holds_for_default_shapes(monkeypatch):
+    """The default forward on this GPU is the warp-shuffle kernel for the model widths, its one-time layout check
+    (BITNET_KERNEL_SELF_CHECK, on here; off by default) passes, and its codes and scales equal the torch path's
+    except at float ties."""
     import bitnet_dist.kernels.norm_hadamard_quant as nhq
     assert nhq.SHUFFLE_FWD, "BITNET_SHUFFLE_HADAMARD=0 in the environment"
+    # the check on, with empty caches: the default path decides again (new cache objects: new launch plans)
+    monkeypatch.setattr(nhq, "SELF_CHECK", True)
+    monkeypatch.setattr(nhq, "_SHFL_CHECKED", {})
+    monkeypatch.setattr(nhq, "_SHFL_DEFAULT", {})
     torch.manual_seed(3)
     # hb 0: no Hadamard (QKV / fc1 inputs), on the warp-shuffle kernel
     for D, hb in ((2048, 256), (4096, 128), (5504, 64), (8192, 256), (16384, 256), (1024, 16), (2048, 0),
@@ -310,12 +315,16 @@ def test_glu_fold_on_gpu_equals_composed_kernels(K, bits, monkeypatch):
     """The SwiGLU folded into the fused forward / backward at the models' Wdown widths (1.3B 8192, 7B 16384; 2816:
     masked columns): at one launch config, equal bit for bit to the SwiGLU kernels composed with the plain kernels
     (codes, scales, rstd; gradient w.r.t. h and the norm weight's). The default path folds where it has a config
-    (its one-time checks passed; the backward at 16384 features has none and composes); its configs use more
+    (its one-time checks, turned on here, passed; the backward at 16384 features has none and composes); its configs use more
     warps than the plain kernels' (``glu_shuffle_config``), so against the default composed path the row sums
     round in another order: rstd / scales within float rounding, codes equal but for rare ties."""
     import bitnet_dist.kernels.norm_hadamard_quant as nhq
     from bitnet_dist.kernels.swiglu import swiglu, swiglu_backward
 
+    # the one-time checks (BITNET_KERNEL_SELF_CHECK, off by default) on, with an empty record of them (a new
+    # object: new launch plans), so the default path's checks run and are recorded below
+    monkeypatch.setattr(nhq, "SELF_CHECK", True)
+    monkeypatch.setattr(nhq, "_GLU_CHECKED", {})
     torch.manual_seed(7)
     T, hb = 1037, 256
     h = (3 * torch.randn(T, 2 * K, device=DEV)).bfloat16()
