@@ -76,7 +76,22 @@ def _token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     return loss.view(s, b).t()
 
 
-_compiled_ce = None
+class _CompiledOnCuda:
+    """``fn`` through ``torch.compile`` (compiled on first use) where its first argument is a CUDA tensor, eagerly
+    elsewhere: the fused element-wise paths below."""
+
+    def __init__(self, fn):
+        self.fn, self.compiled = fn, None
+
+    def __call__(self, x: torch.Tensor, *args):
+        if not x.is_cuda:
+            return self.fn(x, *args)
+        if self.compiled is None:
+            self.compiled = torch.compile(self.fn, dynamic=False)
+        return self.compiled(x, *args)
+
+
+_compiled_ce = _CompiledOnCuda(_token_cross_entropy)
 
 
 def fused_token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -84,11 +99,6 @@ def fused_token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tor
     logits (the fp32 upcast, max, log-sum-exp and the gradient softmax - onehot computed in registers), where
     megatron's vocab-parallel cross-entropy writes fp32 copies of the logits ([s, b, V], 1 GiB per 8192 tokens at a
     32k vocabulary) in several passes and keeps one for backward. Elsewhere the same formula eagerly."""
-    global _compiled_ce
-    if not logits.is_cuda:
-        return _token_cross_entropy(logits, labels)
-    if _compiled_ce is None:
-        _compiled_ce = torch.compile(_token_cross_entropy, dynamic=False)
     return _compiled_ce(logits, labels)
 
 
@@ -105,7 +115,7 @@ def _rope(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return torch.cat((y.to(t.dtype), t[..., r:]), dim=-1)
 
 
-_compiled_rope = None
+_compiled_rope = _CompiledOnCuda(_rope)
 
 
 def fused_rope(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
@@ -114,11 +124,6 @@ def fused_rope(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool = False) 
     rotate-half cat, two products, sum, a cat with the pass-through dims); the same formula eagerly elsewhere."""
     if interleaved:
         raise ConfigError("rotary_interleaved", True, "false (the fused RoPE implements the rotate-half layout)")
-    global _compiled_rope
-    if not t.is_cuda:
-        return _rope(t, freqs)
-    if _compiled_rope is None:
-        _compiled_rope = torch.compile(_rope, dynamic=False)
     return _compiled_rope(t, freqs)
 
 

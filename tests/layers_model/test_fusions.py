@@ -141,3 +141,23 @@ def test_compiled_rope_on_gpu_equals_the_formula(dtype):
     tol = 2 ** -7 if dtype == torch.bfloat16 else 1e-5
     assert ((y.double() - ref).abs() <= tol * (1 + ref.abs())).all()
     assert ((gt.double() - back).abs() <= tol * (1 + back.abs())).all()
+
+
+def test_compiled_on_cuda_compiles_once_for_cuda_inputs_only(monkeypatch):
+    """The dispatch of the fused paths: CPU inputs run the formula eagerly; CUDA inputs compile it once (here a
+    stand-in for torch.compile and for a CUDA tensor) and reuse the compiled form."""
+    compiled = []
+
+    def fake_compile(fn, dynamic):
+        assert dynamic is False
+        compiled.append(fn)
+        return lambda *a: ("compiled", fn(*a))
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+
+    class Cuda:
+        is_cuda = True
+
+    f = bm._CompiledOnCuda(lambda x, y: y)
+    assert f(torch.zeros(1), 3) == 3 and not compiled
+    assert f(Cuda(), 4) == ("compiled", 4) and f(Cuda(), 5) == ("compiled", 5) and len(compiled) == 1
