@@ -167,6 +167,7 @@ class MegatronEngine(MegatronDataParallelTopology, Engine):
         self._chunks: list[torch.nn.Module] = []  # wrapped (DDP(Float16Module(GPTModel))) when training
         self._raw: list[torch.nn.Module] = []  # the GPTModel of each chunk
         self.optimizer = None
+        self.fused_adam = 0  # how many torch AdamW optimizers use_fused_adam switched (optim.fused)
         self.config = None  # megatron TransformerConfig
         self._vocab_size: Optional[int] = None
         self._graph = None  # megatron-core FullCudaGraphWrapper (engine.cuda_graph)
@@ -624,6 +625,11 @@ class MegatronEngine(MegatronDataParallelTopology, Engine):
             self._keep_adam_step_on_load()
             self.optimizer.load_state_dict(loaded["optimizer"])
             unshare_adam_steps(self.optimizer)
+            if self.fused_adam:
+                # torch's load_state_dict takes the param groups' options from the checkpoint (one written with
+                # the foreach form, or without the key, would switch back) and keeps its step counters where
+                # they were loaded: switch again, which also moves the counters to the parameters' device
+                use_fused_adam(self.optimizer)
         return load_trainer_state(ckpt_dir)
 
     def _keep_adam_step_on_load(self) -> None:
@@ -656,7 +662,7 @@ class MegatronEngine(MegatronDataParallelTopology, Engine):
             opt._set_main_param_and_optimizer_states = keep_step
 
     def fused_paths(self) -> list[str]:
-        return fused_paths_of(self.config, bool(getattr(self, "fused_adam", 0)))
+        return fused_paths_of(self.config, bool(self.fused_adam))
 
     # -- topology -------------------------------------------------------------------------------------------
     @property

@@ -474,6 +474,18 @@ def test_fused_adam_switch_gives_the_same_update_as_a_fused_adamw():
         assert not torch.equal(a, pe[0].new_zeros(a.shape))
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     assert use_fused_adam(SimpleNamespace(optimizer=torch.optim.SGD([torch.nn.Parameter(torch.ones(2))]))) == 0
+    # a checkpoint written with the foreach form: torch's load takes its param groups (fused off again) and keeps
+    # its step counters as loaded; switching again after the load restores the fused form (what load() does)
+    pl, old = make()
+    steps(pl, old, 1)
+    sd = old.state_dict()
+    for g in sd["param_groups"]:
+        g.pop("fused", None)
+    meg.load_state_dict(sd)
+    assert not any(g["fused"] for g in meg.param_groups)
+    assert use_fused_adam(SimpleNamespace(optimizer=meg)) == 1
+    assert all(g["fused"] for g in meg.param_groups)
+    assert all(st["step"].dtype == torch.float32 for st in meg.state.values())
 
 
 def test_optim_fused_setting():
