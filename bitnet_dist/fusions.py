@@ -38,16 +38,19 @@ def check_fusions(trainer, optim=None) -> None:
         _value(optim, "fused", "optim.fused")
 
 
+def _enabled(section, name: str, key: str, cuda: bool) -> bool:
+    v = _value(section, name, key)
+    return cuda if v == "auto" else v == "true"
+
+
 def fusion_enabled(trainer, name: str, cuda: bool) -> bool:
     """Whether ``trainer.<name>`` is on for a run on CUDA (``cuda``) or not."""
-    v = _value(trainer, name, f"trainer.{name}")
-    return cuda if v == "auto" else v == "true"
+    return _enabled(trainer, name, f"trainer.{name}", cuda)
 
 
 def fused_adam_enabled(optim, cuda: bool) -> bool:
     """Whether ``optim.fused`` is on for a run on CUDA (``cuda``) or not."""
-    v = _value(optim, "fused", "optim.fused")
-    return cuda if v == "auto" else v == "true"
+    return _enabled(optim, "fused", "optim.fused", cuda)
 
 
 def megatron_fusions(trainer, cuda: bool) -> dict:

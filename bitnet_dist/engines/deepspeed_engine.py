@@ -88,6 +88,7 @@ class DeepSpeedEngine(MegatronDataParallelTopology, Engine):
         self._ds = None  # deepspeed.runtime.engine.DeepSpeedEngine after build()
         self._device: torch.device | None = None
         self._dtype: torch.dtype | None = None
+        self._fused: list[str] = []  # the fused paths of the built model (fused_paths)
         self._grad_acc_steps: int | None = None
         self.batched_weights = 0  # weights quantized together per step (layers.batch_weight_quant)
 
@@ -289,7 +290,7 @@ class DeepSpeedEngine(MegatronDataParallelTopology, Engine):
             set_act_bits(chunk, bits)
 
     def fused_paths(self) -> list[str]:
-        return list(getattr(self, "_fused", []))
+        return list(self._fused)
 
     def model_chunks(self) -> list[torch.nn.Module]:
         return [self._ds.module]
