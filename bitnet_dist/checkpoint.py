@@ -388,6 +388,24 @@ def _disk_full(path: Path) -> bool:
 LOCK_FILE = ".lock"
 
 
+def _boot_id() -> Optional[str]:
+    """This host's boot id (Linux), or None where the system has none."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _pid_start(pid: int) -> Optional[int]:
+    """When process ``pid`` started, in clock ticks since boot (Linux /proc), or None where unknown: a pid that
+    runs with another start time than its lock records was reused by an unrelated process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[19])  # field 22, counted after the command name
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -403,8 +421,14 @@ class RunDirLock:
 
     Taken with ``open(O_CREAT | O_EXCL)``, which is atomic on local file systems, on NFSv3+ and on Lustre
     (the shared file systems Slurm clusters use); the file holds the holder's host, pid and SLURM_JOB_ID.
-    A lock is stale, and is taken over, when its holder is gone: the same host and a pid that no longer runs,
-    or the same SLURM_JOB_ID (a requeued job: Slurm ended the earlier incarnation before starting this one).
+    A lock is stale, and is taken over, when its holder is gone:
+
+    * the same host and a pid that no longer runs, or runs but started at another time than the holder (the
+      pid was reused, e.g. after a container restart), or the host has rebooted since (another boot id);
+    * the same SLURM_JOB_ID from an earlier incarnation (a requeued job: Slurm ended the earlier one before
+      starting this one; SLURM_RESTART_COUNT tells them apart). Two launches in the same incarnation of one
+      job (two ``srun`` steps at once) follow the host and pid rule instead, so the second one is refused.
+
     A lock held from another host without a matching job id is never broken automatically: the message
     names the holder; remove the file by hand once that process is certainly gone.
     """
@@ -417,6 +441,8 @@ class RunDirLock:
     def _me(self) -> dict:
         return {"host": socket.gethostname(), "pid": os.getpid(),
                 "slurm_job_id": self.env.get("SLURM_JOB_ID") or None,
+                "slurm_restart_count": self.env.get("SLURM_RESTART_COUNT") or "0",
+                "boot_id": _boot_id(), "pid_start": _pid_start(os.getpid()),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
     def holder(self) -> Optional[dict]:
@@ -430,13 +456,26 @@ class RunDirLock:
     def stale(self, holder: dict) -> Optional[str]:
         """Why the lock of ``holder`` may be taken over, or None when its holder may be alive."""
         me = self._me()
-        if holder.get("slurm_job_id") and holder.get("slurm_job_id") == me["slurm_job_id"]:
-            return f"same Slurm job {me['slurm_job_id']} (requeued)"
+        same_job = bool(holder.get("slurm_job_id")) and holder.get("slurm_job_id") == me["slurm_job_id"]
+        # a lock from before restart counts were recorded counts as an earlier incarnation
+        if same_job and str(holder.get("slurm_restart_count")) != me["slurm_restart_count"]:
+            return (f"same Slurm job {me['slurm_job_id']}, earlier incarnation (restart "
+                    f"{holder.get('slurm_restart_count')}, now {me['slurm_restart_count']}: requeued)")
         if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int):
-            if holder["pid"] == me["pid"]:
+            pid = holder["pid"]
+            if pid == me["pid"]:
                 return "held by this process"
-            if not _pid_alive(holder["pid"]):
-                return f"process {holder['pid']} on {me['host']} is gone"
+            if holder.get("boot_id") and me["boot_id"] and holder["boot_id"] != me["boot_id"]:
+                return f"{me['host']} has restarted since process {pid} took it"
+            if not _pid_alive(pid):
+                return f"process {pid} on {me['host']} is gone"
+            now = _pid_start(pid)
+            if holder.get("pid_start") is not None and now is not None and now != holder["pid_start"]:
+                return f"process {pid} on {me['host']} is gone (its pid now belongs to another process)"
+        elif same_job and holder.get("host") != me["host"]:
+            # the same incarnation from another node: its pid cannot be checked from here; earlier versions
+            # took such a lock over as a requeue, so keep doing that (documented in docs/failures.md)
+            return f"same Slurm job {me['slurm_job_id']} from {holder.get('host')} (requeued)"
         return None
 
     def _create(self) -> bool:

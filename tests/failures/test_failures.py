@@ -216,6 +216,44 @@ def test_stale_lock_rules(tmp_path):
         RunDirLock(tmp_path, env={}).acquire()
 
 
+def test_lock_rules_for_reused_pids_reboots_and_slurm_incarnations(tmp_path):
+    """A live pid that started at another time than the lock records is a reused pid (stale); a lock from another
+    boot of this host is stale; within one Slurm job only an earlier incarnation (SLURM_RESTART_COUNT) takes the
+    lock over, a second launch in the same incarnation on the same host is refused."""
+    import socket
+
+    from bitnet_dist.checkpoint import RunDirLock, RunDirLocked, _boot_id, _pid_start
+
+    lock, host, parent = tmp_path / ".lock", socket.gethostname(), os.getppid()
+    start = _pid_start(parent)
+    if start is None or _boot_id() is None:
+        pytest.skip("needs Linux /proc (process start times and the boot id)")
+
+    def holder(**kw):
+        lock.write_text(json.dumps({"host": host, "pid": parent, "slurm_job_id": None, "boot_id": _boot_id(),
+                                    "pid_start": start, **kw}))
+
+    def taken(env):
+        RunDirLock(tmp_path, env=env).acquire()
+        return json.loads(lock.read_text())["pid"] == os.getpid()
+
+    holder()
+    with pytest.raises(RunDirLocked, match="in use by another training process"):  # the live holder itself
+        RunDirLock(tmp_path, env={}).acquire()
+    holder(pid_start=start - 1)  # the pid runs, but it is another process than the one that took the lock
+    assert taken({})
+    holder(boot_id="00000000-0000-0000-0000-000000000000")  # taken before this host restarted
+    assert taken({})
+    job = {"SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "1"}
+    holder(slurm_job_id="77", slurm_restart_count="1")  # a second srun of the same incarnation, holder alive
+    with pytest.raises(RunDirLocked, match="SLURM_JOB_ID 77"):
+        RunDirLock(tmp_path, env=job).acquire()
+    holder(slurm_job_id="77", slurm_restart_count="0")  # the incarnation before the requeue
+    assert taken(job)
+    holder(slurm_job_id="77", slurm_restart_count="1", pid_start=start - 1)  # same incarnation, holder gone
+    assert taken(job)
+
+
 def _rewrite_manifest(ckpt):
     from bitnet_dist.checkpoint import write_manifest
 
