@@ -130,16 +130,18 @@ def _check(x2: torch.Tensor, hadamard_block: int, act_bits: int) -> None:
 # constants, grid rule, output dtypes) and later calls go straight to the launch (``FastLaunch.launch_keyed``),
 # skipping the argument checks, config lookups and per-argument specialization keys: host time, which bounds
 # the eager training step of the 1.3B model (docs/kernels.md). The key holds everything the default path's
-# decisions read (shapes, strides, pointer alignment, dtypes, options, the module switches and the identity of
-# the one-time-check caches, so a test that swaps one out gets the checks again); the launch key adds what
-# varies per call and that Triton specializes on (the token count's class, the alignment of per-token vectors).
+# decisions read (shapes, strides, pointer alignment, dtypes, options, the module switches, SELF_CHECK included,
+# and the identity of the one-time-check caches, so a test that swaps one out gets the checks again); the launch
+# key adds what varies per call and that Triton specializes on (the token count's class, the alignment of
+# per-token vectors).
 # BITNET_LAUNCH_PLANS=0 turns them off (A/B measurements).
 _PLANS: dict = {}
 PLANS_ON = flag("BITNET_LAUNCH_PLANS")
 
 
 def _plan_state() -> tuple:
-    return (SHUFFLE_FWD, GLU_FOLD, id(_SHFL_DEFAULT), id(_SHFL_BWD_DEFAULT), id(_GLU_CHECKED), id(_CAP_SPILLED))
+    return (SHUFFLE_FWD, GLU_FOLD, SELF_CHECK, id(_SHFL_DEFAULT), id(_SHFL_BWD_DEFAULT), id(_GLU_CHECKED),
+            id(_CAP_SPILLED))
 
 
 def _fwd_plan_key(x2, norm_weight, act_bits, hadamard_block, eps, full_dim, tp_group, fp8_codes, glu):

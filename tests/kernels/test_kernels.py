@@ -1045,8 +1045,9 @@ def test_launch_plan_keys_cover_what_the_default_path_reads(monkeypatch):
               nhq._fwd_plan_key(x, g, **{**kw, "fp8_codes": False}), nhq._fwd_plan_key(x, g, **{**kw, "glu": True}),
               nhq._fwd_plan_key(x, g, **{**kw, "full_dim": 1024})]
     assert k0 not in others and len(set(others)) == len(others)
-    for name, value in (("SHUFFLE_FWD", False), ("GLU_FOLD", False), ("_SHFL_DEFAULT", {}), ("_GLU_CHECKED", {}),
-                        ("_CAP_SPILLED", set()), ("_SHFL_BWD_DEFAULT", {})):
+    for name, value in (("SHUFFLE_FWD", False), ("GLU_FOLD", False), ("SELF_CHECK", not nhq.SELF_CHECK),
+                        ("_SHFL_DEFAULT", {}), ("_GLU_CHECKED", {}), ("_CAP_SPILLED", set()),
+                        ("_SHFL_BWD_DEFAULT", {})):
         with monkeypatch.context() as m:
             m.setattr(nhq, name, value)
             assert nhq._fwd_plan_key(x, g, **kw) != k0, name
