@@ -11,6 +11,10 @@ For each model preset it runs, one after another on the same GPU and each in a p
   AdamW, torch.compile, SDPA flash attention) and ``torchao`` (the same with torchao's BitNet b1.58 training
   linears and an RMSNorm before each of them).
 
+``--variants NAME=OVERRIDES`` adds train-app rows: each configuration of ``--variant-configs`` again with more
+overrides, named ``CONFIG+NAME`` and compared with the ``CONFIG`` row of the same run (a same-GPU A/B, e.g.
+``graph=engine.cuda_graph=true``).
+
 Every row trains the same number of tokens per step (micro x global batch x seq) on uniform random tokens.
 Reported per row: tokens/s (median over the steps after ``--warmup``), MFU (the project's FLOP count,
 ``telemetry.flops_per_token``, the same for every row, over the device's dense bf16 peak), peak memory (the CUDA
@@ -73,16 +77,31 @@ def summarize_metrics(records: list[dict], warmup: int) -> dict:
             "kernels_reason": start.get("kernels_reason"), "fused": start.get("fused")}
 
 
-def run_cli(model: str, config: str, args, workdir: Path) -> dict:
-    """One row through the train app in a subprocess."""
-    run_dir = workdir / f"{model}_{config}"
+def parse_variant(spec: str) -> tuple[str, list[str]]:
+    """``NAME=OVERRIDE[,OVERRIDE...]`` (``--variants``) -> (name, overrides)."""
+    name, sep, rest = spec.partition("=")
+    overrides = [o for o in rest.split(",") if o]
+    if not sep or not re.fullmatch(r"[A-Za-z0-9_]+", name) or not overrides or any("=" not in o for o in overrides):
+        raise ValueError(f"--variants {spec!r}: expected NAME=KEY=VALUE[,KEY=VALUE...], e.g. "
+                         "graph=engine.cuda_graph=true (NAME: letters, digits, _)")
+    return name, overrides
+
+
+def run_cli(model: str, config: str, args, workdir: Path, variant: Optional[tuple[str, list[str]]] = None) -> dict:
+    """One row through the train app in a subprocess; ``variant`` (name, overrides) adds overrides to the config's
+    and names the row ``config+name``."""
+    name = config if variant is None else f"{config}+{variant[0]}"
+    run_dir = workdir / f"{model}_{name}".replace("+", "_")
     steps = args.steps + (1 if args.profile else 0)  # the profiled step is one more, after the timed ones
-    extra = [*args.train_args, *([f"trainer.profile_step={steps}"] if args.profile else [])]
+    extra = [*args.train_args, *(variant[1] if variant else []),
+             *([f"trainer.profile_step={steps}"] if args.profile else [])]
     cmd = [sys.executable, "-m", "bitnet_dist.train",
            *train_overrides(model, config, seq=args.seq, mbs=args.mbs, gbs=args.gbs, vocab=args.vocab,
                             steps=steps, run_dir=run_dir, engine=args.engine, extra=extra)]
-    row = {"kind": "cli", "model": model, "config": config, "command": "python -m bitnet_dist.train " +
+    row = {"kind": "cli", "model": model, "config": name, "command": "python -m bitnet_dist.train " +
            " ".join(a for a in cmd[3:] if not a.startswith("run_dir="))}
+    if variant is not None:
+        row.update(base=config, variant=variant[0], variant_overrides=variant[1])
     t0 = time.perf_counter()
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=workdir,
@@ -185,6 +204,10 @@ def add_derived(rows: list[dict], *, seq: int, vocab: int, peak_flops: Optional[
         r["vs"] = {name: r["tokens_per_s"] / p["tokens_per_s"] for name, p in peers.items()}
         if "plain" in peers and r.get("peak_mem_gib") and peers["plain"].get("peak_mem_gib"):
             r["mem_vs_plain"] = r["peak_mem_gib"] / peers["plain"]["peak_mem_gib"]
+        base = next((b for b in rows if r.get("base") and b["kind"] == "cli" and b["model"] == r["model"]
+                     and b["config"] == r["base"] and b.get("tokens_per_s")), None)
+        if base is not None:
+            r["vs_base"] = r["tokens_per_s"] / base["tokens_per_s"]
 
 
 def target_table(rows: list[dict]) -> list[dict]:
@@ -242,8 +265,26 @@ def to_markdown(res: dict) -> str:
         lines.append(f"| {t['model']} | {t['row']} | {t['peer']} | {t['target']:.2f}x | {_f(t['ratio'], '.3f', 'x')} | "
                      f"{'-' if t['met'] is None else ('yes' if t['met'] else 'no')} | {_f(t['mem_vs_plain'], '.2f')} | "
                      f"{'-' if t['mem_met'] is None else ('yes' if t['mem_met'] else 'no')} |")
+    lines += variant_markdown(res["rows"])
     lines += profile_markdown(res["rows"])
     return "\n".join(lines) + "\n"
+
+
+def variant_markdown(rows: list[dict]) -> list[str]:
+    """The ``--variants`` rows against the row of their base configuration, in the same run."""
+    var = [r for r in rows if r.get("variant")]
+    if not var:
+        return []
+    out = ["", "Variants against their base row (same run, same GPU):", "",
+           "| model | row | overrides | tokens/s | vs base row | peak mem (GiB) |", "|---|---|---|---|---|---|"]
+    for r in var:
+        ovr = " ".join(f"`{o}`" for o in r["variant_overrides"])
+        if r.get("error"):
+            out.append(f"| {r['model']} | {r['config']} | {ovr} | failed: {r['error']} | | |")
+            continue
+        out.append(f"| {r['model']} | {r['config']} | {ovr} | {r['tokens_per_s']:,.0f} | "
+                   f"{_f(r.get('vs_base'), '.3f', 'x')} | {_f(r.get('peak_mem_gib'), '.1f')} |")
+    return out
 
 
 def profile_markdown(rows: list[dict]) -> list[str]:
@@ -287,6 +328,12 @@ def parse_args(argv=None):
     p.add_argument("--engine", default="megatron")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per row")
     p.add_argument("--train-args", nargs="*", default=[], help="more overrides for every train-app row")
+    p.add_argument("--variants", nargs="*", default=[], metavar="NAME=OVERRIDES",
+                   help="more train-app rows, each config of --variant-configs again with these overrides (comma "
+                        "separated), named CONFIG+NAME and compared with the CONFIG row of the same run, e.g. "
+                        "graph=engine.cuda_graph=true nofuse=trainer.fused_rope=false,optim.fused=false")
+    p.add_argument("--variant-configs", nargs="+", choices=list(CONFIGS),
+                   help="the configs the variants apply to (default: --configs)")
     p.add_argument("--out", type=Path, default=Path("bench_e2e_out"))
     p.add_argument("--no-compile", action="store_true", help="peers without torch.compile (tests on CPU)")
     p.add_argument("--profile", action="store_true",
@@ -304,6 +351,15 @@ def main(argv=None) -> int:
     if args.warmup >= args.steps:
         print(f"bitnet-bench-e2e: --warmup {args.warmup} leaves no timed step of --steps {args.steps}", file=sys.stderr)
         return 2
+    try:
+        variants = [parse_variant(v) for v in args.variants]
+    except ValueError as e:
+        print(f"bitnet-bench-e2e: {e}", file=sys.stderr)
+        return 2
+    if len({n for n, _ in variants}) < len(variants):
+        print(f"bitnet-bench-e2e: --variants names repeat: {[n for n, _ in variants]}", file=sys.stderr)
+        return 2
+    variant_configs = args.variant_configs or args.configs
     import torch
 
     device, peak = device_info(args.peer_device)
@@ -331,8 +387,9 @@ def main(argv=None) -> int:
                 rows.append(run_peer(model, peer, args, Path(tmp)))
                 print(json.dumps({k: v for k, v in rows[-1].items() if k != "step_s"}), flush=True)
                 write()
-            for config in args.configs:
-                rows.append(run_cli(model, config, args, Path(tmp)))
+            todo = [(c, None) for c in args.configs] + [(c, v) for v in variants for c in variant_configs]
+            for config, variant in todo:
+                rows.append(run_cli(model, config, args, Path(tmp), variant))
                 print(json.dumps({k: v for k, v in rows[-1].items() if k != "tokens_per_s_steps"}), flush=True)
                 write()
     res = write()

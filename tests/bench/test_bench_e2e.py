@@ -174,17 +174,46 @@ def test_summaries_ratios_and_targets():
     assert "| tiny | v2_a4 | cli | | failed: boom |" in md and "| tiny | bf16 | plain | 1.00x | 1.000x | yes | 1.10 | no |" in md
 
 
+def test_variants_parse_and_compare_with_their_base_row():
+    assert bench_e2e.parse_variant("graph=engine.cuda_graph=true") == ("graph", ["engine.cuda_graph=true"])
+    assert bench_e2e.parse_variant("nofuse=trainer.fused_rope=false,optim.fused=false,") == \
+        ("nofuse", ["trainer.fused_rope=false", "optim.fused=false"])
+    for bad in ("graph", "graph=", "g-h=a=b", "x=engine.cuda_graph", "=a=b"):
+        with pytest.raises(ValueError, match="NAME=KEY=VALUE"):
+            bench_e2e.parse_variant(bad)
+    rows = [{"kind": "peer", "model": "tiny", "config": "plain", "tokens_per_s": 100.0, "peak_mem_gib": 10.0},
+            {"kind": "cli", "model": "tiny", "config": "v2_a4", "tokens_per_s": 80.0, "peak_mem_gib": 10.0},
+            {"kind": "cli", "model": "tiny", "config": "v2_a4+graph", "base": "v2_a4", "variant": "graph",
+             "variant_overrides": ["engine.cuda_graph=true"], "tokens_per_s": 96.0, "peak_mem_gib": 11.0},
+            {"kind": "cli", "model": "tiny", "config": "bf16+graph", "base": "bf16", "variant": "graph",
+             "variant_overrides": ["engine.cuda_graph=true"], "error": "boom"}]
+    bench_e2e.add_derived(rows, seq=64, vocab=256, peak_flops=None)
+    assert rows[2]["vs_base"] == pytest.approx(1.2) and rows[2]["vs"]["plain"] == pytest.approx(0.96)
+    assert "vs_base" not in rows[1]
+    assert [t["row"] for t in bench_e2e.target_table(rows)] == ["bf16", "v2_a8", "v2_a4", "v2_a4_fp8bwd"]
+    md = "\n".join(bench_e2e.variant_markdown(rows))
+    assert "| tiny | v2_a4+graph | `engine.cuda_graph=true` | 96 | 1.200x | 11.0 |" in md
+    assert "| tiny | bf16+graph | `engine.cuda_graph=true` | failed: boom |" in md
+    assert bench_e2e.variant_markdown(rows[:2]) == []
+    assert bench_e2e.main(["--variants", "a=x=1", "a=y=2"]) == 2  # a repeated name, refused before any row
+
+
 @pytest.mark.slow
 def test_whole_benchmark_through_the_train_app_on_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     rc = bench_e2e.main(["--models", "tiny", "--configs", "bf16", "v2_a4", "--seq", "64", "--mbs", "2", "--gbs", "4",
                          "--vocab", "512", "--steps", "3", "--warmup", "1", "--engine", "deepspeed", "--no-compile",
-                         "--train-args", "trainer.dtype=fp32", "--peer-device", "cpu", "--out", str(tmp_path)])
+                         "--train-args", "trainer.dtype=fp32", "--peer-device", "cpu", "--out", str(tmp_path),
+                         "--variants", "torchk=precision.kernels=torch", "--variant-configs", "v2_a4"])
     assert rc == 0
     (js,) = tmp_path.glob("e2e_cpu_*.json")
     res = json.loads(js.read_text())
     rows = {r["config"]: r for r in res["rows"]}
-    assert set(rows) == {"plain", "torchao", "bf16", "v2_a4"}
+    assert set(rows) == {"plain", "torchao", "bf16", "v2_a4", "v2_a4+torchk"}
+    v = rows["v2_a4+torchk"]
+    assert "precision.kernels=torch" in v["command"] and v["kernels"] == "torch" and v["tokens_per_s"] > 0
+    assert v["vs_base"] == pytest.approx(v["tokens_per_s"] / rows["v2_a4"]["tokens_per_s"])
+    assert "Variants against their base row" in js.with_suffix(".md").read_text()
     for name in ("plain", "bf16", "v2_a4"):
         assert rows[name].get("tokens_per_s", 0) > 0, rows[name]
     assert rows["bf16"]["kernels"] == "torch" and rows["bf16"]["timed_steps"] == 2
