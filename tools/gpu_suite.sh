@@ -14,6 +14,7 @@
 #
 #   OUT            folder for logs and summaries (default: ./gpu_suite_out); summary.txt lists each step
 #   TESTS_TIMEOUT  seconds for the GPU tests (default 1200)
+#   TESTS_ARGS     what pytest runs (default: tests): files in the order to run them, -k, --timeout, ...
 #   BENCH_ARGS     extra arguments for bitnet_dist.bench (default: none; the benchmark's defaults)
 #   E2E_ARGS       arguments for bitnet_dist.bench_e2e (default: none; its defaults: 1.3B and 400M, every row)
 #   FP8_ARGS       arguments for tools/fp8_loss_study.py run (default: --model 25M --steps 2000 --seeds 1 2). The
@@ -58,8 +59,9 @@ for step in "${steps[@]}"; do
     tests)
       # tests/kernels/test_kernels.py is the CPU suite of the kernels: importing it turns on Triton's interpreter
       # for the whole process, so the GPU run leaves it out (pytest -m gpu would deselect its tests anyway)
+      # shellcheck disable=SC2086
       timeout "${TESTS_TIMEOUT:-1200}" python -m pytest -q -p no:cacheprovider -m gpu \
-        --ignore=tests/kernels/test_kernels.py tests > "$OUT/gpu_tests.log" 2>&1
+        --ignore=tests/kernels/test_kernels.py ${TESTS_ARGS:-tests} > "$OUT/gpu_tests.log" 2>&1
       rc=$?
       tail -5 "$OUT/gpu_tests.log" > "$OUT/gpu_tests_summary.txt" ;;
     bench)

@@ -41,3 +41,14 @@ def test_fp8_step_in_the_background_writes_the_study(tmp_path):
     (seed,) = res["seeds"]
     assert seed["precision"] == "v2_a4" and seed["seed"] == 1 and seed["first_loss_equal"]
     assert "--model tiny --steps 10" in (out / "fp8" / "fp8_loss.md").read_text()
+
+
+def test_tests_step_runs_the_selection_it_is_given(tmp_path):
+    """TESTS_ARGS picks what the tests step runs (on CPU the GPU tests of the file skip with their reason)."""
+    out = tmp_path / "suite"
+    p = subprocess.run(["bash", str(SUITE), "tests"], capture_output=True, text=True, timeout=600,
+                       env=_env(out, TESTS_ARGS="tests/layers_model/test_fusions.py -rs"))
+    assert p.returncode == 0, (p.stdout, p.stderr)
+    log = (out / "gpu_tests.log").read_text()
+    assert "test_fusions.py" in log and "SKIPPED" in log and "CUDA" in log  # the skips name their reason
+    assert (out / "summary.txt").read_text().startswith("tests: ok")
