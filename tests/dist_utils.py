@@ -2,13 +2,15 @@
 
 The function must be a top-level function of an importable module; it receives (rank, world_size, *args)
 and returns something picklable. Each rank gets MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK and
-OMP_NUM_THREADS=1; process groups are destroyed and the processes joined whatever happens.
+OMP_NUM_THREADS=1; process groups are destroyed and the processes joined whatever happens. A rank that exits
+without a result, or no result within ``result_timeout`` seconds, raises with the exit code or the time waited.
 """
 from __future__ import annotations
 
 import os
 import socket
 import sys
+import time
 import traceback
 
 import torch.multiprocessing as mp
@@ -39,8 +41,10 @@ def _entry(rank, world, port, fn, args, queue):
             dist.destroy_process_group()
 
 
-def run_ranks(fn, world: int, *args, timeout: float = 600.0) -> list:
-    """Results of ``fn(rank, world, *args)`` ordered by rank; raises with the rank's traceback on failure."""
+def run_ranks(fn, world: int, *args, timeout: float = 600.0, result_timeout: float | None = None) -> list:
+    """Results of ``fn(rank, world, *args)`` ordered by rank; raises with the rank's traceback on failure.
+    ``timeout``: how long the processes may take to exit after their results; ``result_timeout``: how long to
+    wait for the results (None: as long as they run)."""
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     port = free_port()
@@ -48,14 +52,26 @@ def run_ranks(fn, world: int, *args, timeout: float = 600.0) -> list:
     for p in procs:
         p.start()
     results, errors = {}, []
+    deadline = None if result_timeout is None else time.monotonic() + result_timeout
     try:
-        for _ in range(world):
+        while len(results) < world and not errors:
+            if queue.empty():
+                # a rank that died without a result (a crash in native code, a kill) or a hang is an error with
+                # its exit code or the time waited, not a wait that only the test runner's timeout ends
+                dead = [(r, p.exitcode) for r, p in enumerate(procs) if not p.is_alive() and r not in results]
+                if dead and queue.empty():
+                    errors.append("; ".join(f"rank {r} exited with code {code} without a result" for r, code in dead))
+                elif deadline is not None and time.monotonic() > deadline:
+                    errors.append(f"no result from ranks {sorted(set(range(world)) - set(results))} "
+                                  f"in {result_timeout:g} s")
+                else:
+                    time.sleep(0.05)
+                continue
             rank, status, payload = queue.get()
             if status == "ok":
                 results[rank] = payload
             else:
                 errors.append(f"rank {rank}:\n{payload}")
-                break
     finally:
         for p in procs:
             p.join(timeout=5 if errors else timeout)

@@ -7,12 +7,13 @@ in the backward GEMMs' precision (bf16, the exact path, against FP8), and a summ
 
 ``run`` starts every run at once (each is small; one GPU holds them all) as ``python -m bitnet_dist.train
 experiment=quickstart`` (the bundled Brown corpus, its 4096-token BPE, seq 256, 8 sequences per step) with
-``model=``, ``precision=``, ``trainer.max_steps=`` and ``trainer.seed=`` set, validation every ``--steps / 10``
-steps on the held-out split, no checkpoints, into DIR/<precision>_s<seed>_<bf16bwd|fp8bwd>/. Same seed = same
-initial weights and batches. ``summarize`` reads each run's metrics.jsonl and writes DIR/fp8_loss.json and
-DIR/fp8_loss.md: per seed the final validation loss of both runs and their relative difference, whether step 1's
-loss agrees (the forward does not depend on the option), the largest relative gap between the smoothed training
-curves, and both validation curves; across seeds the mean and spread.
+``model=``, ``precision=``, ``trainer.max_steps=`` and ``trainer.seed=`` set, a record every step, validation every
+``--steps / 10`` steps on the held-out split, no checkpoints, into DIR/<precision>_s<seed>_<bf16bwd|fp8bwd>/. Same
+seed = same initial weights and batches. ``summarize`` reads each run's metrics.jsonl and writes DIR/fp8_loss.json
+and DIR/fp8_loss.md: per seed the final validation loss of both runs and their relative difference, whether the
+first logged step's loss agrees (step 1: the forward does not depend on the option), the median ratio of the two
+runs' gradient norms at the same step (over the run and over its first 10 steps), the largest relative gap between
+the smoothed training curves, and both validation curves; across seeds the mean and spread.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def train_command(run_dir: Path, *, model: str, precision: str, steps: int, seed
                   extra: tuple = ()) -> list[str]:
     return [sys.executable, "-m", "bitnet_dist.train", "experiment=quickstart", f"model={model}",
             f"precision={precision}", f"precision.fp8_backward={fp8}", f"trainer.max_steps={steps}",
-            f"trainer.seed={seed}", f"trainer.eval_interval={max(1, steps // 10)}", "trainer.log_interval=10",
+            f"trainer.seed={seed}", f"trainer.eval_interval={max(1, steps // 10)}", "trainer.log_interval=1",
             "trainer.checkpoints=false", "trainer.report=false", "trainer.progress_bar=false",
             "trainer.stats_interval=0", "logging.wandb=disabled", f"run_dir={run_dir}", *extra]
 
@@ -64,11 +65,13 @@ def run(args) -> int:
 
 def read_run(d: Path) -> dict:
     recs = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    train = [(r["step"], r["loss"]) for r in recs if "loss" in r and "event" not in r and r.get("loss") is not None]
+    steps = [r for r in recs if "loss" in r and "event" not in r and r.get("loss") is not None]
+    train = [(r["step"], r["loss"]) for r in steps]
+    gnorm = {r["step"]: r["grad_norm"] for r in steps if isinstance(r.get("grad_norm"), (int, float))}
     val = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
     if not train or not val:
         raise ValueError(f"{d}: no training or validation records in metrics.jsonl")
-    return {"train": train, "val": val}
+    return {"train": train, "val": val, "grad_norm": gnorm}
 
 
 def smooth(points: list[tuple[int, float]], width: int = 5) -> list[float]:
@@ -91,8 +94,14 @@ def summarize_dir(root: Path) -> dict:
         n = min(len(a["train"]), len(b["train"]))
         sa, sb = smooth(a["train"][:n]), smooth(b["train"][:n])
         va, vb = a["val"][-1][1], b["val"][-1][1]
+        both = sorted(set(a.get("grad_norm", {})) & set(b.get("grad_norm", {})))
+        ratios = [b["grad_norm"][st] / a["grad_norm"][st] for st in both if a["grad_norm"][st] > 0]
         seeds.append({"precision": prec, "seed": seed, "steps": a["train"][n - 1][0],
-                      "first_loss_equal": a["train"][0][1] == b["train"][0][1],
+                      "first_step": a["train"][0][0], "first_loss_equal": a["train"][0][1] == b["train"][0][1],
+                      # the gradient norms of the same step (FP8 / bf16 backward): a scale error shows as a ratio
+                      # far from 1 from the first steps on, noise as a spread around 1
+                      "grad_norm_ratio_median": statistics.median(ratios) if ratios else None,
+                      "grad_norm_ratio_first10_median": statistics.median(ratios[:10]) if ratios else None,
                       "final_val_bf16bwd": va, "final_val_fp8bwd": vb, "final_val_rel_diff": (vb - va) / va,
                       "max_rel_gap_smoothed_train": max(abs(x - y) / abs(x) for x, y in zip(sa, sb)),
                       "val_curve_bf16bwd": a["val"], "val_curve_fp8bwd": b["val"]})
@@ -109,12 +118,16 @@ def summarize_dir(root: Path) -> dict:
 
 def to_markdown(res: dict, meta: str = "") -> str:
     lines = ["# Loss cost of precision.fp8_backward", ""] + ([meta, ""] if meta else [])
-    lines += ["| precision | seed | steps | step-1 loss equal | final val loss, bf16 backward | final val loss, FP8 "
-              "backward | relative difference | largest gap, smoothed train curves |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["| precision | seed | steps | first logged step: loss equal | final val loss, bf16 backward | final val "
+              "loss, FP8 backward | relative difference | largest gap, smoothed train curves | grad norm FP8 / bf16 "
+              "(median; first 10 steps) |", "|---|---|---|---|---|---|---|---|---|"]
     for s in res["seeds"]:
-        lines.append(f"| {s['precision']} | {s['seed']} | {s['steps']} | {'yes' if s['first_loss_equal'] else 'no'} | "
+        gn = ("-" if s.get("grad_norm_ratio_median") is None else
+              f"{s['grad_norm_ratio_median']:.3f}; {s['grad_norm_ratio_first10_median']:.3f}")
+        lines.append(f"| {s['precision']} | {s['seed']} | {s['steps']} | step {s.get('first_step', '?')}: "
+                     f"{'yes' if s['first_loss_equal'] else 'no'} | "
                      f"{s['final_val_bf16bwd']:.4f} | {s['final_val_fp8bwd']:.4f} | {100 * s['final_val_rel_diff']:+.2f}% | "
-                     f"{100 * s['max_rel_gap_smoothed_train']:.2f}% |")
+                     f"{100 * s['max_rel_gap_smoothed_train']:.2f}% | {gn} |")
     if res.get("seeds"):
         lines += ["", f"Mean relative difference of the final validation loss (FP8 - bf16): "
                       f"{100 * res['final_val_rel_diff_mean']:+.2f}%; largest {100 * res['final_val_rel_diff_max_abs']:.2f}%"

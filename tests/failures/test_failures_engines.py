@@ -207,7 +207,7 @@ def test_skip_counter_stops_after_max_consecutive():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: megatron-core's optimizers and schedules "
                     "are CUDA-only (the decision is tested on CPU above)")
 def test_megatron_skips_nonfinite_step_gpu():
-    skipped, unchanged, good_skipped, loss_skipped = run_ranks(_megatron_job, 1, timeout=300)[0]
+    skipped, unchanged, good_skipped, loss_skipped = run_ranks(_megatron_job, 1, timeout=60, result_timeout=240)[0]
     assert skipped and unchanged and not good_skipped and loss_skipped
 
 

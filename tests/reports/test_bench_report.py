@@ -1,4 +1,6 @@
 """The benchmark's markdown rendering (CPU): every measured row appears with its ratios; failures say so."""
+import pytest
+
 from bitnet_dist import bench
 
 
@@ -53,15 +55,17 @@ def test_fp8_loss_study_pairs_runs_by_seed(tmp_path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
 
-    def write(name, losses, vals):
+    def write(name, losses, vals, gnorms=None):
         d = tmp_path / name
         d.mkdir()
-        recs = [{"step": 0, "event": "start"}] + [{"step": 10 * (i + 1), "loss": v} for i, v in enumerate(losses)]
+        recs = [{"step": 0, "event": "start"}] + [{"step": 10 * (i + 1), "loss": v,
+                                                    **({"grad_norm": gnorms[i]} if gnorms else {})}
+                                                   for i, v in enumerate(losses)]
         recs += [{"step": 10 * (i + 1), "val_loss": v} for i, v in enumerate(vals)]
         (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
 
-    write("v2_a4_s1_bf16bwd", [7.0, 5.0, 4.0], [5.0, 4.0])
-    write("v2_a4_s1_fp8bwd", [7.0, 5.5, 4.0], [5.1, 4.02])
+    write("v2_a4_s1_bf16bwd", [7.0, 5.0, 4.0], [5.0, 4.0], gnorms=[2.0, 1.0, 0.5])
+    write("v2_a4_s1_fp8bwd", [7.0, 5.5, 4.0], [5.1, 4.02], gnorms=[2.0, 1.5, 0.45])
     write("v2_a4_s2_bf16bwd", [7.1, 5.0, 4.0], [5.0, 4.1])
     write("v2_a4_s2_fp8bwd", [7.2, 5.0, 4.0], [5.0, 4.1])  # step 1 differs
     write("v2_a8_s1_bf16bwd", [7.0], [6.0])  # no FP8 partner
@@ -73,8 +77,14 @@ def test_fp8_loss_study_pairs_runs_by_seed(tmp_path):
     assert abs(s1["max_rel_gap_smoothed_train"] - 0.25 / 6.0) < 1e-12  # smoothed: (7 + 5.5) / 2 vs (7 + 5) / 2
     assert abs(res["final_val_rel_diff_max_abs"] - 0.005) < 1e-12
     assert abs(res["seed_spread_bf16bwd_rel"] - 0.1 / 4.05) < 1e-12
+    assert s1["grad_norm_ratio_median"] == pytest.approx(1.0) and s1["grad_norm_ratio_first10_median"] == \
+        pytest.approx(1.0)  # ratios 1.0, 1.5, 0.9
+    assert s2["grad_norm_ratio_median"] is None and s1["first_step"] == 10
     md = mod.to_markdown(res)
-    assert "| v2_a4 | 1 | 30 | yes | 4.0000 | 4.0200 | +0.50% |" in md and "20: 4.000 / 4.020" in md
+    assert "| v2_a4 | 1 | 30 | step 10: yes | 4.0000 | 4.0200 | +0.50% | 4.17% | 1.000; 1.000 |" in md
+    assert "| v2_a4 | 2 | 30 | step 10: no |" in md and "20: 4.000 / 4.020" in md
+    cmd = mod.train_command(tmp_path / "r", model="25M", precision="v2_a4", steps=2000, seed=1, fp8="true")
+    assert "trainer.log_interval=1" in cmd and "precision.fp8_backward=true" in cmd
 
 
 def test_breakdown_bytes_are_the_kernels_minimum_traffic():
