@@ -212,8 +212,13 @@ def test_megatron_skips_nonfinite_step_gpu():
 
 
 def _megatron_job(rank, world):
+    import torch.distributed as dist
+
     from bitnet_dist.engines.megatron_engine import MegatronEngine
 
+    # the engine starts its own NCCL group from the rank's environment, as under torchrun (the harness's gloo
+    # group would carry megatron's CUDA collectives, which the GPU tests of the engine do not use)
+    dist.destroy_process_group()
     cfg = _cfg(0, "bf16")
     cfg.engine.name = "megatron"
     eng = MegatronEngine(cfg)
