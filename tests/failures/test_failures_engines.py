@@ -8,10 +8,11 @@ interface; the engine path itself on a GPU (test_megatron_skips_nonfinite_step_g
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
-from dist_utils import run_ranks
+from dist_utils import free_port, run_ranks
 
 VOCAB, SEQ, MBS, GBS = 96, 16, 2, 4
 
@@ -219,6 +220,7 @@ def _megatron_job(rank, world):
     # the engine starts its own NCCL group from the rank's environment, as under torchrun (the harness's gloo
     # group would carry megatron's CUDA collectives, which the GPU tests of the engine do not use)
     dist.destroy_process_group()
+    os.environ["MASTER_PORT"] = str(free_port())  # the gloo group's store may still hold its port
     cfg = _cfg(0, "bf16")
     cfg.engine.name = "megatron"
     eng = MegatronEngine(cfg)
