@@ -31,6 +31,7 @@ those warnings (``filter_backend_warnings``: by message and module); every other
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import warnings
 
@@ -85,6 +86,23 @@ def _cpu_checkpoint_rng() -> None:
 
 def cpu_path_active() -> bool:
     return _installed
+
+
+@contextlib.contextmanager
+def host_device():
+    """Run a model that is kept on the CPU of a CUDA machine (the export reader's TP=1 model, ``bitnet-eval`` of a
+    checkpoint): inside, ``torch.cuda.current_device()`` names the CPU, as on a machine without CUDA.
+
+    megatron-core's RoPE moves its ``inv_freq`` to ``torch.cuda.current_device()`` on every forward where it finds
+    it on the CPU (``RotaryEmbedding.get_emb``, 0.16 / 0.17), so without this the CPU model's attention mixes a CUDA
+    angle table with CPU activations and fails. On a machine without CUDA it changes nothing (the CPU path already
+    names the CPU)."""
+    current = torch.cuda.current_device
+    torch.cuda.current_device = lambda: "cpu"
+    try:
+        yield
+    finally:
+        torch.cuda.current_device = current
 
 
 # -- multi-tensor ops ----------------------------------------------------------------------------------------

@@ -299,6 +299,35 @@ def sampling_worker(rank, world, export_dir):
             "text": complete(model, tok, "The jury said", Sampling(max_new_tokens=24, temperature=0.8, seed=0))[1]}
 
 
+def host_model_worker(rank, world, ckpt):
+    """The project's TP=1 model kept on the CPU where ``torch.cuda.current_device()`` names another device (as on a
+    CUDA machine; simulated with the meta device): {logits equal to the plain CPU run's, the unwrapped model's error}."""
+    from bitnet_dist.export.reader import HostModel, load_project_model, load_run
+
+    run = load_run(ckpt)
+    model = load_project_model(run)
+    assert isinstance(model, HostModel)
+    toks = tokens(2, 24)
+    pos = torch.arange(24).expand_as(toks)
+    rope = type(model.model.rotary_pos_emb)
+    with torch.no_grad():
+        ref = model(toks, pos, None)
+        current = torch.cuda.current_device
+        torch.cuda.current_device = lambda: "meta"
+        try:
+            rope.forward.cache_clear()  # megatron caches the angle table per length: compute it afresh
+            got = model(toks, pos, None)
+            rope.forward.cache_clear()
+            try:  # megatron's RoPE moves its angle table to current_device(): the CUDA machine's failure
+                model.model(toks, pos, None)
+                bare = None
+            except (RuntimeError, NotImplementedError) as e:
+                bare = f"{type(e).__name__}: {e}"
+        finally:
+            torch.cuda.current_device = current
+    return {"equal": bool(torch.equal(ref, got)), "bare_error": bare, "device": str(got.device)}
+
+
 def eval_worker(rank, world, ckpt, export_dir, data, tmp):
     """bitnet-eval on the checkpoint (project model) and the export (transformers); lm-eval's rolling
     log-likelihood of the export on a local task built from ``data``; an indexed dataset of the same texts."""

@@ -109,13 +109,14 @@ class _Scorer(abc.ABC):
 
 
 class ProjectScorer(_Scorer):
-    """The project's own GPTModel (TP=1, CPU, fp32) holding a checkpoint's weights."""
+    """The project's own GPTModel (TP=1, fp32; CPU or ``device``) holding a checkpoint's weights."""
 
-    def __init__(self, checkpoint, config=None):
+    def __init__(self, checkpoint, config=None, device: str = "cpu"):
         from bitnet_dist.export.reader import load_project_model, load_run
 
         self.run = load_run(checkpoint, config)
-        self.model = load_project_model(self.run)
+        self.device = device
+        self.model = load_project_model(self.run, device=device)
         self.eod_id = self.run.tokenizer.eod_id
         self.max_length = self.run.cfg.model.max_sequence_length
         self.vocab = self.run.vocab_size
@@ -125,9 +126,9 @@ class ProjectScorer(_Scorer):
 
     @torch.no_grad()
     def logprobs(self, ids: list[int]) -> torch.Tensor:
-        t = torch.tensor([ids])
-        logits = self.model(t, torch.arange(len(ids))[None], None)[0, :, :self.vocab]
-        return torch.log_softmax(logits.double(), dim=-1)
+        t = torch.tensor([ids], device=self.device)
+        logits = self.model(t, torch.arange(len(ids), device=self.device)[None], None)[0, :, :self.vocab]
+        return torch.log_softmax(logits.double(), dim=-1).cpu()
 
 
 class HFScorer(_Scorer):
@@ -159,7 +160,7 @@ def scorer_for(model_path, *, config=None, device: str = "cpu") -> _Scorer:
     if not path.exists():
         raise ExportError(f"{path} does not exist")
     kind, path = _resolve_model_dir(path)
-    return HFScorer(path, device) if kind == "export" else ProjectScorer(path, config)
+    return HFScorer(path, device) if kind == "export" else ProjectScorer(path, config, device)
 
 
 def perplexity(scorer: _Scorer, data, max_length: Optional[int] = None) -> Perplexity:
@@ -188,7 +189,8 @@ def main(argv=None) -> None:
                                  "an indexed dataset prefix")
     ap.add_argument("--max-length", type=int, default=None, help="window length (default: the model's)")
     ap.add_argument("--config", default=None, help="a checkpoint's run config.yaml (default: RUN_DIR/config.yaml)")
-    ap.add_argument("--device", default="cpu", help="exports: cpu | cuda[:N] (checkpoints run on the CPU)")
+    ap.add_argument("--device", default="cpu", help="cpu (default) | cuda[:N]: where the model runs (a checkpoint: the "
+                    "project's own model; an export: transformers)")
     ap.add_argument("--json", action="store_true", help="print the result as one JSON object")
     args = ap.parse_args(argv)
     require_hf("bitnet-eval")

@@ -280,12 +280,30 @@ def load_run(checkpoint, config=None) -> LoadedRun:
                      tokenizer=tok, state_dict=sd, dtype=dtype)
 
 
-def load_project_model(run: LoadedRun, dtype: torch.dtype = torch.float32):
-    """The project's own GPTModel (TP=1, CPU) holding the checkpoint's weights, at the last step's act bits."""
+class HostModel(torch.nn.Module):
+    """The TP=1 model on the CPU, on any machine: its forward runs inside ``compat.host_device`` (on a CUDA machine
+    megatron's RoPE would otherwise move its angle table to the GPU). Called like the model it holds."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        from bitnet_dist.compat import host_device
+
+        with host_device():
+            return self.model(*args, **kwargs)
+
+
+def load_project_model(run: LoadedRun, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """The project's own GPTModel (TP=1) holding the checkpoint's weights, at the last step's act bits, on ``device``
+    (cpu: wrapped in ``HostModel``, which keeps it there on a CUDA machine too; cuda[:N]: moved there)."""
     from bitnet_dist.layers import set_act_bits
 
     model = build_tp1_model(run.cfg, run.vocab_size, dtype)
     model.load_state_dict({k: v.to(dtype) for k, v in run.state_dict.items()}, strict=False)
     if run.cfg.precision.quantize:
         set_act_bits(model, run.act_bits)
-    return model
+    if torch.device(device).type == "cpu":
+        return HostModel(model).eval()
+    return model.to(device).eval()

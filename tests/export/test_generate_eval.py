@@ -127,6 +127,14 @@ def test_generate_cli_from_the_run_directory(trained):
     assert p.stdout.startswith("The jury") and len(p.stdout.strip()) > len("The jury")
 
 
+def test_project_model_stays_on_the_cpu_where_cuda_is_the_current_device(trained):
+    """bitnet-eval of a checkpoint (and the export tests' reference) keep the project model on the CPU; on a CUDA
+    machine megatron's RoPE moved its angle table to the GPU and the forward failed (H100, 2026-12-07)."""
+    res = run_ranks(eu.host_model_worker, 1, str(trained[1]))[0]
+    assert res["equal"] and res["device"] == "cpu", res
+    assert res["bare_error"] is not None, "the simulation does not reproduce the CUDA machine's failure"
+
+
 def test_perplexity_agrees_with_lm_eval(trained, tmp_path):
     _, ckpt, out = trained
     data = tmp_path / "docs.jsonl"
