@@ -272,13 +272,15 @@ class CheckpointManager:
                 _fsync_path(self.dir)
         except BaseException as e:
             full = _disk_full(self.dir)  # before the partial files go
+            # torch.save on a full disk: "unexpected pos" / "iostream error"; megatron's dist checkpoint wraps
+            # its writer's failure in torch's CheckpointException, a BaseException
             disk = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or (
-                isinstance(e, (RuntimeError, OSError)) and full)  # torch.save: "unexpected pos", "iostream error"
+                full and not isinstance(e, (KeyboardInterrupt, SystemExit)))
             if not disk:
                 if _rank() == 0:
                     shutil.rmtree(tmp, ignore_errors=True)
                 raise
-            what = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+            what = e.strerror if isinstance(e, OSError) and e.strerror else _first_error_line(e)
             # The failed writer's file objects live on in the traceback's frames, and with them the space of the
             # deleted files: drop the frames before removing the partial save.
             x = e
@@ -375,6 +377,17 @@ class CheckpointManager:
         if isinstance(result, CheckpointError):
             raise result
         return Path(result) if result else None
+
+
+def _first_error_line(e: BaseException) -> str:
+    """The line of an exception's text that says what failed: the first, or for a wrapper that lists its ranks'
+    tracebacks (torch's CheckpointException) the last line that names an error."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()] or [type(e).__name__]
+    if len(lines) > 1:
+        named = [x for x in lines if "Error" in x or "error" in x]
+        if named:
+            return named[-1]
+    return lines[0]
 
 
 def _disk_full(path: Path) -> bool:

@@ -283,3 +283,70 @@ def test_megatron_checkpoint_files_and_finiteness_on_cpu(tmp_path):
     assert finite and before == ["step_00000001"], (before, files)  # the megatron patterns match its real files
     assert not after_nan
     assert after == []  # a manifest without the shards is incomplete
+
+
+# -- megatron engine on CPU: a checkpoint that does not fit ---------------------------------------------------------
+def _megatron_full_disk_job(rank, world, root, mounted):
+    """Save 1 fits; save 2 runs out of space inside megatron's dist-checkpoint writer (a real small tmpfs, or where
+    this process may not mount one, the same failure raised as megatron raises it: torch's CheckpointException
+    around the writer's ENOSPC, with the disk reported full)."""
+    from pathlib import Path
+
+    from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
+
+    import bitnet_dist.checkpoint as ck
+    from bitnet_dist.engines.megatron_engine import MegatronEngine
+
+    cfg = _cfg(0, "fp32")
+    cfg.engine.name = "megatron"
+    eng = MegatronEngine(cfg, model_only=True)
+    eng.init_parallel()
+    eng.build(VOCAB)
+    m = ck.CheckpointManager(root, keep=3, required=[*eng.checkpoint_files(), "trainer_rank00000.pt"],
+                             space_margin=0.0)  # no pre-check: the write itself has to fail
+
+    def write(d, step):
+        eng.save(d, {"step": step})
+        torch.save({"rank": 0}, d / "trainer_rank00000.pt")
+        if not mounted and step == 2:
+            try:
+                raise OSError(28, "No space left on device")
+            except OSError as e:
+                ck.free_bytes = lambda path: 1000
+                raise CheckpointException("save", {0: _wrap_exception(RuntimeError(f"Worker failure: {e}"))}) from e
+
+    m.save(1, lambda d: write(d, 1))
+    ballast = Path(root) / "ballast"
+    if mounted:  # leave less room than one checkpoint
+        free = ck.free_bytes(Path(root)) - ck.checkpoint_bytes(m.path(1)) // 2
+        ballast.write_bytes(b"x" * max(free, 0))
+    try:
+        m.save(2, lambda d: write(d, 2))
+        err = None
+    except BaseException as e:  # what the manager raises is the point
+        err = f"{type(e).__name__}: {e}"
+    left = sorted(p.name for p in (Path(root) / "checkpoints").iterdir())
+    return err, left, [p.name for p in m.complete()]
+
+
+def test_megatron_save_that_does_not_fit_is_a_disk_error(tmp_path):
+    """On a full disk megatron's dist checkpoint raises torch's CheckpointException (a BaseException) around the
+    writer's error; the manager reports it as the disk error (directory, what failed), removes the partial save
+    and keeps the last good checkpoint (before: the raw CheckpointException and its rank tracebacks)."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)],
+                             capture_output=True).returncode == 0
+    try:
+        err, left, complete = run_ranks(_megatron_full_disk_job, 1, str(disk / "run"), mounted, timeout=300)[0]
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(disk)], check=False)
+    assert err is not None and err.startswith("DiskSpaceError: the checkpoint of step 2 did not fit in "), err
+    assert str(disk / "run" / "checkpoints") in err and "partial files were removed" in err, err
+    # what failed, from the rank's traceback (ENOSPC, or torch.save's "unexpected pos" on a full disk), not the
+    # wrapper's first line
+    assert ("No space left on device" in err or "unexpected pos" in err) and "ranks:" not in err, err
+    assert left == ["step_00000001"] and complete == ["step_00000001"], (left, complete)
