@@ -26,6 +26,7 @@ from typing import Any, Optional
 
 import torch
 
+from bitnet_dist.compat import host_device
 from bitnet_dist.errors import ConfigError
 from bitnet_dist.presets import PRECISION_PRESETS, padded_vocab_size
 
@@ -289,8 +290,6 @@ class HostModel(torch.nn.Module):
         self.model = model
 
     def forward(self, *args, **kwargs):
-        from bitnet_dist.compat import host_device
-
         with host_device():
             return self.model(*args, **kwargs)
 
