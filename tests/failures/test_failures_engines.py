@@ -335,10 +335,10 @@ def test_megatron_save_that_does_not_fit_is_a_disk_error(tmp_path):
     and keeps the last good checkpoint (before: the raw CheckpointException and its rank tracebacks)."""
     import subprocess
 
+    from test_failures import _tmpfs
+
     disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)],
-                             capture_output=True).returncode == 0
+    mounted = _tmpfs(disk, "3m")
     try:
         err, left, complete = run_ranks(_megatron_full_disk_job, 1, str(disk / "run"), mounted, timeout=300)[0]
     finally:
